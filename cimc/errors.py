@@ -1,0 +1,60 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad path, a model cimc cannot map, a target file with a wrong field)
+raises a subclass of :class:`CimcError`. The CLI prints its message as one line and exits with code 2;
+anything else is a bug in cimc and keeps its traceback.
+
+A message names the problem and the fix: "unsupported op 'NonMaxSuppression' at node 'nms_1': ...;
+remove it from the exported graph or run it on the host".
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CimcError",
+    "InputError",
+    "ModelError",
+    "UnsupportedOpError",
+    "TargetError",
+    "FitError",
+    "DataError",
+]
+
+
+class CimcError(Exception):
+    """Base class: a problem with the user's input, reported as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class InputError(CimcError):
+    """A path that does not exist, a file of the wrong kind, a truncated file."""
+
+
+class ModelError(CimcError):
+    """A model cimc cannot take as it is (dynamic shapes, malformed graph)."""
+
+
+class UnsupportedOpError(ModelError):
+    """One or more nodes use ops that neither the analog array nor the digital unit implements."""
+
+    def __init__(self, offending: list[tuple[str, str, str]]):
+        # offending: (node name, op type, reason)
+        self.offending = offending
+        listed = "; ".join(f"'{name}' ({op}): {why}" for name, op, why in offending)
+        super().__init__(
+            f"{len(offending)} unsupported node(s): {listed}. "
+            "Export the model without these ops (or run them on the host) and try again"
+        )
+
+
+class TargetError(CimcError):
+    """A hardware target that does not exist or whose description is invalid."""
+
+
+class FitError(CimcError):
+    """The model does not fit the target (devices, SRAM), with the numbers."""
+
+
+class DataError(CimcError):
+    """A dataset file that is missing arrays, has wrong shapes or types."""
