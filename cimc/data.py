@@ -1,0 +1,161 @@
+"""Datasets: the ``.npz`` format cimc reads and writes.
+
+A dataset file is a NumPy ``.npz`` archive with two arrays:
+
+* ``x``: inputs, float (stored as float32 or float16; always loaded as float32), first axis = samples,
+  the model's input shape after it (e.g. ``[N, 1, 49, 10]`` for the keyword-spotting MFCCs);
+* ``y``: integer class labels, shape ``[N]`` (optional: unlabelled data can still be simulated, but no
+  accuracy can be computed).
+
+Built-in datasets are addressed by name (``"kws-test"``, ``"mnist-test"``...) and resolve through
+:mod:`cimc.builtin`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cimc.errors import DataError, InputError
+
+__all__ = ["Dataset", "load_dataset", "save_dataset", "batches"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs ``x`` (float32, ``[N, ...]``), labels ``y`` (int64, ``[N]``, or None) and a display name."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one input (without the sample axis)."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
+
+def _resolve(path: str | Path) -> Path:
+    """A file path, or the path of a built-in dataset named like ``kws-test``."""
+    candidate = Path(path)
+    if candidate.exists():
+        return candidate
+    from cimc import builtin  # local import: builtin is a leaf package, keep data importable alone
+
+    name = str(path)
+    if name in builtin.DATASETS:
+        return builtin.path(builtin.DATASETS[name])
+    known = ", ".join(sorted(builtin.DATASETS))
+    raise InputError(
+        f"dataset '{path}' not found: give the path of an existing .npz file or a built-in name ({known})"
+    )
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        raise DataError(f"{where}: 'x' has dtype {x.dtype}; store the inputs as a float32 array")
+    if x.ndim < 2:
+        raise DataError(
+            f"{where}: 'x' has shape {tuple(x.shape)}; it needs a sample axis first, then the input shape"
+        )
+    if y is None:
+        return
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{where}: 'y' has dtype {y.dtype}; store class labels as integers (e.g. y.astype(np.int64))"
+        )
+    if y.ndim != 1:
+        raise DataError(f"{where}: 'y' has shape {tuple(y.shape)}; store one integer label per sample ([N])")
+    if y.shape[0] != x.shape[0]:
+        raise DataError(
+            f"{where}: 'x' has {x.shape[0]} samples but 'y' has {y.shape[0]} labels; give one label per sample"
+        )
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load an ``.npz`` dataset (or a built-in one by name); ``x`` comes back float32, ``y`` int64."""
+    file = _resolve(path)
+    if file.is_dir():
+        raise InputError(f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'")
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InputError(
+            f"dataset '{file}' is not a readable .npz archive ({type(exc).__name__}); "
+            "write it with numpy.savez(path, x=..., y=...) or cimc.data.save_dataset"
+        ) from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(
+            f"dataset '{file}' is a single .npy array, not an .npz archive: "
+            "save it with numpy.savez(path, x=..., y=...)"
+        )
+    with loaded as archive:
+        if "x" not in archive.files:
+            raise DataError(
+                f"dataset '{file}' has no array 'x' (it has {sorted(archive.files)}); "
+                "save the inputs under the name 'x'"
+            )
+        try:
+            x = archive["x"]
+            y = archive["y"] if "y" in archive.files else None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise InputError(
+                f"dataset '{file}' is truncated or corrupt ({type(exc).__name__}); write it again"
+            ) from exc
+    _check_arrays(x, y, f"dataset '{file}'")
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    y64 = None if y is None else y.astype(np.int64)
+    logger.debug("loaded %s: x %s, %s labels", file, x32.shape, "no" if y64 is None else len(y64))
+    name = file.stem if Path(path).exists() else str(path)
+    return Dataset(x=x32, y=y64, name=name)
+
+
+def save_dataset(
+    path: str | Path, x: np.ndarray, y: np.ndarray | None = None, *, float16: bool = False
+) -> Path:
+    """Write ``x`` (and ``y``) to ``path`` as a compressed ``.npz``, atomically.
+
+    The archive is written to a temporary file in the same folder, then renamed over ``path``, so a
+    reader never sees a half-written file. ``float16=True`` halves the size of ``x`` (loading converts
+    back to float32).
+    """
+    out = Path(path)
+    if out.suffix != ".npz":
+        raise InputError(f"dataset path '{out}' must end in .npz; rename it")
+    x = np.asarray(x)
+    y_arr = None if y is None else np.asarray(y)
+    _check_arrays(x, y_arr, f"dataset '{out}'")
+    arrays = {"x": x.astype(np.float16 if float16 else np.float32)}
+    if y_arr is not None:
+        arrays["y"] = y_arr.astype(np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".npz.tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def batches(ds: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Yield ``(x, y)`` slices of ``ds`` in order, ``batch_size`` samples each (the last may be shorter)."""
+    if batch_size < 1:
+        raise DataError(f"batch size {batch_size} is not positive; give a batch size of 1 or more")
+    for start in range(0, len(ds), batch_size):
+        stop = start + batch_size
+        yield ds.x[start:stop], None if ds.y is None else ds.y[start:stop]
