@@ -20,6 +20,7 @@ natively.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,11 @@ from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, node_attrs, static_shape
 from cimc.ops import OPS
+from cimc.pipeline import CimcPass, CompileContext, register_pass
 
 __all__ = [
     "CANONICALIZE",
+    "CanonicalizePass",
     "CleanupPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
@@ -224,3 +227,15 @@ def canonicalize(model: ir.Model) -> ir.Model:
     """Run the canonicalisation passes in place and return the model."""
     _canonicalize_passes()(model)
     return model
+
+
+@register_pass("canonicalize")
+@dataclass
+class CanonicalizePass(CimcPass):
+    """The canonicalisation passes above, in order, as one named pipeline step."""
+
+    ctx: CompileContext = field(repr=False)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = _canonicalize_passes()(model)
+        return ir.passes.PassResult(model, result.modified)

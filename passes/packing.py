@@ -26,14 +26,14 @@ from typing import Any
 from cimc.errors import FitError
 
 __all__ = [
-    "Block",
     "ArrayGeometry",
-    "Tile",
-    "Placement",
+    "Block",
     "Packing",
-    "split_block",
-    "pack_blocks",
+    "Placement",
+    "Tile",
     "check_packing",
+    "pack_blocks",
+    "split_block",
 ]
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,8 @@ def _finish(
     order = {t: i for i, t in enumerate(tiles)}
     result.sort(key=lambda item: order[item[0]])
     placements = [
-        Placement(t.block, t.tile_index, a, r[0], r[1], t.rows, t.cols, t.src_row0, t.src_col0) for t, a, r in result
+        Placement(t.block, t.tile_index, a, r[0], r[1], t.rows, t.cols, t.src_row0, t.src_col0)
+        for t, a, r in result
     ]
     arrays_used = 1 + max((p.array_index for p in placements), default=-1)
     n_arrays = geometry.count if geometry.count is not None else arrays_used

@@ -41,21 +41,20 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-
 from cimc.targets.schema import Target
 
 __all__ = [
-    "TileShape",
+    "ENERGY_COMPONENTS",
     "AnalogLayerWork",
+    "CostReport",
     "DigitalOpWork",
-    "Workload",
     "LayerActivity",
     "LayerCost",
-    "CostReport",
-    "ENERGY_COMPONENTS",
+    "TileShape",
+    "Workload",
     "estimate_cost",
     "tiles_from_placements",
 ]
@@ -110,7 +109,7 @@ class DigitalOpWork:
     input_elements: int | None = None
 
 
-LayerWork = Union[AnalogLayerWork, DigitalOpWork]
+LayerWork = AnalogLayerWork | DigitalOpWork
 
 
 @dataclass(frozen=True)
@@ -327,7 +326,9 @@ def _analog_layer(target: Target, work: AnalogLayerWork, act: LayerActivity) -> 
     # Arrays work in parallel; tiles sharing an array take turns.
     per_array_s: dict[int, float] = {}
     for tile in tiles:
-        per_array_s[tile.array_index] = per_array_s.get(tile.array_index, 0.0) + _tile_time_s(target, tile, pulse_s)
+        per_array_s[tile.array_index] = per_array_s.get(tile.array_index, 0.0) + _tile_time_s(
+            target, tile, pulse_s
+        )
     units = len(per_array_s) if dig.per_array else 1
     digital_s = math.ceil(digital_ops / (dig.ops_per_cycle * units)) / target.clock_hz
     analog_s = max(per_array_s.values())
@@ -347,7 +348,8 @@ def _digital_layer(target: Target, work: DigitalOpWork) -> LayerCost:
     cycles = math.ceil(work.ops / dig.ops_per_cycle)
     energy = {
         "digital": work.ops * dig.energy_per_op_j,
-        "sram": inputs * nbytes * sram.read_energy_per_byte_j + work.elements * nbytes * sram.write_energy_per_byte_j,
+        "sram": inputs * nbytes * sram.read_energy_per_byte_j
+        + work.elements * nbytes * sram.write_energy_per_byte_j,
     }
     return LayerCost(work.name, "digital", cycles, cycles / target.clock_hz, energy)
 

@@ -24,7 +24,7 @@ import abc
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
@@ -33,20 +33,20 @@ from torch import Tensor
 from cimc.errors import InputError, TargetError
 
 __all__ = [
-    "DeviceParams",
-    "PCMParams",
     "DeviceModel",
+    "DeviceParams",
+    "IdealDevice",
+    "PCMDevice",
+    "PCMParams",
     "ProgrammedArray",
     "ProgrammedLayers",
     "ProgrammedWeights",
-    "PCMDevice",
-    "IdealDevice",
-    "register_device_model",
     "build_device",
-    "device_model_names",
-    "weights_to_conductances",
     "conductances_to_weights",
+    "device_model_names",
     "gdc_factor",
+    "register_device_model",
+    "weights_to_conductances",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,13 +189,16 @@ class ProgrammedArray:
 
     ``g_target_us`` has the caller's shape ``[...]``; ``g_prog_us`` and ``nu`` are ``[I, ...]`` (one
     programming per instance, drawn once). ``nu`` is the per-device drift exponent (``None`` for models
-    without drift). Built by :meth:`DeviceModel.program`, never by hand.
+    without drift). ``aux`` holds other per-device state a model fixes at programming time (the PCM
+    model keeps its read-noise amplitude ``q_s`` there, so each read does not recompute it). Built by
+    :meth:`DeviceModel.program`, never by hand.
     """
 
     g_target_us: Tensor
     g_prog_us: Tensor
     nu: Tensor | None
     device: DeviceModel
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def instances(self) -> int:
@@ -296,7 +299,9 @@ def build_device(params: Any) -> DeviceModel:
 def _require(params: Any, fields: tuple[str, ...], model: str) -> None:
     missing = [f for f in fields if not hasattr(params, f)]
     if missing:
-        raise TargetError(f"device model '{model}' is missing field(s) {missing}; add them to the target file")
+        raise TargetError(
+            f"device model '{model}' is missing field(s) {missing}; add them to the target file"
+        )
 
 
 class DeviceModel(abc.ABC):
@@ -379,6 +384,8 @@ class DeviceModel(abc.ABC):
         programmed = self.program_weights(w_ref, 1, generator, per_column)
         w_t = programmed.read(t_s, generator)  # [1, ..., K, N]
         mode = self.gdc_mode if gdc is None else gdc
+        if mode not in _GDC_MODES:
+            raise InputError(f"gdc={mode!r} is invalid; use one of {list(_GDC_MODES)}")
         if mode != "none":
             w_0 = programmed.read(0.0, generator)
             w_t = w_t * gdc_factor(w_0, w_t, per_column=(mode == "column"))
@@ -438,11 +445,15 @@ class PCMDevice(DeviceModel):
         p = params
         self.t0_s, self.t_read_s = float(p.t0_s), float(p.t_read_s)
         if self.t0_s <= 0 or self.t_read_s <= 0:
-            raise TargetError(f"t0_s={p.t0_s!r} and t_read_s={p.t_read_s!r} must both be > 0 s; fix the target")
+            raise TargetError(
+                f"t0_s={p.t0_s!r} and t_read_s={p.t_read_s!r} must both be > 0 s; fix the target"
+            )
         if self.gdc_mode not in _GDC_MODES:
             raise TargetError(f"gdc={self.gdc_mode!r} is invalid; use one of {list(_GDC_MODES)}")
         if getattr(p, "weight_scale", "layer") not in _WEIGHT_SCALE_MODES:
-            raise TargetError(f"weight_scale={p.weight_scale!r} is invalid; use one of {list(_WEIGHT_SCALE_MODES)}")
+            raise TargetError(
+                f"weight_scale={p.weight_scale!r} is invalid; use one of {list(_WEIGHT_SCALE_MODES)}"
+            )
         self.prog_noise_coeffs_us = tuple(float(c) for c in p.prog_noise_coeffs_us)
 
     # -- the formulas, one function each (also used by tests and docs) -----------------------------------
@@ -468,13 +479,21 @@ class PCMDevice(DeviceModel):
         """((t + t0) / t0)^(-nu): 1 at t = 0."""
         return torch.exp(-nu * math.log((t_s + self.t0_s) / self.t0_s))
 
-    def read_sigma_rel(self, g_prog_us: Tensor, t_s: float) -> Tensor:
-        """Relative 1/f read noise: Q_s(g_prog) * sqrt(ln((t + t0 + t_read) / (2 t_read))) * read_noise_scale."""
+    def read_noise_q_s(self, g_prog_us: Tensor) -> Tensor:
+        """1/f noise amplitude Q_s = min(q_coeff / max((g_prog/g_max)^q_exponent, 1e-3), q_max)."""
         p = self.params
         g_pow = (g_prog_us.abs() / self.g_max_us) ** float(p.read_noise_q_exponent)
-        q_s = (float(p.read_noise_q_coeff) / g_pow.clamp(min=_READ_NOISE_G_FLOOR)).clamp(max=float(p.read_noise_q_max))
+        q_s = float(p.read_noise_q_coeff) / g_pow.clamp_(min=_READ_NOISE_G_FLOOR)
+        return q_s.clamp_(max=float(p.read_noise_q_max))
+
+    def read_noise_time_factor(self, t_s: float) -> float:
+        """sqrt(ln((t + t0 + t_read) / (2 t_read))) * read_noise_scale: the growth of 1/f noise with time."""
         log_term = math.log((t_s + self.t0_s + self.t_read_s) / (2.0 * self.t_read_s))
-        return q_s * (math.sqrt(log_term) * float(p.read_noise_scale))
+        return math.sqrt(log_term) * float(self.params.read_noise_scale)
+
+    def read_sigma_rel(self, g_prog_us: Tensor, t_s: float) -> Tensor:
+        """Relative read noise sigma_rel(t) = Q_s(g_prog) * sqrt(ln((t + t0 + t_read) / (2 t_read)))."""
+        return self.read_noise_q_s(g_prog_us) * self.read_noise_time_factor(t_s)
 
     # -- program -> read ---------------------------------------------------------------------------------
 
@@ -482,7 +501,9 @@ class PCMDevice(DeviceModel):
     def program(self, g_target_us: Tensor, instances: int, generator: torch.Generator) -> ProgrammedArray:
         g_target = _as_float(g_target_us)
         if not bool(torch.isfinite(g_target).all()) or bool((g_target < 0).any()):
-            raise InputError("target conductances must be finite and >= 0 uS; map weights with weights_to_conductances")
+            raise InputError(
+                "target conductances must be finite and >= 0 uS; map weights with weights_to_conductances"
+            )
         shape = (_check_instances(instances), *g_target.shape)
         # Draw order is fixed (programming noise, then drift exponents) so a seed names one chip population.
         z_prog = torch.randn(shape, generator=generator, dtype=g_target.dtype)
@@ -491,14 +512,17 @@ class PCMDevice(DeviceModel):
         mu, sd = self.drift_nu_stats(g_target)
         nu = (mu + sd * z_nu).abs_().mul_(float(self.params.drift_scale))
         logger.debug("programmed %d instance(s) x %d device(s)", shape[0], g_target.numel())
-        return ProgrammedArray(g_target_us=g_target, g_prog_us=g_prog, nu=nu, device=self)
+        q_s = self.read_noise_q_s(g_prog)  # fixed by g_prog, so computed once, not per read
+        return ProgrammedArray(g_target_us=g_target, g_prog_us=g_prog, nu=nu, device=self, aux={"q_s": q_s})
 
     @torch.no_grad()
     def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: torch.Generator) -> Tensor:
-        if programmed.device is not self or programmed.nu is None:
-            raise InputError("this ProgrammedArray was made by another device model; read it with programmed.read")
-        g_prog = programmed.g_prog_us
-        g_t = g_prog * self.drift_factor(programmed.nu, t_s)
-        z_read = torch.randn(g_t.shape, generator=generator, dtype=g_t.dtype)
-        noise = g_t.abs().mul_(self.read_sigma_rel(g_prog, t_s)).mul_(z_read)
+        if programmed.device is not self or programmed.nu is None or "q_s" not in programmed.aux:
+            raise InputError(
+                "this ProgrammedArray was made by another device model; read it with programmed.read"
+            )
+        g_t = programmed.g_prog_us * self.drift_factor(programmed.nu, t_s)
+        noise = torch.randn(g_t.shape, generator=generator, dtype=g_t.dtype)
+        # G >= 0 after drift, so |G(t)| is G(t) itself.
+        noise.mul_(programmed.aux["q_s"]).mul_(g_t).mul_(self.read_noise_time_factor(t_s))
         return g_t.add_(noise).clamp_(min=0.0)

@@ -1,0 +1,102 @@
+"""``cimc.compile``: ONNX in, a mapped and scheduled :class:`~cimc.artifact.CompiledModel` out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cimc.artifact import CompiledModel, sha256_file
+from cimc.errors import InputError
+from cimc.frontend import load_model
+from cimc.pipeline import CompileContext, parse_pipeline, run_pipeline
+
+__all__ = ["compile_model", "default_pipeline", "resolve_target"]
+
+logger = logging.getLogger(__name__)
+
+
+def _register_passes() -> None:
+    # Importing the pass modules registers them by name.
+    import cimc.passes.canonicalize  # noqa: F401
+    import cimc.passes.mapping  # noqa: F401
+    import cimc.passes.schedule  # noqa: F401
+
+    try:
+        import cimc.passes.quantize  # noqa: F401
+    except ImportError:  # pragma: no cover - present in every release
+        pass
+    try:
+        import cimc.passes.finetune  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Any:
+    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
+    from cimc.targets import Target, load_target
+
+    t = target if isinstance(target, Target) else load_target(str(target))
+    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    return t.with_overrides(**overrides) if overrides else t
+
+
+def default_pipeline(calibration: bool, finetune: bool) -> str:
+    steps = ["canonicalize"]
+    if finetune:
+        steps.append("finetune")
+    if calibration:
+        steps.append("quantize")
+    return ",".join(steps + ["map", "schedule"])
+
+
+def compile_model(
+    model: str | os.PathLike[str],
+    target: Any = "aon-cim",
+    *,
+    pipeline: str | None = None,
+    calibration: Any = None,
+    training: Any = None,
+    validation: Any = None,
+    dac_bits: int | None = None,
+    adc_bits: int | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> CompiledModel:
+    """Compile an ONNX model for a target.
+
+    ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
+    calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
+    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
+    the compiled-model directory is written there atomically.
+    """
+    from cimc.data import load_dataset
+
+    _register_passes()
+    path = Path(model)
+    t = resolve_target(target, dac_bits, adc_bits)
+    calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
+    train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
+    val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
+    ir_model = load_model(path, batch=batch)
+    ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress)
+    spec = pipeline or default_pipeline(calib is not None, train is not None)
+    passes = parse_pipeline(spec, ctx)
+    names = [p.name for p in passes]
+    if "schedule" not in names or "map" not in names:
+        raise InputError(f"pipeline {spec!r} must include 'map' and 'schedule' to produce a compiled model")
+    if "quantize" in names and calib is None:
+        raise InputError("the 'quantize' pass needs calibration data: add --calib DATA.npz (arrays x, y)")
+    if "finetune" in names and train is None:
+        raise InputError("the 'finetune' pass needs training data: add --finetune TRAIN.npz (arrays x, y)")
+    run_pipeline(ir_model, passes)
+    compiled = CompiledModel(
+        model=ir_model, target=t, cost=ctx.results["cost"], source=path.name, source_sha256=sha256_file(path),
+        extra={"seed": seed},
+    )
+    if out_dir is not None:
+        compiled.save(out_dir)
+    return compiled

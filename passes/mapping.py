@@ -1,0 +1,101 @@
+"""Map analog ops onto the target's crossbars.
+
+Each analog op (Conv, Gemm, MatMul with a constant weight) becomes one weight matrix per group — K rows
+(C_in/groups · kh · kw inputs) × N columns (outputs per group) — and each matrix a block for the packer
+(:mod:`cimc.passes.packing`): blocks larger than an array are split into tiles (row splits give partial sums
+the digital unit adds; column splits are free), then every tile gets an array and a row/column window.
+
+Durable results (saved inside the compiled ONNX file):
+
+* node ``metadata_props["cimc.matrix"]`` — ``{"rows", "cols", "groups", "mvms"}``;
+* node ``metadata_props["cimc.placement"]`` — a list of tiles ``{"group", "tile", "array", "row0", "col0",
+  "rows", "cols", "src_row0", "src_col0"}`` in weight units (device columns = weight columns ×
+  devices per weight; the G+ device of weight column c is device column 2c, G− is 2c+1);
+* model ``metadata_props["cimc.mapping"]`` — arrays used, utilisation (used devices / available devices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from cimc.ir import analog_matrix, is_analog
+from cimc.passes.packing import ArrayGeometry, Block, pack_blocks
+from cimc.pipeline import CimcPass, CompileContext, register_pass
+
+__all__ = ["MapPass", "block_name", "placements_of"]
+
+logger = logging.getLogger(__name__)
+
+
+def block_name(node_name: str, group: int, groups: int) -> str:
+    return node_name if groups == 1 else f"{node_name}#g{group}"
+
+
+def placements_of(node: ir.Node) -> list[dict[str, int]]:
+    """The tiles a mapped node occupies (empty when it was not mapped)."""
+    raw = node.metadata_props.get("cimc.placement")
+    return json.loads(raw) if raw else []
+
+
+@register_pass("map")
+@dataclass
+class MapPass(CimcPass):
+    """Assign every analog op's weight tiles to a crossbar window (see the module docstring)."""
+
+    ctx: CompileContext = field(repr=False)
+
+    def requires(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if node.op_type == "BatchNormalization" and any(
+                p is not None and p.producer() is not None and is_analog(p.producer()) for p in node.inputs[:1]
+            ):
+                logger.info("BatchNormalization %s after an analog op was not folded", node.name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        target = self.ctx.target
+        geometry = ArrayGeometry.from_target(target)
+        nodes = [n for n in model.graph if is_analog(n)]
+        blocks: list[Block] = []
+        matrices = {}
+        for node in nodes:
+            m = analog_matrix(node)
+            matrices[node.name] = m
+            blocks += [Block(block_name(node.name, g, m.groups), m.rows, m.cols) for g in range(m.groups)]
+        packing = pack_blocks(blocks, geometry)
+        for node in nodes:
+            m = matrices[node.name]
+            tiles = []
+            for g in range(m.groups):
+                for p in packing.for_block(block_name(node.name, g, m.groups)):
+                    tiles.append(
+                        {"group": g, "tile": p.tile_index, "array": p.array_index, "row0": p.row0, "col0": p.col0,
+                         "rows": p.rows, "cols": p.cols, "src_row0": p.src_row0, "src_col0": p.src_col0}
+                    )
+            node.metadata_props["cimc.matrix"] = json.dumps(
+                {"rows": m.rows, "cols": m.cols, "groups": m.groups, "mvms": m.mvms}
+            )
+            node.metadata_props["cimc.placement"] = json.dumps(tiles)
+        summary = {
+            "target": target.name,
+            "arrays_used": packing.arrays_used,
+            "array_rows": geometry.rows,
+            "array_weight_cols": geometry.weight_cols,
+            "devices_per_weight": target.array.devices_per_weight,
+            "weights_placed": packing.weights_placed,
+            "utilization": packing.utilisation,
+            "array_utilization": list(packing.array_utilisation),
+        }
+        model.metadata_props["cimc.mapping"] = json.dumps(summary)
+        self.ctx.results["packing"] = packing
+        logger.info("mapped %d analog ops onto %d array(s), utilisation %.1f %%", len(nodes),
+                    packing.arrays_used, 100 * packing.utilisation)
+        return ir.passes.PassResult(model, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if is_analog(node) and not placements_of(node):
+                raise ir.passes.PostconditionError(f"analog op {node.name!r} has no placement")

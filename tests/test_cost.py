@@ -1,0 +1,145 @@
+"""Cost model: golden KWS numbers on aon-cim, laws of the model (bits, ADC sharing, pipelining, activity)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from cimc.passes.packing import ArrayGeometry, Block, pack_blocks
+from cimc.runtime.cost import (
+    AnalogLayerWork,
+    DigitalOpWork,
+    LayerActivity,
+    TileShape,
+    Workload,
+    estimate_cost,
+    tiles_from_placements,
+)
+from cimc.targets import load_target
+
+# AnalogNets-like KWS: (name, K, N, MVMs per inference)
+KWS = [("conv1", 40, 56, 120)] + [(f"conv{i}", 504, 56, 120) for i in range(2, 7)]
+KWS += [("conv7", 504, 72, 120), ("fc", 72, 12, 1)]
+
+
+def kws_workload(target):
+    packing = pack_blocks([Block(n, k, c) for n, k, c, _ in KWS], ArrayGeometry.from_target(target))
+    layers = []
+    for name, k, n, mvms in KWS:
+        if name == "fc":
+            layers.append(DigitalOpWork("gap", "GlobalAveragePool", 72, 72 * 120 + 72, 72 * 120))
+        layers.append(AnalogLayerWork(name, k, n, mvms, tiles_from_placements(packing.placements, name)))
+        if name != "fc":
+            layers.append(DigitalOpWork(f"{name}_relu", "Relu", n * mvms, n * mvms))
+    return Workload(tuple(layers), "kws"), packing
+
+
+@pytest.fixture(scope="module")
+def aon():
+    return load_target("aon-cim")
+
+
+def test_kws_golden_numbers_on_aon_cim(aon):
+    work, packing = kws_workload(aon)
+    report = estimate_cost(aon, work)
+    assert packing.utilisation == pytest.approx(0.68860, abs=1e-5)
+    assert report.macs == 21_558_624
+    assert report.cycles == 63_353
+    assert report.latency_s == pytest.approx(633.522e-6, rel=1e-6)
+    assert report.total_energy_j == pytest.approx(5.02399e-6, rel=1e-5)
+    assert report.energy_j["array"] == pytest.approx(4.61389e-6, rel=1e-5)
+    assert report.energy_j["static"] == pytest.approx(0.316761e-6, rel=1e-5)
+    assert report.tops_per_w == pytest.approx(8.5823, rel=1e-4)
+    assert report.tops_per_w == pytest.approx(8.58, rel=0.05)  # the published calibration point
+
+
+def test_conv_layer_by_hand(aon):
+    # One 504x56 tile: settle 10 ns + 256 ns pulse + one 256 ns ADC turn + ceil(112 / 8) cycles at 100 MHz.
+    report = estimate_cost(aon, Workload((AnalogLayerWork("c", 504, 56, 10),)))
+    layer = report.layers[0]
+    assert layer.latency_s == pytest.approx(10 * (10e-9 + 256e-9 + 256e-9 + 14 / 100e6))
+    assert layer.energy_j["adc"] == pytest.approx(10 * 56 * 104e-15)
+    assert layer.energy_j["array"] == pytest.approx(10 * 504 * 112 * 0.836e-6 * 256e-9 * 0.5)
+
+
+def test_tops_per_w_is_derived_from_breakdown(aon):
+    report = estimate_cost(aon, kws_workload(aon)[0])
+    assert report.tops_per_w == pytest.approx(2 * report.macs / sum(report.energy_j.values()) / 1e12)
+    assert sum(layer.total_energy_j for layer in report.layers) == pytest.approx(report.total_energy_j)
+    assert json.loads(json.dumps(report.to_dict()))["ops"] == 2 * report.macs
+
+
+def test_lower_bits_cost_less_and_4_bit_is_several_times_better(aon):
+    results = {}
+    for bits in (8, 6, 4):
+        target = aon.with_overrides(dac_bits=bits, adc_bits=bits)
+        results[bits] = estimate_cost(target, kws_workload(target)[0])
+    assert results[8].tops_per_w < results[6].tops_per_w < results[4].tops_per_w
+    assert results[4].tops_per_w / results[8].tops_per_w > 4
+    assert results[4].latency_s < results[8].latency_s
+
+
+def test_adc_sharing_time_multiplexes_columns(aon):
+    shared = aon.with_overrides(adc_count=16)
+    layer = AnalogLayerWork("c", 100, 56, 1)
+    fast = estimate_cost(aon, Workload((layer,))).layers[0].latency_s
+    slow = estimate_cost(shared, Workload((layer,))).layers[0].latency_s
+    assert slow - fast == pytest.approx(3 * 256e-9)  # ceil(56 / 16) = 4 turns instead of 1
+
+
+def test_row_split_tiles_add_partial_sums(aon):
+    whole = AnalogLayerWork("c", 800, 56, 1, (TileShape(800, 56, 0),))
+    split = AnalogLayerWork("c", 800, 56, 1, (TileShape(400, 56, 0), TileShape(400, 56, 1)))
+    e_whole = estimate_cost(aon, Workload((whole,))).layers[0].energy_j["digital"]
+    e_split = estimate_cost(aon, Workload((split,))).layers[0].energy_j["digital"]
+    assert e_split - e_whole == pytest.approx(56 * aon.digital.energy_per_op_j)
+
+
+def test_pipelined_throughput_is_slowest_stage():
+    hermes = load_target("hermes")
+    work = Workload(
+        (AnalogLayerWork("a", 256, 256, 10), AnalogLayerWork("b", 256, 256, 30, (TileShape(256, 256, 1),)))
+    )
+    report = estimate_cost(hermes, work)
+    a, b = report.layers
+    assert report.latency_s == pytest.approx(a.latency_s + b.latency_s)
+    assert report.period_s == pytest.approx(b.latency_s)
+    assert report.inferences_per_s == pytest.approx(1 / b.latency_s)
+    serial = estimate_cost(hermes.with_overrides(execution="layer-serial"), work)
+    assert serial.inferences_per_s < report.inferences_per_s
+
+
+def test_hermes_peak_mvm_time():
+    hermes = load_target("hermes")
+    report = estimate_cost(hermes, Workload((AnalogLayerWork("a", 256, 256, 1),)))
+    # settle 5 ns + max(128 ns pulse, 76.8 ns CCO conversion); digital overlapped.
+    assert report.latency_s == pytest.approx(133e-9)
+
+
+def test_measured_activity_scales_dac_and_array(aon):
+    work = Workload((AnalogLayerWork("c", 504, 56, 120),))
+    base = estimate_cost(aon, work).layers[0]
+    act = LayerActivity(input_density=0.5, mean_input_magnitude=0.1, mean_max_input_magnitude=0.5)
+    measured = estimate_cost(aon, work, {"c": act}).layers[0]
+    pulse_ratio = 0.5
+    assert measured.energy_j["dac"] == pytest.approx(0.5 * base.energy_j["dac"])
+    assert measured.energy_j["array"] == pytest.approx(base.energy_j["array"] * (0.1 / 0.5) * pulse_ratio)
+    assert measured.energy_j["adc"] == pytest.approx(base.energy_j["adc"])
+    assert measured.latency_s == pytest.approx(base.latency_s - 120 * 128e-9)
+
+
+def test_activity_from_inputs():
+    x = np.array([[0.0, 127.0, 0.0, 63.5], [127.0, 127.0, 0.0, 0.0]])
+    act = LayerActivity.from_inputs(x, full_scale=127.0)
+    assert act.input_density == pytest.approx(4 / 8)
+    assert act.mean_input_magnitude == pytest.approx(3.5 / 8)
+    assert act.mean_max_input_magnitude == pytest.approx(1.0)
+
+
+def test_quantisation_off_has_free_converters():
+    ideal = load_target("ideal")
+    report = estimate_cost(ideal, Workload((AnalogLayerWork("c", 504, 56, 4),)))
+    assert report.energy_j["dac"] == 0 and report.energy_j["adc"] == 0
+    assert report.energy_j["array"] > 0 and math.isfinite(report.tops_per_w)

@@ -1,0 +1,149 @@
+"""Targets: presets load, validation errors name the field, JSON Schema export, user files, overrides."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jsonschema
+import pytest
+import yaml
+from cimc.targets import (
+    DeviceParamsBase,
+    PcmIbmDevice,
+    device_models,
+    list_targets,
+    load_target,
+    register_device,
+    target_json_schema,
+    target_yaml,
+)
+from pydantic import Field, ValidationError
+
+from cimc.errors import TargetError
+
+
+def _write(tmp_path, data, name="chip.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _aon_data():
+    return yaml.safe_load(target_yaml(load_target("aon-cim")))
+
+
+def test_presets_load_with_expected_geometry():
+    aon, hermes, ideal = load_target("aon-cim"), load_target("hermes"), load_target("ideal")
+    assert (aon.array.rows, aon.weight_cols, aon.array.count) == (1024, 256, 1)
+    assert aon.execution == "layer-serial" and aon.converters.dac_bits == 8 and aon.converters.adc_bits == 8
+    assert (hermes.array.rows, hermes.weight_cols, hermes.array.count) == (256, 256, 64)
+    assert hermes.execution == "pipelined" and hermes.converters.adc_count == 256 and hermes.clock_hz == 1e9
+    assert ideal.converters.dac_bits is None and ideal.converters.adc_bits is None
+    assert ideal.array.count is None and ideal.device.model == "ideal"
+    names = [name for name, _ in list_targets()]
+    assert names == ["aon-cim", "hermes", "ideal"]
+    assert all(desc for _, desc in list_targets())
+
+
+def test_pcm_ibm_field_names_and_defaults():
+    dev = load_target("aon-cim").device
+    assert isinstance(dev, PcmIbmDevice)
+    assert dev.g_max_us == 25.0 and dev.t0_s == 20.0 and dev.t_read_s == 250e-9
+    assert dev.prog_noise_coeffs_us == (0.26348, 1.9650, -1.1731)
+    assert dev.drift_nu_mean_coeffs == (-0.0155, 0.0244) and dev.drift_nu_mean_range == (0.049, 0.1)
+    assert dev.drift_nu_std_coeffs == (-0.0125, -0.0059) and dev.drift_nu_std_range == (0.008, 0.045)
+    assert (dev.read_noise_q_coeff, dev.read_noise_q_exponent, dev.read_noise_q_max) == (0.0088, 0.65, 0.2)
+    assert dev.g_min_clip == 1e-7 and dev.gdc == "layer" and dev.weight_scale == "layer"
+    assert dev.prog_noise_scale == dev.drift_scale == dev.read_noise_scale == 1.0
+
+
+def test_bad_value_names_file_and_field(tmp_path):
+    data = _aon_data()
+    data["converters"]["adc_bits"] = -3
+    with pytest.raises(TargetError, match=r"^chip\.yaml: converters\.adc_bits: Input should be greater"):
+        load_target(str(_write(tmp_path, data)))
+
+
+def test_unknown_key_and_bad_device_parameter_are_named(tmp_path):
+    data = _aon_data()
+    data["array"]["colums"] = 3
+    with pytest.raises(TargetError, match=r"array\.colums: Extra inputs are not permitted"):
+        load_target(str(_write(tmp_path, data)))
+    data = _aon_data()
+    data["device"]["g_max_us"] = -1.0
+    with pytest.raises(TargetError, match=r"device\.pcm-ibm\.g_max_us"):
+        load_target(str(_write(tmp_path, data)))
+    data = _aon_data()
+    data["device"] = {"model": "memristor-x"}
+    with pytest.raises(TargetError, match=r"device: .*'memristor-x'.*pcm-ibm"):
+        load_target(str(_write(tmp_path, data)))
+
+
+def test_cols_must_hold_whole_weights(tmp_path):
+    data = _aon_data()
+    data["array"]["cols"] = 511
+    with pytest.raises(TargetError, match=r"array: .*multiple of devices_per_weight"):
+        load_target(str(_write(tmp_path, data)))
+
+
+def test_unknown_preset_lists_known_names_and_missing_file_fails():
+    with pytest.raises(TargetError, match=r"unknown target 'aon-cimm'.*aon-cim, hermes, ideal"):
+        load_target("aon-cimm")
+    with pytest.raises(TargetError, match=r"does not exist"):
+        load_target("no/such/target.yaml")
+
+
+def test_invalid_yaml_is_a_target_error(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n", encoding="utf-8")
+    with pytest.raises(TargetError, match=r"broken\.yaml: line \d+ not valid YAML"):
+        load_target(str(path))
+
+
+def test_user_yaml_round_trips_resolved_target(tmp_path):
+    original = load_target("hermes")
+    path = tmp_path / "my-hermes.yaml"
+    path.write_text(target_yaml(original), encoding="utf-8")
+    assert load_target(str(path)) == original
+
+
+def test_json_schema_accepts_presets_and_rejects_bad_files():
+    schema = target_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for name in ("aon-cim", "hermes", "ideal"):
+        jsonschema.validate(yaml.safe_load(target_yaml(load_target(name))), schema)
+    bad = _aon_data()
+    bad["converters"]["adc_count"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    described = schema["$defs"]["ConverterConfig"]["properties"]["adc_energy_ref_j"]["description"]
+    assert "HARDWARE.md" in described
+
+
+def test_overrides_return_validated_copies():
+    aon = load_target("aon-cim")
+    low = aon.with_overrides(dac_bits=4, adc_bits=4)
+    assert (low.converters.dac_bits, low.converters.adc_bits) == (4, 4)
+    assert aon.converters.dac_bits == 8
+    assert aon.with_overrides(adc_bits=0).converters.adc_bits is None
+    assert aon.with_overrides(**{"array.count": 2}).array.count == 2
+    with pytest.raises(ValueError, match="unknown target override 'adc_bitz'"):
+        aon.with_overrides(adc_bitz=4)
+    with pytest.raises(ValidationError):
+        aon.with_overrides(dac_bits=-1)
+    with pytest.raises(ValidationError):
+        aon.clock_hz = 1.0  # frozen
+
+
+def test_user_device_model_registers(tmp_path):
+    @register_device("test-rram")
+    class TestRram(DeviceParamsBase):
+        model: Literal["test-rram"] = "test-rram"
+        on_off_ratio: float = Field(10.0, gt=1, description="assumed")
+
+    assert "test-rram" in device_models()
+    data = _aon_data()
+    data["device"] = {"model": "test-rram", "g_max_us": 50.0}
+    target = load_target(str(_write(tmp_path, data)))
+    assert isinstance(target.device, TestRram) and target.device.g_max_us == 50.0
+    assert "test-rram" in str(target_json_schema()["properties"]["device"])
