@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import onnx_ir as ir
 
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
 
-__all__ = ["load", "inspect"]
+__all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled"]
 
 logger = logging.getLogger(__name__)
-
-ModelLike = "str | os.PathLike[str] | ir.Model"
-
 
 def load(path: str | os.PathLike[str], *, batch: int = 1, canonicalize: bool = True) -> ir.Model:
     """Import an ONNX file: validate, fix the batch size, infer shapes and (by default) canonicalise.
@@ -45,3 +46,107 @@ def inspect(model: str | os.PathLike[str] | ir.Model, *, batch: int = 1, canonic
         name = Path(model).name
         model = load(model, batch=batch, canonicalize=canonicalize)
     return inspect_model(model, name=name)
+
+
+def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: Any) -> Any:  # noqa: A001
+    """Compile an ONNX model for a target; see :func:`cimc.compiler.compile_model` for the options."""
+    from cimc.compiler import compile_model
+
+    return compile_model(model, target, **options)
+
+
+def load_compiled(path: Any) -> Any:
+    """A :class:`cimc.artifact.CompiledModel` from a directory (or the object itself)."""
+    from cimc.artifact import CompiledModel
+
+    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)
+
+
+def simulate(
+    compiled: Any,
+    data: Any,
+    *,
+    drift: str | Sequence[float] = "1s,1h,24h,30d,1y",
+    instances: int = 25,
+    seed: int = 0,
+    samples: int | None = None,
+    batch_size: int = 64,
+    compare_gdc: bool = True,
+    progress: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> Any:
+    """Accuracy over time on the simulated chip (program → drift → read), Monte Carlo over instances.
+
+    ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name. ``drift``: comma-separated
+    times ("1s,1h,24h") or seconds. With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
+    """
+    from cimc.data import Dataset, load_dataset
+    from cimc.plots import plot_drift
+    from cimc.report import atomic_dir, write_json_atomic
+    from cimc.runtime.simulator import parse_duration
+    from cimc.runtime.simulator import simulate as run_simulation
+
+    c = load_compiled(compiled)
+    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
+    x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
+    result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
+                            compare_gdc=compare_gdc, progress=progress)
+    result.data["data"] = ds.name
+    if out_dir is not None:
+        with atomic_dir(out_dir) as tmp:
+            write_json_atomic(tmp / "results.json", result.data)
+            plot_drift(result.data, tmp / "drift.png")
+    return result
+
+
+def run(
+    compiled: Any,
+    inputs: Any,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    time: str | float = "1s",
+    instance: int = 0,
+    instances: int | None = None,
+    seed: int = 0,
+    ideal: bool = False,
+) -> np.ndarray:
+    """Raw first output of the compiled model for ``inputs`` (array or .npy) on one chip instance at ``time``."""
+    import torch
+
+    from cimc.errors import InputError
+    from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration
+
+    c = load_compiled(compiled)
+    if isinstance(inputs, (str, os.PathLike)):
+        p = Path(inputs)
+        if not p.is_file():
+            raise InputError(f"{p}: no such file; give a .npy array of inputs (first axis = samples)")
+        try:
+            x = np.load(p, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"{p}: not a .npy array ({exc}); save inputs with numpy.save") from exc
+    else:
+        x = np.asarray(inputs)
+    n = (instances or instance + 1)
+    if not 0 <= instance < n:
+        raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
+    chip = Chip(c, n, seed)
+    t_s = parse_duration(time) if isinstance(time, str) else float(time)
+    chip.executor.hook = _ideal_hook(chip) if ideal else chip.hook(chip.at(t_s))
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(x), 64):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + 64], dtype=np.float32))
+            reps = 1 if ideal else n
+            y = chip.executor(xb.repeat(reps, *([1] * (xb.dim() - 1))))[0]
+            outs.append(y.reshape(reps, len(xb), *y.shape[1:])[0 if ideal else instance].numpy())
+    result = np.concatenate(outs)
+    if output is not None:
+        from cimc.report import write_bytes_atomic
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, result)
+        write_bytes_atomic(output, buf.getvalue())
+    return result

@@ -121,7 +121,97 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress")
 
 
-_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile]
+# ------------------------------------------------------------------------------------ simulate / run
+@command("simulate")
+def _simulate(args: argparse.Namespace) -> int:
+    import cimc.api as api
+
+    out = args.output or str(Path(args.compiled) / "simulation")
+    result = api.simulate(
+        args.compiled, args.data, drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples,
+        batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=not args.quiet, out_dir=out,
+    )
+    print(result.table())
+    print(f"\nwrote {out}/ (results.json, drift.png)")
+    return 0
+
+
+def _add_simulate(sub: Any) -> None:
+    p = sub.add_parser("simulate", help="Monte Carlo accuracy over time under PCM noise and drift, with cost counted")
+    p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
+    p.add_argument("--data", required=True, help=".npz with x (inputs) and y (labels), or a builtin name (kws-test)")
+    p.add_argument("--drift", default="1s,1h,24h,30d,1y", help="times after programming (default 1s,1h,24h,30d,1y)")
+    p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
+    p.add_argument("--samples", type=int, help="use only the first N samples of the data")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass, all instances together")
+    p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+@command("run")
+def _run(args: argparse.Namespace) -> int:
+    import cimc.api as api
+
+    api.run(args.compiled, args.input, args.output, time=args.time, instance=args.instance, instances=args.instances,
+            seed=args.seed, ideal=args.ideal)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="raw outputs of a compiled model on one simulated chip instance")
+    p.add_argument("compiled", help="compiled-model directory")
+    p.add_argument("--input", required=True, help=".npy with inputs (first axis = samples)")
+    p.add_argument("-o", "--output", required=True, help=".npy to write the first model output to")
+    p.add_argument("--time", default="1s", help="time after programming (default 1s)")
+    p.add_argument("--instance", type=int, default=0, help="which chip instance (0-based)")
+    p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
+
+
+# --- export / verify ---
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from cimc.export import export_mapping
+
+    out = args.output or f"{Path(args.compiled).name}.mapping"
+    export_mapping(args.compiled, out, csv=args.csv)
+    files = "manifest.json, array_<i>.npz" + (", array_<i>.csv" if args.csv else "") + ", biases.npz, gdc.npz, schema.json"
+    print(f"wrote {out}/ ({files}); check it with 'cimc verify {out}'")
+    return 0
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser("export", help="write the mapping bundle a hardware team programs from (conductances in uS)")
+    p.add_argument("compiled", help="compiled-model directory (from 'cimc compile')")
+    p.add_argument("-o", "--output", help="bundle directory (default: DIR.mapping next to where you run)")
+    p.add_argument("--csv", action="store_true", help="also write one CSV of conductances per crossbar")
+
+
+@command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    from cimc.export import verify_bundle
+
+    report = verify_bundle(args.bundle, model=args.model, data=args.data)
+    if report.ok:
+        print(report.summary())
+        return 0
+    for problem in report.problems:
+        print(problem)
+    return 1
+
+
+def _add_verify(sub: Any) -> None:
+    p = sub.add_parser("verify", help="check a mapping bundle: schema, overlaps, and that it reproduces the model")
+    p.add_argument("bundle", help="bundle directory (from 'cimc export')")
+    p.add_argument("--model", help="compiled-model directory or its model.onnx (default: the one recorded in the bundle)")
+    p.add_argument("--data", help="inputs to compare on (.npz with x); default: seeded random inputs")
+
+
+_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_run, _add_export, _add_verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

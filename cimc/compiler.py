@@ -46,9 +46,10 @@ def default_pipeline(calibration: bool, finetune: bool) -> str:
     steps = ["canonicalize"]
     if finetune:
         steps.append("finetune")
+    steps.append("map")
     if calibration:
-        steps.append("quantize")
-    return ",".join(steps + ["map", "schedule"])
+        steps.append("quantize")  # after map: ADC ranges are per tile
+    return ",".join(steps + ["schedule"])
 
 
 def compile_model(

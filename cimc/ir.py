@@ -156,8 +156,13 @@ class AnalogMatrix:
         return self.weights * self.mvms
 
 
-def analog_matrix(node: ir.Node, batch: int = 1) -> AnalogMatrix:
-    """Matrix view of an analog node (shapes must be known); ``mvms`` counts one inference of ``batch``."""
+def analog_matrix(node: ir.Node, batch: int | None = None) -> AnalogMatrix:
+    """Matrix view of an analog node (shapes must be known); ``mvms`` counts one inference of one sample.
+
+    ``batch`` is the batch size the shapes were fixed with (default: the one recorded at import).
+    """
+    if batch is None:  # Gemm/MatMul shapes include the batch; Conv positions do not
+        batch = int(node.graph.meta.get("cimc.batch", 1)) if node.graph is not None else 1
     a = node_attrs(node)
     name = node.name or node.op_type
     if node.op_type == "Conv":

@@ -463,7 +463,7 @@ def gather(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
     axis = _axis(a.get("axis", 0), x.dim())
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return [out.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :])]
+    return [out.reshape([*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]])]  # a list: may be [] (scalar)
 
 
 @_op("Slice")
@@ -551,7 +551,7 @@ def constant_of_shape(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor
 def constant(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
     for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
         if key in a:
-            return [torch.as_tensor(np.asarray(a[key]))]
+            return [torch.as_tensor(np.array(a[key]))]  # a copy: attribute arrays are read-only
     raise KeyError("Constant node without a supported value attribute")
 
 
@@ -559,3 +559,34 @@ def constant(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
 def range_(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
     start, limit, delta = (t.item() for t in inputs)
     return [torch.arange(start, limit, delta, dtype=inputs[0].dtype)]
+
+
+def _per_axis(t: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A scale or zero point (scalar or 1-D along ``axis``) shaped to broadcast against ``x``."""
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[_axis(axis, x.dim())] = t.numel()
+    return t.reshape(shape)
+
+
+_INT_RANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int16: (-32768, 32767), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+@_op("QuantizeLinear")
+def quantize_linear(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
+    x, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=torch.uint8)
+    axis = a.get("axis", 1)
+    lo, hi = _INT_RANGE[zp.dtype]
+    q = torch.round(x / _per_axis(scale, x, axis)) + _per_axis(zp, x, axis).to(x.dtype)
+    return [torch.clamp(q, lo, hi).to(zp.dtype)]
+
+
+@_op("DequantizeLinear")
+def dequantize_linear(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
+    q, scale = inputs[0], inputs[1]
+    zp = inputs[2] if len(inputs) > 2 and inputs[2] is not None else torch.zeros((), dtype=q.dtype)
+    axis = a.get("axis", 1)
+    s = _per_axis(scale, q, axis)
+    return [(q.to(torch.int32) - _per_axis(zp, q, axis).to(torch.int32)).to(s.dtype) * s]

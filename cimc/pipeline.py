@@ -3,7 +3,7 @@
 A pass is a frozen dataclass registered under a name; its fields are its options. A pipeline is a string a
 person can type and a manifest can record::
 
-    canonicalize,quantize{adc-bits=6,percentile=99.9},map,schedule
+    canonicalize,map,quantize{percentile=99.9},schedule
 
 Option names use dashes on the command line and underscores in Python; values are converted to the field's
 type. Unknown passes and options are errors that name them. Everything a pass needs beyond its options
@@ -36,7 +36,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PASSES: dict[str, type[CimcPass]] = {}
-DEFAULT_PIPELINE = "canonicalize,quantize,map,schedule"
+DEFAULT_PIPELINE = "canonicalize,map,quantize,schedule"
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "human", "write_json_atomic", "write_text_atomic", "atomic_dir"]
+__all__ = ["format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "atomic_dir"]
 
 
 def human(n: float, unit: str = "") -> str:
@@ -39,6 +39,14 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.replace(tmp, p)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent if str(p.parent) else ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.replace(tmp, p)
 
 

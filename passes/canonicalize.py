@@ -30,6 +30,7 @@ from onnx_ir.passes.common import (
     IdentityEliminationPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
+    ShapeInferencePass,
     TopologicalSortPass,
 )
 from onnxscript.rewriter import RewriteRuleSet
@@ -108,7 +109,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 continue
             for out, arr in zip(node.outputs, results):
                 if out.uses():
-                    _replace_with_constant(graph, out, np.ascontiguousarray(arr))
+                    _replace_with_constant(graph, out, np.array(arr, order="C"))  # ascontiguousarray makes 0-d 1-d
             graph.remove(node, safe=True)
             modified = True
         return ir.passes.PassResult(model, modified)
@@ -212,6 +213,8 @@ class CleanupPass(ir.passes.InPlacePass):
 def _canonicalize_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
         FoldConstantsPass(),
+        # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
+        ShapeInferencePass(),
         RemoveNoOpsPass(),
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),

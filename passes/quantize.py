@@ -1,0 +1,265 @@
+"""Calibrate the target's DACs and ADCs on data, per analog layer (and per tile).
+
+Rules:
+  1. DAC: the layer's inputs are clipped to a full scale ``x_max`` = the ``percentile`` of |input| over the
+     calibration batch and quantised to ``dac_bits``; unsigned when no calibration input is negative (after
+     ReLU), symmetric signed otherwise.
+  2. ADC: each tile's partial sums (row splits are converted separately, as on the chip) are clipped to
+     ``y_max`` = the ``percentile`` of their |value| and quantised to ``adc_bits`` (signed, symmetric). One gain
+     per tile for the whole layer (AON-CIM's fixed ADC gain) or per column where the target says
+     ``converters.adc_gain: column``.
+  3. Calibration is sequential in one forward pass: each layer sees the already-quantised outputs of the
+     layers before it.
+
+Durable result: node ``metadata_props["cimc.quant"]`` (see :class:`cimc.runtime.analog.QuantSpec`).
+:func:`build_qdq_twin` turns a calibrated model into its digital twin with standard QuantizeLinear /
+DequantizeLinear pairs, which onnxruntime runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from cimc.errors import DataError
+from cimc.ir import constant_array, is_analog, node_attrs
+from cimc.pipeline import CimcPass, CompileContext, register_pass
+from cimc.runtime.analog import QuantSpec, analog_mvm, dac, layer_plans, levels
+from cimc.runtime.executor import Executor
+
+__all__ = ["QuantizePass", "build_qdq_twin", "calibrate"]
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE_LIMIT = 1 << 20  # percentiles are taken on at most this many values (a seeded subsample)
+
+
+def _percentile(values: torch.Tensor, pct: float, dim_last: bool = False) -> torch.Tensor:
+    """Percentile of ``values`` (all of it, or per last-axis column), on a seeded subsample when large.
+
+    numpy's percentile partitions instead of sorting: linear time, which matters on calibration batches.
+    """
+    rng = np.random.default_rng(0)
+    if dim_last:
+        flat = values.detach().reshape(-1, values.shape[-1]).numpy()
+        if flat.size > _SAMPLE_LIMIT:
+            flat = flat[rng.choice(flat.shape[0], max(1, _SAMPLE_LIMIT // flat.shape[1]), replace=False)]
+        return torch.from_numpy(np.percentile(flat, pct, axis=0).astype(np.float32))
+    flat = values.detach().reshape(-1).numpy()
+    if flat.size > _SAMPLE_LIMIT:
+        flat = flat[rng.choice(flat.size, _SAMPLE_LIMIT, replace=False)]
+    return torch.tensor(np.percentile(flat, pct), dtype=torch.float32)
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    """A full scale must be positive: dead (all-zero) signals get 1.0."""
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float) -> dict[str, QuantSpec]:
+    """Measure DAC and ADC ranges layer by layer (see the module docstring); returns a spec per layer."""
+    plans = layer_plans(model)
+    conv = target.converters  # type: ignore[attr-defined]
+    per_column = conv.adc_gain == "column"
+    specs: dict[str, QuantSpec] = {}
+
+    def hook(step, cols, matrix):  # type: ignore[no-untyped-def]
+        plan = plans[step.name]
+        b, m, g, k = cols.shape
+        c = cols.reshape(1, b * m, g, k)
+        signed = bool((c < 0).any())
+        x_max = float(_positive(_percentile(c.abs(), percentile)))
+        plan.quant = QuantSpec(conv.dac_bits, signed, x_max, conv.adc_bits, conv.adc_gain, [], percentile)
+        cq = dac(plan, c)
+        w = matrix.unsqueeze(0)
+        y_max: list[object] = []
+        for t in plan.tiles:
+            part = torch.matmul(cq[:, :, t.group, t.r0 : t.r1], w[:, t.group, t.r0 : t.r1, t.c0 : t.c1]).abs()
+            if per_column:
+                y_max.append([float(v) for v in _positive(_percentile(part, percentile, dim_last=True))])
+            else:
+                y_max.append(float(_positive(_percentile(part, percentile))))
+        plan.quant.y_max = y_max
+        specs[step.name] = plan.quant
+        return analog_mvm(plan, cq, w).reshape(b, m, g, -1)
+
+    executor = Executor(model, hook=hook).eval()
+    with torch.no_grad():
+        executor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return specs
+
+
+@register_pass("quantize")
+@dataclass
+class QuantizePass(CimcPass):
+    """Set every analog layer's DAC and ADC ranges from calibration data (see the module docstring)."""
+
+    ctx: CompileContext = field(repr=False)
+    percentile: float = 99.99
+    samples: int = 256
+
+    def requires(self, model: ir.Model) -> None:
+        if not any("cimc.placement" in n.metadata_props for n in model.graph):
+            raise ir.passes.PreconditionError("quantize needs the tiles: run 'map' before 'quantize'")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        data = self.ctx.calibration
+        if data is None:
+            raise DataError("the 'quantize' pass needs calibration data: add --calib DATA.npz (arrays x, y)")
+        expected = tuple(model.graph.inputs[0].shape)[1:]
+        if tuple(data.x.shape[1:]) != expected:
+            raise DataError(
+                f"calibration inputs have shape {tuple(data.x.shape[1:])} per sample but the model's input "
+                f"'{model.graph.inputs[0].name}' takes {expected}; pass data made for this model"
+            )
+        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile)
+        for node in model.graph:
+            if node.name in specs:
+                node.metadata_props["cimc.quant"] = specs[node.name].to_json()
+        model.metadata_props["cimc.quantization"] = (
+            f'{{"dac_bits": {_js(self.ctx.target.converters.dac_bits)}, "adc_bits": {_js(self.ctx.target.converters.adc_bits)}, '
+            f'"percentile": {self.percentile}, "samples": {min(self.samples, len(data.x))}}}'
+        )
+        return ir.passes.PassResult(model, True)
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in model.graph:
+            if "cimc.placement" in node.metadata_props and "cimc.quant" not in node.metadata_props:
+                raise ir.passes.PostconditionError(f"analog op {node.name!r} has no quantisation ranges")
+
+
+def _js(v: object) -> str:
+    return "null" if v is None else str(v)
+
+
+# ------------------------------------------------------------------------------------ digital twin
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _qdq(graph: ir.Graph, x: ir.Value, x_max: np.ndarray, bits: int, signed: bool, axis: int, prefix: str,
+         before: ir.Node) -> ir.Value:
+    """Insert clip (Min/Max) + QuantizeLinear + DequantizeLinear on ``x``; returns the dequantised value."""
+    x_max = np.asarray(x_max, dtype=np.float32)
+    n_levels = levels(bits, signed)
+    scale = (x_max / n_levels).astype(np.float32)
+    zp_dtype = np.int8 if signed else np.uint8
+    rank = len(x.shape) if x.shape is not None else 2
+    bshape = [1] * rank
+    if x_max.ndim == 1:
+        bshape[axis] = x_max.shape[0]
+    hi = _const(graph, f"{prefix}_hi", x_max.reshape(bshape))
+    lo = _const(graph, f"{prefix}_lo", (-x_max if signed else np.zeros_like(x_max)).reshape(bshape))
+    sc = _const(graph, f"{prefix}_scale", scale)
+    zp = _const(graph, f"{prefix}_zp", np.zeros(scale.shape, dtype=zp_dtype))
+    attrs = {"axis": axis} if x_max.ndim == 1 else {}
+    nodes = [
+        ir.node("Min", [x, hi], name=f"{prefix}_min", num_outputs=1),
+    ]
+    nodes.append(ir.node("Max", [nodes[-1].outputs[0], lo], name=f"{prefix}_max", num_outputs=1))
+    nodes.append(ir.node("QuantizeLinear", [nodes[-1].outputs[0], sc, zp], attributes=attrs, name=f"{prefix}_q",
+                         num_outputs=1))
+    nodes.append(ir.node("DequantizeLinear", [nodes[-1].outputs[0], sc, zp], attributes=attrs, name=f"{prefix}_dq",
+                         num_outputs=1))
+    for i, n in enumerate(nodes):
+        n.outputs[0].name = f"{prefix}_{['min', 'max', 'q', 'dq'][i]}_out"
+    graph.insert_before(before, nodes)
+    return nodes[-1].outputs[0]
+
+
+def _matrix_mask_to_weight(node: ir.Node, weight_shape: tuple[int, ...], mask: np.ndarray) -> np.ndarray:
+    """A [G, K, N] matrix-view mask in the ONNX weight's layout (inverse of weight_to_matrix)."""
+    a = node_attrs(node)
+    if node.op_type == "Conv":
+        return mask.transpose(0, 2, 1).reshape(weight_shape)
+    mat = mask[0]
+    if node.op_type == "Gemm":
+        return mat.T if a.get("transB", 0) else mat
+    return mat
+
+
+def build_qdq_twin(model: ir.Model) -> ir.Model:
+    """The calibrated model as plain ONNX with QuantizeLinear/DequantizeLinear pairs (onnxruntime runs it).
+
+    Per analog layer: DAC = clip + Q/DQ on its input; each tile = the op with the weight masked to the tile's
+    rows and columns, no bias, then clip + Q/DQ at the ADC's full scale; tiles are summed and the bias added.
+    Layers with converters wider than 8 bits, or ``W @ x`` MatMuls, keep float semantics there.
+    """
+    twin = ir.from_proto(ir.to_proto(model))
+    graph = twin.graph
+    plans = layer_plans(twin)
+    for node in list(graph):
+        plan = plans.get(node.name)
+        if plan is None or plan.quant is None or not is_analog(node):
+            continue
+        q = plan.quant
+        if node.op_type == "MatMul" and constant_array(node.inputs[1]) is None:
+            logger.warning("twin: %s (W @ x) keeps float converters", node.name)
+            continue
+        prefix = node.name.replace("/", "_")
+        x = node.inputs[0]
+        if q.dac_bits is not None and q.dac_bits <= 8:
+            x = _qdq(graph, x, np.float32(q.x_max), q.dac_bits, q.dac_signed, 1, f"{prefix}_dac", node)
+        out = node.outputs[0]
+        weight_value = node.inputs[1]
+        weight = constant_array(weight_value)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        axis = 1 if node.op_type in ("Conv", "Gemm") else len(out.shape) - 1
+        tile_outs: list[ir.Value] = []
+        attrs = dict(node.attributes)
+        n_out = plan.groups * plan.cols
+        if plan.whole_groups:  # one node, per-channel ADC scales cover every group
+            pieces = [(weight_value, [np.broadcast_to(np.asarray(q.y_max[i], np.float32), (plan.cols,))
+                                      for i in range(len(plan.tiles))])]
+        else:
+            pieces = []
+            for i, t in enumerate(plan.tiles):
+                mask = np.zeros((plan.groups, plan.rows, plan.cols), dtype=np.float32)
+                mask[t.group, t.r0 : t.r1, t.c0 : t.c1] = 1.0
+                w_t = (weight * _matrix_mask_to_weight(node, weight.shape, mask)).astype(np.float32)
+                full = np.ones(n_out, dtype=np.float32)  # columns outside the tile read zero: any scale works
+                full[t.group * plan.cols + t.c0 : t.group * plan.cols + t.c1] = q.y_max[i]
+                pieces.append((_const(graph, f"{prefix}_tile{i}_w", w_t), [full]))
+        for i, (w_val, y_max_parts) in enumerate(pieces):
+            tile_node = ir.node(node.op_type, [x, w_val], attributes=attrs, name=f"{prefix}_tile{i}", num_outputs=1)
+            tile_node.outputs[0].name = f"{prefix}_tile{i}_out"
+            graph.insert_before(node, [tile_node])
+            y = tile_node.outputs[0]
+            y.shape = out.shape
+            y.type = out.type
+            if q.adc_bits is not None and q.adc_bits <= 8:
+                y_max = np.concatenate([np.asarray(p, np.float32).reshape(-1) for p in y_max_parts])
+                if plan.whole_groups and plan.groups == 1 and np.ndim(q.y_max[0]) == 0:
+                    y_max = np.float32(y_max[0])  # one ADC gain for the layer: a per-tensor scale
+                y = _qdq(graph, y, y_max, q.adc_bits, True, axis, f"{prefix}_tile{i}_adc", node)
+            tile_outs.append(y)
+        total = tile_outs[0]
+        if len(tile_outs) > 1:
+            s = ir.node("Sum", tile_outs, name=f"{prefix}_tiles_sum", num_outputs=1)
+            s.outputs[0].name = f"{prefix}_tiles_sum_out"
+            graph.insert_before(node, [s])
+            total = s.outputs[0]
+        if bias is not None:
+            b_arr = constant_array(bias).astype(np.float32)
+            if node.op_type == "Conv":
+                b_arr = b_arr.reshape(1, -1, *([1] * (len(out.shape) - 2)))
+            else:
+                b_arr = b_arr * float(node_attrs(node).get("beta", 1.0))
+            add = ir.node("Add", [total, _const(graph, f"{prefix}_bias", b_arr)], name=f"{prefix}_bias_add",
+                          num_outputs=1)
+            add.outputs[0].name = f"{prefix}_bias_out"
+            graph.insert_before(node, [add])
+            total = add.outputs[0]
+        out.replace_all_uses_with(total, replace_graph_outputs=True)
+        total_name = out.name
+        out.name = f"{total_name}__analog"
+        total.name = total_name
+        graph.remove(node, safe=True)
+    return twin

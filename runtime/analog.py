@@ -1,0 +1,152 @@
+"""What one analog layer computes on the chip: DAC → crossbar tiles → ADC per tile → digital sum → GDC.
+
+Used three ways, with the same code:
+
+* calibration (``quantize`` pass): ideal weights, ranges being measured;
+* simulation: per-instance weights read from programmed, drifted PCM devices;
+* fine-tuning: float or noisy weights with straight-through quantisers (``ste=True``).
+
+Shapes: MVM operands ``cols`` are ``[instances, mvms, groups, K]``; weights ``[instances or 1, groups, K, N]``;
+results ``[instances, mvms, groups, N]``.
+
+Quantisers are uniform with a clipped full scale ``x_max``: unsigned (inputs that are never negative, e.g.
+after ReLU) use levels 0 … 2^b − 1, signed ones −(2^(b−1) − 1) … 2^(b−1) − 1 (symmetric). Rounding is half to
+even, as onnxruntime's QuantizeLinear does, so the QDQ digital twin computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_mvm", "fake_quant", "layer_plans", "levels"]
+
+logger = logging.getLogger(__name__)
+
+
+def levels(bits: int, signed: bool) -> int:
+    """Number of positive quantisation steps up to full scale."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def fake_quant(x: torch.Tensor, x_max: Any, bits: int | None, signed: bool, ste: bool = False) -> torch.Tensor:
+    """Clip to the full scale and round to ``bits`` (None = no quantisation). ``x_max`` broadcasts over x."""
+    if bits is None:
+        return x
+    x_max_t = torch.as_tensor(x_max, dtype=x.dtype)
+    step = x_max_t / levels(bits, signed)
+    lo = -x_max_t if signed else torch.zeros_like(x_max_t)
+    clipped = torch.maximum(torch.minimum(x, x_max_t), lo)
+    q = torch.round(clipped / step) * step
+    return clipped + (q - clipped).detach() if ste else q
+
+
+@dataclass
+class QuantSpec:
+    """DAC and ADC settings of one analog layer (stored as the node's ``cimc.quant`` metadata)."""
+
+    dac_bits: int | None
+    dac_signed: bool
+    x_max: float
+    adc_bits: int | None
+    adc_granularity: str  # "layer" | "column"
+    y_max: list[Any]  # one entry per tile (placement order): float, or list of floats per tile column
+    percentile: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_node(cls, node: ir.Node) -> QuantSpec | None:
+        raw = node.metadata_props.get("cimc.quant")
+        return cls(**json.loads(raw)) if raw else None
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A placed piece of a layer's matrix: group ``group``, rows ``r0:r1``, columns ``c0:c1``."""
+
+    group: int
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+
+@dataclass
+class LayerPlan:
+    """Everything the analog path needs about one layer, read from the compiled model's metadata."""
+
+    name: str
+    rows: int
+    cols: int
+    groups: int
+    tiles: list[Tile]
+    quant: QuantSpec | None
+
+    @property
+    def whole_groups(self) -> bool:
+        """True when each group sits in one tile (no row or column splits): one batched product suffices."""
+        return len(self.tiles) == self.groups and all(
+            t.r0 == 0 and t.r1 == self.rows and t.c0 == 0 and t.c1 == self.cols for t in self.tiles
+        )
+
+    def y_max_tensor(self, tile_index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        assert self.quant is not None
+        return torch.as_tensor(self.quant.y_max[tile_index], dtype=dtype)
+
+
+def layer_plans(model: ir.Model) -> dict[str, LayerPlan]:
+    """A plan per mapped analog node (tiles in placement order; quantisation if calibrated)."""
+    plans = {}
+    for node in model.graph:
+        if "cimc.placement" not in node.metadata_props:
+            continue
+        m = json.loads(node.metadata_props["cimc.matrix"])
+        tiles = [
+            Tile(t["group"], t["src_row0"], t["src_row0"] + t["rows"], t["src_col0"], t["src_col0"] + t["cols"])
+            for t in json.loads(node.metadata_props["cimc.placement"])
+        ]
+        plans[node.name] = LayerPlan(node.name, m["rows"], m["cols"], m["groups"], tiles, QuantSpec.from_node(node))
+    return plans
+
+
+def dac(plan: LayerPlan, cols: torch.Tensor, ste: bool = False) -> torch.Tensor:
+    q = plan.quant
+    if q is None:
+        return cols
+    return fake_quant(cols, q.x_max, q.dac_bits, q.dac_signed, ste)
+
+
+def analog_mvm(
+    plan: LayerPlan,
+    cols: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    adc: bool = True,
+    ste: bool = False,
+) -> torch.Tensor:
+    """Crossbar products of DAC-quantised ``cols`` with ``weights``, each tile's partial sums through its ADC.
+
+    ``cols`` [I, M, G, K] (already DAC-quantised, see :func:`dac`); ``weights`` [I or 1, G, K, N].
+    Row-split tiles are converted separately and added digitally, as on the chip.
+    """
+    q = plan.quant if adc else None
+    if plan.whole_groups:
+        y = torch.einsum("imgk,igkn->imgn", cols, weights)
+        if q is None or q.adc_bits is None:
+            return y
+        y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])  # [G, 1|N]
+        return fake_quant(y, y_max, q.adc_bits, True, ste)
+    out = torch.zeros(*cols.shape[:2], plan.groups, plan.cols, dtype=cols.dtype)
+    for i, t in enumerate(plan.tiles):
+        part = torch.matmul(cols[:, :, t.group, t.r0 : t.r1], weights[:, t.group, t.r0 : t.r1, t.c0 : t.c1])
+        if q is not None and q.adc_bits is not None:
+            part = fake_quant(part, plan.y_max_tensor(i, part.dtype), q.adc_bits, True, ste)
+        out[:, :, t.group, t.c0 : t.c1] = out[:, :, t.group, t.c0 : t.c1] + part
+    return out

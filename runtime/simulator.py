@@ -1,0 +1,277 @@
+"""Simulate a compiled model on the chip: program, then drift to t, then read; accuracy over time.
+
+The sequence is explicit and cannot be skipped: :class:`Chip` programs every analog layer's conductances once
+per Monte Carlo instance (programming noise, per-device drift exponents); :meth:`Chip.at` reads those same
+devices at a time t after programming (drift + 1/f read noise) and returns a :class:`ChipState`, the only
+thing the analog hook accepts. Each inference then runs DAC → crossbar MVM with the instance's conductances →
+ADC per tile → digital sum → drift compensation → bias and digital ops.
+
+Instances are a batch dimension: inputs are repeated ``instances`` times (instance-major) and every analog
+op multiplies each instance's slice with that instance's weights in one batched product.
+
+Read noise is drawn once per (instance, time): one read of the array per evaluation time, as when the chip is
+read out for a test set in one sitting (a conservative choice: the error is common to every input).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cimc.errors import DataError, InputError
+from cimc.runtime.analog import LayerPlan, analog_mvm, dac, layer_plans
+from cimc.runtime.calibration import gdc_probe
+from cimc.runtime.cost import LayerActivity, estimate_cost
+from cimc.runtime.devices import build_device, gdc_factor
+from cimc.runtime.executor import AnalogStep, Executor
+
+__all__ = ["Chip", "ChipState", "SimulationResult", "parse_duration", "simulate", "format_duration"]
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31557600.0}
+
+
+def parse_duration(text: str) -> float:
+    """'1s', '15min', '24h', '30d', '1y', '3600' → seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(s|m|min|h|d|w|y)?\s*", text.lower())
+    if not m:
+        raise InputError(f"cannot read time {text!r}; write e.g. 1s, 15min, 1h, 24h, 30d, 1y")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def format_duration(t_s: float) -> str:
+    for unit, size in (("y", _UNITS["y"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if t_s >= size and abs(t_s / size - round(t_s / size)) < 1e-9:
+            return f"{round(t_s / size)}{unit}"
+    return f"{t_s:g}s"
+
+
+@dataclass
+class ChipState:
+    """Conductances of every instance read at ``t_s``, as effective weights, plus the GDC factors."""
+
+    t_s: float
+    instances: int
+    weights: dict[str, torch.Tensor]  # layer → [I, G, K, N]
+    gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [I, 1, 1|G, 1|N]
+
+
+class Chip:
+    """``instances`` programmed copies of a compiled model's analog layers."""
+
+    def __init__(self, compiled: Any, instances: int, seed: int = 0):
+        if instances < 1:
+            raise InputError(f"--instances must be at least 1 (got {instances})")
+        self.compiled = compiled
+        self.instances = instances
+        self.seed = seed
+        self.executor = Executor(compiled.model).eval()
+        self.plans = layer_plans(compiled.model)
+        self.steps = {s.name: s for s in self.executor.analog_steps}
+        missing = [name for name in self.steps if name not in self.plans]
+        if missing:
+            raise InputError(f"analog layers {missing} have no placement; compile the model with 'cimc compile'")
+        device = compiled.target.device
+        self.device = build_device(device)
+        self.gdc_mode = getattr(device, "gdc", "none")
+        with torch.no_grad():
+            self.ideal = {n: s.matrix(self.executor.weight(s)).detach().float() for n, s in self.steps.items()}
+        gen = torch.Generator().manual_seed(seed)
+        self.programmed = self.device.program_layers(self.ideal, instances, gen)  # programming: once
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each layer's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average)."""
+        out = {}
+        for name, w in weights.items():
+            plan = self.plans[name]
+            x_max = plan.quant.x_max if plan.quant is not None else 1.0
+            probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
+            out[name] = analog_mvm(plan, dac(plan, probe), w, adc=False)  # [I, P, G, N]
+        return out
+
+    def at(self, t_s: float, gdc: bool = True) -> ChipState:
+        """Read every instance's devices ``t_s`` seconds after programming (drift, then read noise)."""
+        index = int(round(math.log10(max(t_s, 1e-9)) * 1000))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 + index)
+        weights = {k: v.float() for k, v in self.programmed.read(t_s, gen).items()}
+        state = ChipState(t_s, self.instances, weights)
+        if gdc and self.gdc_mode != "none":
+            if self._reference is None:  # the read right after programming (t = 0), same devices
+                ref_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 17)
+                ref_w = {k: v.float() for k, v in self.programmed.read(0.0, ref_gen).items()}
+                self._reference = self._probe_outputs(ref_w)
+            now = self._probe_outputs(weights)
+            per_column = self.gdc_mode == "column"
+            for name in weights:
+                ref, cur = self._reference[name], now[name]  # [I, P, G, N]
+                state.gdc[name] = gdc_factor(ref, cur, per_column=per_column)
+        return state
+
+    def hook(self, state: ChipState, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
+        """The executor's analog hook for this chip state."""
+        instances = state.instances
+
+        def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+            plan: LayerPlan = self.plans[step.name]
+            b, m, g, k = cols.shape
+            c = dac(plan, cols.reshape(instances, (b // instances) * m, g, k))
+            if activity is not None:
+                x_max = plan.quant.x_max if plan.quant is not None else float(c.abs().max().clamp_min(1e-12))
+                a = c.abs() / x_max
+                activity.setdefault(step.name, []).append(
+                    torch.stack([(a > 0).float().mean(), a.mean(), a.amax(dim=-1).mean()])
+                )
+            y = analog_mvm(plan, c, state.weights[step.name])
+            if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
+                y = y * state.gdc[step.name]
+            return y.reshape(b, m, g, -1)
+
+        return run
+
+
+def _ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
+    """Quantised converters, ideal devices: the digital twin's numbers."""
+
+    def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        plan = chip.plans[step.name]
+        b, m, g, k = cols.shape
+        c = dac(plan, cols.reshape(1, b * m, g, k))
+        return analog_mvm(plan, c, matrix.unsqueeze(0)).reshape(b, m, g, -1)
+
+    return run
+
+
+def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+                 tick: Callable[[int], None] | None = None) -> np.ndarray:
+    """Class predictions [instances, samples] (argmax of the first output)."""
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+            rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
+            logits = executor(rep)[0]
+            preds.append(logits.reshape(instances, len(xb), -1).argmax(-1).numpy())
+            if tick:
+                tick(len(xb))
+    return np.concatenate(preds, axis=1)
+
+
+@dataclass
+class SimulationResult:
+    """Accuracy per time (mean, std, min, per instance), baselines, and the cost the run counted."""
+
+    data: dict[str, Any]
+
+    def table(self) -> str:
+        from cimc.report import format_table
+
+        rows = []
+        for series in self.data["series"]:
+            for p in series["points"]:
+                rows.append([series["label"], p["label"], f"{100 * p['mean']:.2f}", f"{100 * p['std']:.2f}",
+                             f"{100 * p['min']:.2f}", f"{100 * (p['mean'] - self.data['float_accuracy']):+.2f}"])
+        head = format_table(["drift compensation", "time", "mean %", "std %", "min %", "vs float"], rows,
+                            right=(2, 3, 4, 5))
+        d = self.data
+        c = d["cost"]
+        return (
+            f"{head}\n\nfloat model: {100 * d['float_accuracy']:.2f} %   quantised, ideal devices: "
+            f"{100 * d['quantized_accuracy']:.2f} %   ({d['samples']} samples, {d['instances']} instances, seed {d['seed']})\n"
+            f"cost counted on this data: {c['measured']['tops_per_w']:.3g} TOPS/W, "
+            f"{c['measured']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['measured']['latency_s'] * 1e3:.3g} ms per inference "
+            f"(compile's static estimate: {c['static']['tops_per_w']:.3g} TOPS/W, "
+            f"{c['static']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['static']['latency_s'] * 1e3:.3g} ms)"
+        )
+
+
+def simulate(
+    compiled: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    times_s: Sequence[float] = (1.0, 3600.0, 86400.0, 30 * 86400.0, _UNITS["y"]),
+    instances: int = 25,
+    seed: int = 0,
+    batch_size: int = 64,
+    compare_gdc: bool = True,
+    progress: bool = False,
+) -> SimulationResult:
+    """Monte Carlo accuracy of ``compiled`` on (x, y) at each time after programming."""
+    if y is None:
+        raise DataError("simulation needs labels: the data file must contain 'y' (integer class labels)")
+    expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
+    if tuple(x.shape[1:]) != expected:
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+    started = time.perf_counter()
+    chip = Chip(compiled, instances, seed)
+    per_run = max(1, batch_size // instances) if instances > 1 else batch_size
+    gdc_modes = [True, False] if compare_gdc and chip.gdc_mode != "none" else [chip.gdc_mode != "none"]
+    total = len(x) * (2 + len(times_s) * len(gdc_modes))
+    bar = _progress(total, progress)
+    tick = bar.update if bar is not None else None
+    y = np.asarray(y)
+    executor = chip.executor
+    float_pred = _predictions(executor, x, 1, batch_size, tick)[0]
+    executor.hook = _ideal_hook(chip)
+    quant_pred = _predictions(executor, x, 1, batch_size, tick)[0]
+    series = []
+    activity: dict[str, list[torch.Tensor]] = {}
+    for gdc in gdc_modes:
+        points = []
+        for t in times_s:
+            state = chip.at(t, gdc=gdc)
+            executor.hook = chip.hook(state, activity if (gdc == gdc_modes[0] and t == times_s[0]) else None)
+            pred = _predictions(executor, x, instances, per_run, tick)
+            acc = (pred == y[None, :]).mean(axis=1)
+            points.append({"label": format_duration(t), "t_s": t, "mean": float(acc.mean()), "std": float(acc.std()),
+                           "min": float(acc.min()), "max": float(acc.max()), "per_instance": [float(a) for a in acc]})
+        label = f"GDC ({chip.gdc_mode})" if gdc else "none"
+        series.append({"label": label, "gdc": chip.gdc_mode if gdc else "none", "points": points})
+    executor.hook = None
+    if bar:
+        bar.close()
+    measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}
+    from cimc.passes.schedule import build_workload, execution_order
+
+    workload = build_workload(execution_order(compiled.model.graph))
+    counted = estimate_cost(compiled.target, workload, activity=measured)
+    data = {
+        "format": "cimc-simulation/1",
+        "model": compiled.source,
+        "target": compiled.target.name,
+        "instances": instances,
+        "seed": seed,
+        "samples": int(len(x)),
+        "float_accuracy": float((float_pred == y).mean()),
+        "quantized_accuracy": float((quant_pred == y).mean()),
+        "dac_bits": compiled.target.converters.dac_bits,
+        "adc_bits": compiled.target.converters.adc_bits,
+        "series": series,
+        "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
+                 "activity": {k: vars(v) for k, v in measured.items()},
+                 "ops_definition": "2 x MACs executed in the analog arrays"},
+        "wall_time_s": time.perf_counter() - started,
+    }
+    return SimulationResult(data)
+
+
+def _cost_summary(cost: Any) -> dict[str, Any]:
+    return {"tops_per_w": cost.tops_per_w, "energy_per_inference_j": cost.total_energy_j, "latency_s": cost.latency_s,
+            "cycles": cost.cycles, "inferences_per_s": cost.inferences_per_s, "energy_breakdown_j": cost.energy_j}
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="inf", desc="simulating", leave=False, dynamic_ncols=True)
