@@ -4,6 +4,7 @@ Each analog op (Conv, Gemm, MatMul with a constant weight) becomes one weight ma
 (C_in/groups · kh · kw inputs) × N columns (outputs per group) — and each matrix a block for the packer
 (:mod:`cimc.passes.packing`): blocks larger than an array are split into tiles (row splits give partial sums
 the digital unit adds; column splits are free), then every tile gets an array and a row/column window.
+On pipelined (multi-core) targets each layer gets cores of its own, so that all stages compute at once.
 
 Durable results (saved inside the compiled ONNX file):
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
 from cimc.ir import analog_matrix, is_analog
-from cimc.passes.packing import ArrayGeometry, Block, pack_blocks
+from cimc.errors import FitError
+from cimc.passes.packing import ArrayGeometry, Block, Packing, Placement, pack_blocks
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
 __all__ = ["MapPass", "block_name", "placements_of"]
@@ -39,6 +41,30 @@ def placements_of(node: ir.Node) -> list[dict[str, int]]:
     """The tiles a mapped node occupies (empty when it was not mapped)."""
     raw = node.metadata_props.get("cimc.placement")
     return json.loads(raw) if raw else []
+
+
+def _pack_per_layer(nodes: list[ir.Node], matrices: dict, geometry: ArrayGeometry) -> Packing:
+    """Pipelined targets: every layer on cores of its own, so all layers can compute at once."""
+    placements: list[Placement] = []
+    utilisation: list[float] = []
+    next_core = 0
+    largest = ("", 0)
+    for node in nodes:
+        m = matrices[node.name]
+        blocks = [Block(block_name(node.name, g, m.groups), m.rows, m.cols) for g in range(m.groups)]
+        own = pack_blocks(blocks, ArrayGeometry(geometry.rows, geometry.weight_cols, None))
+        placements += [replace(p, array_index=p.array_index + next_core) for p in own.placements]
+        utilisation += list(own.array_utilisation)
+        next_core += own.arrays_used
+        largest = max(largest, (node.name, own.arrays_used), key=lambda item: item[1])
+    if geometry.count is not None and next_core > geometry.count:
+        needed = sum(p.rows * p.cols for p in placements)
+        raise FitError(
+            f"model does not fit: with every layer on cores of its own (pipelined execution) it needs {next_core} "
+            f"cores of {geometry.rows}x{geometry.weight_cols} weights ({needed:,} weights) but the target has "
+            f"{geometry.count} (largest layer '{largest[0]}' alone takes {largest[1]} cores); use a target with more cores, layer-serial execution, or fewer channels"
+        )
+    return Packing(placements, geometry, next_core, utilisation)
 
 
 @register_pass("map")
@@ -65,7 +91,10 @@ class MapPass(CimcPass):
             m = analog_matrix(node)
             matrices[node.name] = m
             blocks += [Block(block_name(node.name, g, m.groups), m.rows, m.cols) for g in range(m.groups)]
-        packing = pack_blocks(blocks, geometry)
+        if target.execution == "pipelined" and geometry.count != 1:
+            packing = _pack_per_layer(nodes, matrices, geometry)
+        else:
+            packing = pack_blocks(blocks, geometry)
         for node in nodes:
             m = matrices[node.name]
             tiles = []

@@ -1,0 +1,158 @@
+"""Quantisation, the QDQ digital twin, and the drift simulator (program → drift → read)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import cimc
+from cimc import builtin
+from cimc.compiler import compile_model
+from cimc.data import Dataset, load_dataset
+from cimc.errors import DataError
+from cimc.passes.quantize import build_qdq_twin
+from cimc.runtime.analog import fake_quant
+from cimc.runtime.executor import Executor
+from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration
+from tests.models import export_onnx, rel_l2
+
+
+@pytest.fixture(scope="module")
+def mnist() -> Dataset:
+    return load_dataset(builtin.mnist_test())
+
+
+@pytest.fixture(scope="module")
+def mnist_compiled(mnist: Dataset) -> cimc.artifact.CompiledModel:
+    calib = Dataset(mnist.x[-256:], mnist.y[-256:], "calib")
+    return compile_model(builtin.mnist_model(), "aon-cim", calibration=calib)
+
+
+def _ort_rows(path: Path, x: np.ndarray) -> np.ndarray:
+    """onnxruntime on a batch-1 model, one sample at a time."""
+    return np.concatenate([_run_first(path, x[i : i + 1]) for i in range(len(x))])
+
+
+def _run_first(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_fake_quant_levels() -> None:
+    x = torch.linspace(-2, 2, 101)
+    q = fake_quant(x, 1.0, 4, signed=True)
+    assert q.min() == -1 and q.max() == 1
+    assert len(torch.unique(q)) == 15  # 2 * (2^3 - 1) + 1
+    u = fake_quant(x, 1.0, 4, signed=False)
+    assert u.min() == 0 and len(torch.unique(u)) == 16
+    assert torch.equal(fake_quant(x, 1.0, None, signed=True), x)
+
+
+def test_ideal_target_matches_onnxruntime(mnist: Dataset, tmp_path: Path) -> None:
+    compiled = compile_model(builtin.mnist_model(), "ideal")
+    x = mnist.x[:16]
+    ref = _ort_rows(builtin.mnist_model(), x)
+    out = cimc.run(compiled, x, time="24h", instances=3, instance=2)
+    assert rel_l2(out, ref) <= 1e-5
+
+
+def test_twin_matches_simulator_and_onnxruntime(mnist_compiled, mnist: Dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    twin = build_qdq_twin(mnist_compiled.model)
+    ops = {n.op_type for n in twin.graph}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    path = tmp_path / "twin.onnx"
+    ir.save(twin, path)
+    x = mnist.x[:16]
+    ort_out = _ort_rows(path, x)
+    with torch.no_grad():
+        ex_out = Executor(twin).eval()(torch.from_numpy(x))[0].numpy()
+    quant_out = cimc.run(mnist_compiled, x, ideal=True)
+    scale = np.abs(ort_out).max()
+    assert np.abs(ex_out - ort_out).max() <= 1e-3 * scale
+    assert np.abs(quant_out - ort_out).max() <= 1e-3 * scale
+    float_out = _ort_rows(builtin.mnist_model(), x)
+    assert rel_l2(quant_out, float_out) > 1e-4  # the converters really quantise
+
+
+def test_row_split_tiles_in_twin(tmp_path: Path) -> None:
+    """A layer taller than a hermes core (256 rows) is split; each tile gets its own ADC."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(600, 40), torch.nn.ReLU(), torch.nn.Linear(40, 10)).eval()
+    path = export_onnx(net, torch.randn(1, 600), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(0).standard_normal((64, 600)).astype(np.float32)
+    compiled = compile_model(path, "hermes", calibration=Dataset(x, np.zeros(64, np.int64), "rand"))
+    fc = compiled.analog_nodes()[0]
+    tiles = json.loads(fc.metadata_props["cimc.placement"])
+    assert len(tiles) == 3 and len(json.loads(fc.metadata_props["cimc.quant"])["y_max"]) == 3
+    twin_path = tmp_path / "twin.onnx"
+    ir.save(build_qdq_twin(compiled.model), twin_path)
+    ort_out = _ort_rows(twin_path, x[:8])
+    sim_out = cimc.run(compiled, x[:8], ideal=True)
+    assert np.abs(sim_out - ort_out).max() <= 1e-3 * np.abs(ort_out).max()
+
+
+def test_program_once_then_drift_same_devices(mnist_compiled) -> None:  # type: ignore[no-untyped-def]
+    chip = Chip(mnist_compiled, instances=2, seed=3)
+    name = next(iter(chip.ideal))
+    early = chip.at(1.0, gdc=False).weights[name]
+    late = chip.at(86400.0, gdc=False).weights[name]
+    # the same programmed devices: drift shrinks magnitudes, it does not redraw them
+    ratio = late.abs().sum() / early.abs().sum()
+    assert 0.55 < float(ratio) < 0.8
+    assert float(torch.corrcoef(torch.stack([early.flatten(), late.flatten()]))[0, 1]) > 0.9
+    # instances differ from each other
+    assert not torch.equal(early[0], early[1])
+
+
+def test_simulation_deterministic_and_gdc_helps(mnist_compiled, mnist: Dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    kwargs = dict(drift="1s,24h", instances=3, samples=200, seed=5)
+    a = cimc.simulate(mnist_compiled, mnist, out_dir=tmp_path / "a", **kwargs)
+    b = cimc.simulate(mnist_compiled, mnist, **kwargs)
+    assert a.data["series"] == b.data["series"]  # same seed, same numbers
+    c = cimc.simulate(mnist_compiled, mnist, **{**kwargs, "seed": 6})
+    assert c.data["series"] != a.data["series"]
+    gdc, none = a.data["series"]
+    assert gdc["label"].startswith("GDC") and none["label"] == "none"
+    drop_gdc = a.data["float_accuracy"] - gdc["points"][1]["mean"]
+    drop_none = a.data["float_accuracy"] - none["points"][1]["mean"]
+    assert drop_gdc < drop_none
+    assert a.data["float_accuracy"] > 0.9 and len(gdc["points"][0]["per_instance"]) == 3
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["series"][0]["points"][1]["label"] == "1d"
+    assert (tmp_path / "a" / "drift.png").stat().st_size > 10_000
+    measured, static = results["cost"]["measured"], results["cost"]["static"]
+    assert measured["tops_per_w"] > 0 and measured["energy_per_inference_j"] != static["energy_per_inference_j"]
+
+
+def test_data_errors(mnist_compiled, mnist: Dataset) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DataError, match="shape"):
+        cimc.simulate(mnist_compiled, Dataset(np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int64), "bad"))
+    with pytest.raises(DataError, match="labels"):
+        cimc.simulate(mnist_compiled, Dataset(mnist.x[:4], None, "nolabels"))
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("24h") == 86400 and parse_duration("1y") == 31557600 and parse_duration("15min") == 900
+    with pytest.raises(cimc.CimcError, match="cannot read time"):
+        parse_duration("soon")
+
+
+def test_cli_simulate_and_run(mnist_compiled, mnist: Dataset, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    mnist_compiled.save(tmp_path / "build")
+    res = run_cli("simulate", tmp_path / "build", "--data", builtin.mnist_test(), "--drift", "1s,1h", "--instances", "2",
+                  "--samples", "64", "-q")
+    assert res.code == 0, res.err
+    assert "GDC" in res.out and "TOPS/W" in res.out
+    assert (tmp_path / "build" / "simulation" / "results.json").is_file()
+    np.save(tmp_path / "x.npy", mnist.x[:5])
+    res = run_cli("run", tmp_path / "build", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--time", "1h")
+    assert res.code == 0 and np.load(tmp_path / "y.npy").shape == (5, 10)
+    res = run_cli("simulate", tmp_path / "nowhere", "--data", builtin.mnist_test())
+    assert res.code == 2 and "not a compiled-model directory" in res.err
