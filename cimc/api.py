@@ -115,7 +115,7 @@ def run(
     import torch
 
     from cimc.errors import InputError
-    from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration
+    from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration, use
 
     c = load_compiled(compiled)
     if isinstance(inputs, (str, os.PathLike)):
@@ -133,7 +133,7 @@ def run(
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
     chip = Chip(c, n, seed)
     t_s = parse_duration(time) if isinstance(time, str) else float(time)
-    chip.executor.hook = _ideal_hook(chip) if ideal else chip.hook(chip.at(t_s))
+    use(chip, _ideal_hook(chip) if ideal else chip.hook(chip.at(t_s)))
     outs = []
     with torch.no_grad():
         for start in range(0, len(x), 64):
@@ -150,3 +150,33 @@ def run(
         np.save(buf, result)
         write_bytes_atomic(output, buf.getvalue())
     return result
+
+
+def finetune(
+    model: str | os.PathLike[str] | ir.Model,
+    target: Any = "aon-cim",
+    train: Any = None,
+    val: Any = None,
+    *,
+    method: str | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Noise-aware fine-tuning; returns ``(model, history)`` and writes ``output`` (.onnx, atomically) if given.
+
+    See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
+    """
+    from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
+    from cimc.passes.finetune import finetune as run_finetune
+
+    tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
+                                  seed=seed, progress=progress, **options)
+    if output is not None:
+        save_finetuned(tuned, output)
+    return tuned, history
+
+
+__all__.append("finetune")

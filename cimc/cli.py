@@ -211,7 +211,69 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("--data", help="inputs to compare on (.npz with x); default: seeded random inputs")
 
 
-_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_run, _add_export, _add_verify]
+# ------------------------------------------------------------------------------------------ demo
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from cimc.demo import run_demo
+
+    run_demo(args.output, instances=args.instances, samples=args.samples, target=args.target, progress=not args.quiet)
+    return 0
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="the whole story on the built-in keyword-spotting model (no data needed)")
+    p.add_argument("-o", "--output", default="cimc-demo", help="output folder (default ./cimc-demo)")
+    p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
+    p.add_argument("--samples", type=int, help="test clips to use (default: all shipped)")
+    p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# --- finetune ---
+@command("finetune")
+def _finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from cimc.passes.finetune import finetune, save_finetuned
+
+    if not args.output.endswith(".onnx"):
+        raise InputError(f"-o {args.output!r} must name an .onnx file, e.g. -o model.ft.onnx")
+    # One intra-op thread by default: on a shared 2-core machine torch's spinning workers slow im2col 10x+.
+    torch.set_num_threads(args.threads)
+    options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    model, history = finetune(
+        args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
+        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, **options,
+    )
+    save_finetuned(model, args.output)
+    first, best = history["history"][0], history["history"][history["best_epoch"]]
+    print(f"method {history['method']}: noisy validation accuracy ({history['validation']}) "
+          f"{100 * first['val_noisy_acc']:.2f} % -> {100 * best['val_noisy_acc']:.2f} % (epoch {history['best_epoch']}), "
+          f"{history['train_time_s']:.0f} s")
+    print(f"wrote {args.output}; compile it with 'cimc compile {args.output} --target {args.target} --calib DATA.npz'")
+    return 0
+
+
+def _add_finetune(sub: Any) -> None:
+    from cimc.passes.finetune import DEFAULT_METHOD, METHODS
+
+    p = sub.add_parser("finetune", help="noise-aware fine-tuning (PCM noise, converters, adversarial); ONNX out")
+    p.add_argument("model", help="path to an .onnx file")
+    _add_target_options(p)
+    p.add_argument("--data", required=True, help="training data (.npz with x, y) or a builtin name (kws-train)")
+    p.add_argument("--val", help="validation data (default: a seeded 10 %% split of the training data)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD})")
+    p.add_argument("--epochs", type=int, help="training epochs (default 8)")
+    p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
+    p.add_argument("--batch-size", type=int, help="training batch size")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+from google.protobuf.message import DecodeError
 
 from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import FitError, InputError
@@ -45,6 +46,7 @@ __all__ = [
     "OUTPUT_RTOL",
     "VerifyReport",
     "export_mapping",
+    "gdc_reference",
     "layer_matrix",
     "matrix_to_weight",
     "verify_bundle",
@@ -131,10 +133,16 @@ def _tile_entry(tile: dict[str, int], dpw: int) -> dict[str, Any]:
     r0, c0, sr0, sc0 = tile["row0"], tile["col0"], tile["src_row0"], tile["src_col0"]
     rows, cols = tile["rows"], tile["cols"]
     return {
-        "group": tile["group"], "tile": tile["tile"], "array": tile["array"], "rows": rows, "cols": cols,
-        "row_window": [r0, r0 + rows], "weight_col_window": [c0, c0 + cols],
+        "group": tile["group"],
+        "tile": tile["tile"],
+        "array": tile["array"],
+        "rows": rows,
+        "cols": cols,
+        "row_window": [r0, r0 + rows],
+        "weight_col_window": [c0, c0 + cols],
         "device_col_window": [c0 * dpw, (c0 + cols) * dpw],
-        "matrix_row_window": [sr0, sr0 + rows], "matrix_col_window": [sc0, sc0 + cols],
+        "matrix_row_window": [sr0, sr0 + rows],
+        "matrix_col_window": [sc0, sc0 + cols],
     }
 
 
@@ -142,9 +150,14 @@ def _probe(rows: int, x_max: float) -> tuple[np.ndarray, dict[str, Any]]:
     from cimc.runtime.calibration import GDC_PROBE_COUNT, GDC_PROBE_SEED, gdc_probe
 
     probe = gdc_probe(rows, x_max).numpy()
-    info = {"seed": GDC_PROBE_SEED, "count": GDC_PROBE_COUNT, "rows": rows, "x_max": x_max,
-            "distribution": "uniform [0, x_max): torch.rand(count, rows, generator=torch.Generator()"
-                            ".manual_seed(seed + rows)) * x_max"}
+    info = {
+        "seed": GDC_PROBE_SEED,
+        "count": GDC_PROBE_COUNT,
+        "rows": rows,
+        "x_max": x_max,
+        "distribution": "uniform [0, x_max): torch.rand(count, rows, generator=torch.Generator()"
+        ".manual_seed(seed + rows)) * x_max",
+    }
     return probe, info
 
 
@@ -160,11 +173,18 @@ def _converters(compiled: CompiledModel, node: ir.Node) -> tuple[dict[str, Any],
     conv = compiled.target.converters
     quant = _meta(node, "cimc.quant") or {}
     calibrated = bool(quant)
-    dac = {"bits": quant.get("dac_bits", conv.dac_bits) if calibrated else conv.dac_bits,
-           "signed": quant.get("dac_signed"), "x_max": quant.get("x_max"), "calibrated": calibrated}
-    adc = {"bits": quant.get("adc_bits", conv.adc_bits) if calibrated else conv.adc_bits,
-           "granularity": quant.get("adc_granularity", conv.adc_gain), "y_max": quant.get("y_max"),
-           "calibrated": calibrated}
+    dac = {
+        "bits": quant.get("dac_bits", conv.dac_bits) if calibrated else conv.dac_bits,
+        "signed": quant.get("dac_signed"),
+        "x_max": quant.get("x_max"),
+        "calibrated": calibrated,
+    }
+    adc = {
+        "bits": quant.get("adc_bits", conv.adc_bits) if calibrated else conv.adc_bits,
+        "granularity": quant.get("adc_granularity", conv.adc_gain),
+        "y_max": quant.get("y_max"),
+        "calibrated": calibrated,
+    }
     return dac, adc
 
 
@@ -176,8 +196,7 @@ def _bias(node: ir.Node, layer_id: int) -> tuple[dict[str, Any], np.ndarray | No
     if arr is None:
         return {"present": False, "file": None, "key": None, "shape": None, "beta": beta}, None
     arr = np.asarray(arr, dtype=np.float32)
-    return {"present": True, "file": "biases.npz", "key": f"L{layer_id}", "shape": list(arr.shape),
-            "beta": beta}, arr
+    return {"present": True, "file": "biases.npz", "key": f"L{layer_id}", "shape": list(arr.shape), "beta": beta}, arr
 
 
 def _post_processing(node: ir.Node, tiles: list[dict[str, Any]], bias: dict[str, Any]) -> dict[str, Any]:
@@ -218,30 +237,54 @@ def _export_layer(compiled: CompiledModel, node: ir.Node, layer_id: int) -> _Exp
     scale = _scale(matrix, g_max_us, per_column)
     g = matrix * scale
     if dpw == 1 and (matrix < 0).any():
-        raise FitError(f"layer '{node.name}' has negative weights but target '{target.name}' has one device per "
-                       "weight; use a target with devices_per_weight: 2 (differential pairs)")
+        raise FitError(
+            f"layer '{node.name}' has negative weights but target '{target.name}' has one device per "
+            "weight; use a target with devices_per_weight: 2 (differential pairs)"
+        )
     tiles = [_tile_entry(t, dpw) for t in _meta(node, "cimc.placement")]
     dac, adc = _converters(compiled, node)
     bias, bias_values = _bias(node, layer_id)
     probe, probe_info = _probe(m["rows"], float(dac["x_max"] or 1.0))
+    if dac["calibrated"]:  # the chip's DAC quantises the probe: store exactly what it can apply
+        from cimc.runtime.analog import dac as dac_quantise
+        from cimc.runtime.analog import layer_plans
+
+        probe = dac_quantise(layer_plans(compiled.model)[node.name], torch.from_numpy(probe)).numpy()
+        probe_info["distribution"] += ", then quantised to the layer's DAC levels"
     probe_info.update({"file": "gdc.npz", "key": f"L{layer_id}_probe"})
     ref_per_column = gdc_method == "column"
     slot = _meta(node, "cimc.schedule") or {}
     entry = {
-        "id": layer_id, "name": node.name, "source_node": node.name, "op_type": node.op_type,
+        "id": layer_id,
+        "name": node.name,
+        "source_node": node.name,
+        "op_type": node.op_type,
         "weight": {"initializer": value.name, "shape": list(constant_array(value).shape), "layout": layout},
         "matrix": {k: m[k] for k in ("rows", "cols", "groups", "mvms")},
-        "arrays": sorted({t["array"] for t in tiles}), "tiles": tiles,
-        "scale": {"granularity": "column" if per_column else "layer",
-                  "us_per_weight_unit": [float(v) for v in scale.reshape(-1)] if per_column else float(scale.item()),
-                  "g_max_us": g_max_us},
-        "dac": dac, "adc": adc, "bias": bias, "post_processing": _post_processing(node, tiles, bias),
-        "gdc": {"method": gdc_method, "probe": probe_info,
-                "reference_granularity": "column" if ref_per_column else "layer",
-                "reference_mean_abs_output": gdc_reference(probe, matrix, ref_per_column)},
-        "schedule": {"step": slot.get("step", 0), "stage": slot.get("stage", 0),
-                     "start_cycle": slot.get("start_cycle", 0), "end_cycle": slot.get("end_cycle", 0),
-                     "mvms": m["mvms"]},
+        "arrays": sorted({t["array"] for t in tiles}),
+        "tiles": tiles,
+        "scale": {
+            "granularity": "column" if per_column else "layer",
+            "us_per_weight_unit": [float(v) for v in scale.reshape(-1)] if per_column else float(scale.item()),
+            "g_max_us": g_max_us,
+        },
+        "dac": dac,
+        "adc": adc,
+        "bias": bias,
+        "post_processing": _post_processing(node, tiles, bias),
+        "gdc": {
+            "method": gdc_method,
+            "probe": probe_info,
+            "reference_granularity": "column" if ref_per_column else "layer",
+            "reference_mean_abs_output": gdc_reference(probe, matrix, ref_per_column),
+        },
+        "schedule": {
+            "step": slot.get("step", 0),
+            "stage": slot.get("stage", 0),
+            "start_cycle": slot.get("start_cycle", 0),
+            "end_cycle": slot.get("end_cycle", 0),
+            "mvms": m["mvms"],
+        },
     }
     return _Exported(entry, np.clip(g, 0, None), np.clip(-g, 0, None), bias_values, probe)
 
@@ -259,14 +302,17 @@ def _fill_arrays(compiled: CompiledModel, layers: list[_Exported]) -> dict[int, 
             gp = layer.g_pos_us[t["group"], sr0:sr1, sc0:sc1]
             if dpw == 2:
                 arr[r0:r1, d0:d1:2] = gp
-                arr[r0:r1, d0 + 1:d1:2] = layer.g_neg_us[t["group"], sr0:sr1, sc0:sc1]
+                arr[r0:r1, d0 + 1 : d1 : 2] = layer.g_neg_us[t["group"], sr0:sr1, sc0:sc1]
             else:
                 arr[r0:r1, d0:d1] = gp
     return dict(sorted(arrays.items()))
 
 
 def _write_csv(path: Path, g_us: np.ndarray, dpw: int) -> None:
-    """Dense text copy of one crossbar: a row per word line, a column per device (header names them)."""
+    """Dense text copy of one crossbar in µS: a row per word line, a column per device.
+
+    The header names the devices: ``w<c>+`` / ``w<c>-`` are the G+ / G- devices of weight column ``c``.
+    """
     cols = g_us.shape[1]
     if dpw == 2:
         names = [f"w{c // 2}{'+' if c % 2 == 0 else '-'}" for c in range(cols)]
@@ -274,8 +320,7 @@ def _write_csv(path: Path, g_us: np.ndarray, dpw: int) -> None:
         names = [f"w{c}" for c in range(cols)]
     table = np.column_stack([np.arange(g_us.shape[0]), g_us]).astype(np.float64)
     fmt = ["%d"] + ["%.9g"] * cols
-    header = "# conductance targets in uS; wN+ / wN- = G+ / G- device of weight column N\nrow," + ",".join(names)
-    np.savetxt(path, table, fmt=fmt, delimiter=",", header=header, comments="")
+    np.savetxt(path, table, fmt=fmt, delimiter=",", header="row," + ",".join(names), comments="")
 
 
 def _schedule_section(compiled: CompiledModel, layer_ids: dict[str, int]) -> dict[str, Any]:
@@ -285,14 +330,27 @@ def _schedule_section(compiled: CompiledModel, layer_ids: dict[str, int]) -> dic
         slot = _meta(node, "cimc.schedule")
         if slot is None:
             continue
-        steps.append({"step": slot["step"], "node": node.name, "op_type": node.op_type, "unit": slot["unit"],
-                      "stage": slot["stage"], "start_cycle": slot["start_cycle"], "end_cycle": slot["end_cycle"],
-                      "layer_id": layer_ids.get(node.name)})
+        steps.append(
+            {
+                "step": slot["step"],
+                "node": node.name,
+                "op_type": node.op_type,
+                "unit": slot["unit"],
+                "stage": slot["stage"],
+                "start_cycle": slot["start_cycle"],
+                "end_cycle": slot["end_cycle"],
+                "layer_id": layer_ids.get(node.name),
+            }
+        )
     steps.sort(key=lambda s: s["step"])
-    return {"execution": sched.get("execution", compiled.target.execution), "clock_hz": compiled.target.clock_hz,
-            "cycles": int(sched.get("cycles", steps[-1]["end_cycle"] if steps else 0)),
-            "sram_peak_bytes": sched.get("sram_peak_bytes"), "order": sched.get("order", [s["node"] for s in steps]),
-            "steps": steps}
+    return {
+        "execution": sched.get("execution", compiled.target.execution),
+        "clock_hz": compiled.target.clock_hz,
+        "cycles": int(sched.get("cycles", steps[-1]["end_cycle"] if steps else 0)),
+        "sram_peak_bytes": sched.get("sram_peak_bytes"),
+        "order": sched.get("order", [s["node"] for s in steps]),
+        "steps": steps,
+    }
 
 
 def _ordered_analog_nodes(compiled: CompiledModel) -> list[ir.Node]:
@@ -306,13 +364,14 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
     The folder is built under a temporary name and renamed into place. Returns ``out_dir``.
     """
     from cimc import __version__
-    from cimc.targets import target_json_schema  # noqa: F401  (the schema embeds it; fail early if missing)
 
     compiled, compiled_dir, model_sha = _load_compiled(compiled_or_dir)
     nodes = _ordered_analog_nodes(compiled)
     if not nodes:
-        raise InputError("the compiled model has no analog layers, so there is nothing to program; "
-                         "compile a model with Conv, Gemm or MatMul layers")
+        raise InputError(
+            "the compiled model has no analog layers, so there is nothing to program; "
+            "compile a model with Conv, Gemm or MatMul layers"
+        )
     layers = [_export_layer(compiled, node, i) for i, node in enumerate(nodes)]
     arrays = _fill_arrays(compiled, layers)
     dpw = compiled.target.array.devices_per_weight
@@ -326,28 +385,51 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
                 csv_name = f"array_{index}.csv"
                 _write_csv(tmp / csv_name, g_us, dpw)
             names = [lay.entry["name"] for lay in layers if index in lay.entry["arrays"]]
-            array_entries.append({"index": index, "file": f"array_{index}.npz", "key": "g_us", "csv": csv_name,
-                                  "rows": int(g_us.shape[0]), "device_cols": int(g_us.shape[1]),
-                                  "programmed_devices": int(np.count_nonzero(g_us)), "layers": names})
+            array_entries.append(
+                {
+                    "index": index,
+                    "file": f"array_{index}.npz",
+                    "key": "g_us",
+                    "csv": csv_name,
+                    "rows": int(g_us.shape[0]),
+                    "device_cols": int(g_us.shape[1]),
+                    "programmed_devices": int(np.count_nonzero(g_us)),
+                    "layers": names,
+                }
+            )
         np.savez(tmp / "biases.npz", **{lay.entry["bias"]["key"]: lay.bias for lay in layers if lay.bias is not None})
         np.savez(tmp / "gdc.npz", **{lay.entry["gdc"]["probe"]["key"]: lay.probe for lay in layers})
         schema = mapping_schema()
         write_json_atomic(tmp / "schema.json", schema)
         manifest = {
-            "format": MAPPING_FORMAT, "format_version": MAPPING_FORMAT_VERSION, "cimc_version": __version__,
-            "source": {"model": compiled.source, "model_sha256": compiled.source_sha256 or None,
-                       "compiled_dir": compiled_dir, "compiled_model_sha256": model_sha,
-                       "pipeline": compiled.pipeline},
+            "format": MAPPING_FORMAT,
+            "format_version": MAPPING_FORMAT_VERSION,
+            "cimc_version": __version__,
+            "source": {
+                "model": compiled.source,
+                "model_sha256": compiled.source_sha256 or None,
+                "compiled_dir": compiled_dir,
+                "compiled_model_sha256": model_sha,
+                "pipeline": compiled.pipeline,
+            },
             "target": compiled.target.model_dump(mode="json"),
-            "conventions": {**_CONVENTIONS, "devices_per_weight": dpw, "device_columns": (
-                "weight column c of an array is device column 2c (G+) and 2c+1 (G-)" if dpw == 2
-                else "weight column c of an array is device column c (one device, weights >= 0)")},
+            "conventions": {
+                **_CONVENTIONS,
+                "devices_per_weight": dpw,
+                "device_columns": (
+                    "weight column c of an array is device column 2c (G+) and 2c+1 (G-)"
+                    if dpw == 2
+                    else "weight column c of an array is device column c (one device, weights >= 0)"
+                ),
+            },
             "files": {"biases": "biases.npz", "gdc": "gdc.npz", "schema": "schema.json"},
             "arrays": array_entries,
             "layers": [lay.entry for lay in layers],
             "schedule": _schedule_section(compiled, {lay.entry["name"]: lay.entry["id"] for lay in layers}),
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+        for path in tmp.iterdir():  # temp-file writers create 0600 files; a bundle is meant to be shared
+            path.chmod(0o644)
     logger.info("exported %d layer(s) on %d crossbar(s) to %s", len(layers), len(arrays), out)
     return out
 
@@ -380,7 +462,9 @@ class VerifyReport:
 def _read_manifest(bundle: Path) -> dict[str, Any]:
     path = bundle / "manifest.json"
     if not bundle.is_dir() or not path.is_file():
-        raise InputError(f"{bundle}: not a mapping bundle (no manifest.json); create one with 'cimc export DIR -o BUNDLE'")
+        raise InputError(
+            f"{bundle}: not a mapping bundle (no manifest.json); create one with 'cimc export DIR -o BUNDLE'"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -420,14 +504,18 @@ def _load_arrays(manifest: dict[str, Any], bundle: Path, problems: list[str]) ->
             continue
         expected = (geometry["rows"], geometry["cols"])
         if g_us.shape != expected or g_us.shape != (entry["rows"], entry["device_cols"]):
-            problems.append(f"array {i}: {entry['file']} has shape {list(g_us.shape)}, the target's crossbar is "
-                            f"{list(expected)} (rows, device cols)")
+            problems.append(
+                f"array {i}: {entry['file']} has shape {list(g_us.shape)}, the target's crossbar is "
+                f"{list(expected)} (rows, device cols)"
+            )
             continue
         bad = ~np.isfinite(g_us) | (g_us < 0) | (g_us > g_max_us * (1 + 1e-6))
         if bad.any():
             r, c = np.argwhere(bad)[0]
-            problems.append(f"array {i}: {int(bad.sum())} conductance(s) outside [0, g_max = {g_max_us:g}] uS, "
-                            f"first at row {r}, device column {c} ({g_us[r, c]!r} uS)")
+            problems.append(
+                f"array {i}: {int(bad.sum())} conductance(s) outside [0, g_max = {g_max_us:g}] uS, "
+                f"first at row {r}, device column {c} ({g_us[r, c]!r} uS)"
+            )
         arrays[i] = g_us.astype(np.float64)
     return arrays
 
@@ -462,27 +550,33 @@ def _check_windows(manifest: dict[str, Any], arrays: dict[int, np.ndarray], prob
             others = sorted({int(o) for o in np.unique(window) if o >= 0})
             if others:
                 who = ", ".join(f"'{names.get(o, o)}'" for o in others)
-                problems.append(f"{where}: overlaps {who} on array {t['array']} within rows {r0}:{r1}, "
-                                f"weight columns {c0}:{c1}")
+                problems.append(
+                    f"{where}: overlaps {who} on array {t['array']} within rows {r0}:{r1}, weight columns {c0}:{c1}"
+                )
                 failed.add(name)
             window[window < 0] = layer["id"]
         if cover.size and (cover.min() != 1 or cover.max() != 1):
             missing, twice = int((cover == 0).sum()), int((cover > 1).sum())
-            problems.append(f"layer '{name}': tiles do not cover its {m['groups']}x{m['rows']}x{m['cols']} matrix "
-                            f"exactly once ({missing} weight(s) missing, {twice} placed more than once)")
+            problems.append(
+                f"layer '{name}': tiles do not cover its {m['groups']}x{m['rows']}x{m['cols']} matrix "
+                f"exactly once ({missing} weight(s) missing, {twice} placed more than once)"
+            )
             failed.add(name)
     for i, g_us in arrays.items():
         used = np.repeat(owners[i] >= 0, dpw, axis=1)
         stray = (g_us != 0) & ~used
         if stray.any():
             r, c = np.argwhere(stray)[0]
-            problems.append(f"array {i}: {int(stray.sum())} device(s) programmed outside every layer's window, "
-                            f"first at row {r}, device column {c}")
+            problems.append(
+                f"array {i}: {int(stray.sum())} device(s) programmed outside every layer's window, "
+                f"first at row {r}, device column {c}"
+            )
     return failed
 
 
-def _tile_geometry_problem(t: dict[str, Any], m: dict[str, int], rows: int, weight_cols: int, dpw: int,
-                           count: int | None) -> str:
+def _tile_geometry_problem(
+    t: dict[str, Any], m: dict[str, int], rows: int, weight_cols: int, dpw: int, count: int | None
+) -> str:
     (r0, r1), (c0, c1), (d0, d1) = t["row_window"], t["weight_col_window"], t["device_col_window"]
     (sr0, sr1), (sc0, sc1) = t["matrix_row_window"], t["matrix_col_window"]
     if count is not None and t["array"] >= count:
@@ -490,15 +584,19 @@ def _tile_geometry_problem(t: dict[str, Any], m: dict[str, int], rows: int, weig
     if r1 - r0 != t["rows"] or sr1 - sr0 != t["rows"]:
         return f"row_window {t['row_window']} / matrix_row_window {t['matrix_row_window']} do not span rows={t['rows']}"
     if c1 - c0 != t["cols"] or sc1 - sc0 != t["cols"]:
-        return (f"weight_col_window {t['weight_col_window']} / matrix_col_window {t['matrix_col_window']} "
-                f"do not span cols={t['cols']}")
+        return (
+            f"weight_col_window {t['weight_col_window']} / matrix_col_window {t['matrix_col_window']} "
+            f"do not span cols={t['cols']}"
+        )
     if (d0, d1) != (c0 * dpw, c1 * dpw):
         return f"device_col_window {t['device_col_window']} is not {dpw} x weight_col_window {t['weight_col_window']}"
     if r1 > rows or c1 > weight_cols:
         return f"window rows {r0}:{r1}, weight columns {c0}:{c1} exceed the {rows}x{weight_cols}-weight crossbar"
     if t["group"] >= m["groups"] or sr1 > m["rows"] or sc1 > m["cols"]:
-        return (f"matrix window rows {sr0}:{sr1}, columns {sc0}:{sc1} (group {t['group']}) exceed the layer's "
-                f"{m['groups']}x{m['rows']}x{m['cols']} matrix")
+        return (
+            f"matrix window rows {sr0}:{sr1}, columns {sc0}:{sc1} (group {t['group']}) exceed the layer's "
+            f"{m['groups']}x{m['rows']}x{m['cols']} matrix"
+        )
     return ""
 
 
@@ -535,14 +633,17 @@ def _check_gdc(layer: dict[str, Any], matrix: np.ndarray, bundle: Path, problems
         problems.append(f"layer '{name}': gdc.probe: {probe_info['file']}[{probe_info['key']!r}] is missing")
         return
     if probe.shape != (probe_info["count"], layer["matrix"]["rows"]):
-        problems.append(f"layer '{name}': gdc.probe has shape {list(probe.shape)}, expected "
-                        f"[{probe_info['count']}, {layer['matrix']['rows']}]")
+        problems.append(
+            f"layer '{name}': gdc.probe has shape {list(probe.shape)}, expected "
+            f"[{probe_info['count']}, {layer['matrix']['rows']}]"
+        )
         return
     ref = np.asarray(gdc_reference(probe, matrix, gdc["reference_granularity"] == "column"))
     recorded = np.asarray(gdc["reference_mean_abs_output"], dtype=np.float64)
     if ref.shape != recorded.shape or not np.allclose(recorded, ref, rtol=_GDC_RTOL, atol=1e-12):
-        problems.append(f"layer '{name}': gdc.reference_mean_abs_output does not match the probe run on the "
-                        "exported conductances")
+        problems.append(
+            f"layer '{name}': gdc.reference_mean_abs_output does not match the probe run on the exported conductances"
+        )
 
 
 def _bundle_checks(manifest: dict[str, Any], bundle: Path, report: VerifyReport) -> dict[str, np.ndarray]:
@@ -564,8 +665,10 @@ def _bundle_checks(manifest: dict[str, Any], bundle: Path, report: VerifyReport)
             continue
         if _scale_array(layer) is None:
             m = layer["matrix"]
-            problems.append(f"layer '{name}': scale.us_per_weight_unit must be one number (granularity layer) or "
-                            f"{m['groups'] * m['cols']} numbers (granularity column)")
+            problems.append(
+                f"layer '{name}': scale.us_per_weight_unit must be one number (granularity layer) or "
+                f"{m['groups'] * m['cols']} numbers (granularity column)"
+            )
             continue
         rebuilt[name] = _rebuild(layer, arrays, dpw)
         _check_gdc(layer, rebuilt[name], bundle, problems)
@@ -578,8 +681,9 @@ def _resolve_model(manifest: dict[str, Any], model: Any) -> tuple[ir.Model, Path
     if model is None:
         recorded = manifest["source"].get("compiled_dir")
         if not recorded or not Path(recorded).is_dir():
-            raise InputError("the bundle does not record a compiled model that still exists; pass it with "
-                             "--model DIR|MODEL.onnx")
+            raise InputError(
+                "the bundle does not record a compiled model that still exists; pass it with --model DIR|MODEL.onnx"
+            )
         model = recorded
     path = Path(model)
     onnx_path = path / "model.onnx" if path.is_dir() else path
@@ -587,7 +691,7 @@ def _resolve_model(manifest: dict[str, Any], model: Any) -> tuple[ir.Model, Path
         raise InputError(f"{path}: no compiled model there; pass a compiled-model directory or its model.onnx")
     try:
         return ir.load(onnx_path), onnx_path
-    except Exception as exc:  # onnx raises several unrelated types for a corrupt file
+    except (DecodeError, OSError, ValueError) as exc:
         raise InputError(f"{onnx_path}: cannot read it as ONNX ({exc}); pass the compiled model.onnx") from None
 
 
@@ -626,10 +730,23 @@ def _compare_layer(layer: dict[str, Any], node: ir.Node, rebuilt: np.ndarray, pr
     if any(layer["matrix"][k] != m[k] for k in ("rows", "cols", "groups")):
         problems.append(f"layer '{name}': matrix {layer['matrix']} differs from the compiled model's {m}")
         return "shape"
-    placed = [(t["array"], t["row0"], t["col0"], t["rows"], t["cols"], t["group"], t["src_row0"], t["src_col0"])
-              for t in _meta(node, "cimc.placement")]
-    exported = [(t["array"], t["row_window"][0], t["weight_col_window"][0], t["rows"], t["cols"], t["group"],
-                 t["matrix_row_window"][0], t["matrix_col_window"][0]) for t in layer["tiles"]]
+    placed = [
+        (t["array"], t["row0"], t["col0"], t["rows"], t["cols"], t["group"], t["src_row0"], t["src_col0"])
+        for t in _meta(node, "cimc.placement")
+    ]
+    exported = [
+        (
+            t["array"],
+            t["row_window"][0],
+            t["weight_col_window"][0],
+            t["rows"],
+            t["cols"],
+            t["group"],
+            t["matrix_row_window"][0],
+            t["matrix_col_window"][0],
+        )
+        for t in layer["tiles"]
+    ]
     if sorted(placed) != sorted(exported):
         problems.append(f"layer '{name}': tiles differ from the compiled model's placement")
     original = layer_matrix(node)
@@ -642,7 +759,8 @@ def _compare_layer(layer: dict[str, Any], node: ir.Node, rebuilt: np.ndarray, pr
             f"layer '{name}': {int((err_us > _WEIGHT_RTOL * g_max_us).sum())} weight(s) rebuilt from the conductances "
             f"differ from the compiled model; worst at group {g}, matrix row {r}, column {c} "
             f"({_weight_location(layer, g, r, c)}): {rebuilt[g, r, c]:.6g} vs {original[g, r, c]:.6g} "
-            f"({err_us[g, r, c]:.3g} uS off)")
+            f"({err_us[g, r, c]:.3g} uS off)"
+        )
         return "weights"
     return "ok"
 
@@ -664,8 +782,14 @@ def _check_bias(layer: dict[str, Any], node: ir.Node, bundle: Path, problems: li
         problems.append(f"layer '{layer['name']}': bias: values differ from the compiled model's")
 
 
-def _run_and_compare(model: ir.Model, onnx_path: Path | None, manifest: dict[str, Any],
-                     rebuilt: dict[str, np.ndarray], data: Any, report: VerifyReport) -> None:
+def _run_and_compare(
+    model: ir.Model,
+    onnx_path: Path | None,
+    manifest: dict[str, Any],
+    rebuilt: dict[str, np.ndarray],
+    data: Any,
+    report: VerifyReport,
+) -> None:
     from cimc.runtime.executor import run_model
 
     copy = ir.load(onnx_path) if onnx_path is not None else ir.from_proto(ir.to_proto(model))
@@ -687,8 +811,10 @@ def _run_and_compare(model: ir.Model, onnx_path: Path | None, manifest: dict[str
         rel = float(np.abs(out.astype(np.float64) - ref).max()) / scale
         worst = max(worst, rel)
         if rel > OUTPUT_RTOL:
-            report.problems.append(f"output '{value.name}': rebuilt model differs from the compiled model by "
-                                   f"{rel:.3g} relative (> {OUTPUT_RTOL:g})")
+            report.problems.append(
+                f"output '{value.name}': rebuilt model differs from the compiled model by "
+                f"{rel:.3g} relative (> {OUTPUT_RTOL:g})"
+            )
     report.output_rel_err = worst
 
 
@@ -710,8 +836,10 @@ def verify_bundle(bundle_dir: str | Path, model: Any = None, data: Any = None) -
     ir_model, onnx_path = _resolve_model(manifest, model)
     recorded_sha = manifest["source"].get("compiled_model_sha256")
     if onnx_path is not None and recorded_sha and sha256_file(onnx_path) != recorded_sha:
-        report.problems.append(f"model: {onnx_path} is not the compiled model this bundle was exported from "
-                               "(SHA-256 differs); pass the right one with --model")
+        report.problems.append(
+            f"model: {onnx_path} is not the compiled model this bundle was exported from "
+            "(SHA-256 differs); pass the right one with --model"
+        )
     nodes = {n.name: n for n in ir_model.graph if "cimc.placement" in n.metadata_props}
     listed = {layer["name"] for layer in manifest["layers"]}
     for name in nodes:

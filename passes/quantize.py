@@ -2,7 +2,7 @@
 
 Rules:
   1. DAC: the layer's inputs are clipped to a full scale ``x_max`` = the ``percentile`` of |input| over the
-     calibration batch and quantised to ``dac_bits``; unsigned when no calibration input is negative (after
+     calibration batch (the input tensor itself, before convolution padding) and quantised to ``dac_bits``; unsigned when no calibration input is negative (after
      ReLU), symmetric signed otherwise.
   2. ADC: each tile's partial sums (row splits are converted separately, as on the chip) are clipped to
      ``y_max`` = the ``percentile`` of their |value| and quantised to ``adc_bits`` (signed, symmetric). One gain
@@ -67,14 +67,17 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float)
     per_column = conv.adc_gain == "column"
     specs: dict[str, QuantSpec] = {}
 
+    def input_hook(step, x):  # type: ignore[no-untyped-def]
+        plan = plans[step.name]
+        signed = bool((x < 0).any())
+        x_max = float(_positive(_percentile(x.abs(), percentile)))
+        plan.quant = QuantSpec(conv.dac_bits, signed, x_max, conv.adc_bits, conv.adc_gain, [], percentile)
+        return dac(plan, x)
+
     def hook(step, cols, matrix):  # type: ignore[no-untyped-def]
         plan = plans[step.name]
         b, m, g, k = cols.shape
-        c = cols.reshape(1, b * m, g, k)
-        signed = bool((c < 0).any())
-        x_max = float(_positive(_percentile(c.abs(), percentile)))
-        plan.quant = QuantSpec(conv.dac_bits, signed, x_max, conv.adc_bits, conv.adc_gain, [], percentile)
-        cq = dac(plan, c)
+        cq = cols.reshape(1, b * m, g, k)
         w = matrix.unsqueeze(0)
         y_max: list[object] = []
         for t in plan.tiles:
@@ -87,7 +90,7 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float)
         specs[step.name] = plan.quant
         return analog_mvm(plan, cq, w).reshape(b, m, g, -1)
 
-    executor = Executor(model, hook=hook).eval()
+    executor = Executor(model, hook=hook, input_hook=input_hook).eval()
     with torch.no_grad():
         executor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     return specs

@@ -30,7 +30,7 @@ from cimc.errors import UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, node_attrs
 from cimc.ops import OPS, _conv_padding
 
-__all__ = ["AnalogHook", "AnalogStep", "Executor", "run_model"]
+__all__ = ["AnalogHook", "AnalogStep", "Executor", "InputHook", "run_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,16 +78,21 @@ class AnalogStep:
             if spatial == 1:
                 attrs = _lift_1d_attrs(attrs)
             x, strides, dilations = _conv_padding(x, fake_w, attrs)
-            cols = F.unfold(x, kernel, dilation=dilations, stride=strides)  # [B, C·kh·kw, L]
-            b, _, positions = cols.shape
+            b = x.shape[0]
             out_h = (x.shape[2] - dilations[0] * (kernel[0] - 1) - 1) // strides[0] + 1
-            out_w = positions // out_h
-            cols = cols.reshape(b, self.groups, self.rows, positions).permute(0, 3, 1, 2)
+            out_w = (x.shape[3] - dilations[1] * (kernel[1] - 1) - 1) // strides[1] + 1
+            if dilations == [1, 1]:
+                # A strided view [B, C, out_h, out_w, kh, kw] and one copy: far faster than F.unfold on CPU.
+                patches = x.unfold(2, kernel[0], strides[0]).unfold(3, kernel[1], strides[1])
+                cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, out_h * out_w, self.groups, self.rows)
+            else:
+                cols = F.unfold(x, kernel, dilation=dilations, stride=strides)  # [B, C·kh·kw, L]
+                cols = cols.reshape(b, self.groups, self.rows, out_h * out_w).permute(0, 3, 1, 2)
             return cols, ("conv", spatial, out_h, out_w)
         if self.op_type == "Gemm":
             if self.attrs.get("transA", 0):
                 x = x.transpose(0, 1)
-            return x.unsqueeze(1).unsqueeze(2).transpose(0, 1).reshape(x.shape[0], 1, 1, self.rows), ("gemm",)
+            return x.reshape(x.shape[0], 1, 1, self.rows), ("gemm",)
         if self.weight_input == 1:  # x @ W
             lead = x.shape[:-1]
             return x.reshape(-1, 1, 1, self.rows), ("matmul_right", lead)
@@ -134,6 +139,9 @@ def _lift_1d_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
 
 # hook(step, columns [batch, mvms, groups, K], matrix [groups, K, N]) -> [batch, mvms, groups, N]
 AnalogHook = Callable[[AnalogStep, torch.Tensor, torch.Tensor], torch.Tensor]
+# input_hook(step, x) -> x: elementwise work on an analog op's input before it is unrolled (the DAC), done
+# once per input element instead of once per MVM operand (a 3x3 conv would repeat it 9 times).
+InputHook = Callable[[AnalogStep, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -171,13 +179,14 @@ class Executor(torch.nn.Module):
     buffers. ``hook`` — when set — computes every analog op's matrix-vector products.
     """
 
-    def __init__(self, model: ir.Model, hook: AnalogHook | None = None):
+    def __init__(self, model: ir.Model, hook: AnalogHook | None = None, input_hook: InputHook | None = None):
         super().__init__()
         unsupported = [(c.name, c.op_type, c.reason) for c in classify(model) if c.kind == "unsupported"]
         if unsupported:
             raise UnsupportedOpError(unsupported)
         self.model = model
         self.hook = hook
+        self.input_hook = input_hook
         graph = model.graph
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
@@ -269,6 +278,8 @@ class Executor(torch.nn.Module):
         a = step.analog
         assert a is not None and self.hook is not None
         weight = self.weight(a)
+        if self.input_hook is not None:
+            x = self.input_hook(a, x)
         cols, layout = a.to_columns(x, weight.shape)
         y = self.hook(a, cols, a.matrix(weight))
         return a.add_bias(a.from_columns(y, layout), self.bias(a))

@@ -33,7 +33,7 @@ from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 
-__all__ = ["Chip", "ChipState", "SimulationResult", "parse_duration", "simulate", "format_duration"]
+__all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "parse_duration", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,38 +117,51 @@ class Chip:
                 state.gdc[name] = gdc_factor(ref, cur, per_column=per_column)
         return state
 
-    def hook(self, state: ChipState, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
-        """The executor's analog hook for this chip state."""
+    def hook(self, state: ChipState) -> Callable[..., torch.Tensor]:
+        """The executor's analog hook for this chip state (inputs already through the DAC: :meth:`dac_hook`)."""
         instances = state.instances
 
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-            plan: LayerPlan = self.plans[step.name]
             b, m, g, k = cols.shape
-            c = dac(plan, cols.reshape(instances, (b // instances) * m, g, k))
-            if activity is not None:
-                x_max = plan.quant.x_max if plan.quant is not None else float(c.abs().max().clamp_min(1e-12))
-                a = c.abs() / x_max
-                activity.setdefault(step.name, []).append(
-                    torch.stack([(a > 0).float().mean(), a.mean(), a.amax(dim=-1).mean()])
-                )
-            y = analog_mvm(plan, c, state.weights[step.name])
+            c = cols.reshape(instances, (b // instances) * m, g, k)
+            y = analog_mvm(self.plans[step.name], c, state.weights[step.name])
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
 
         return run
 
+    def dac_hook(self, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
+        """The executor's input hook: each analog layer's DAC, optionally recording input activity."""
+
+        def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor:
+            plan = self.plans[step.name]
+            xq = dac(plan, x)
+            if activity is not None:
+                x_max = plan.quant.x_max if plan.quant is not None else float(xq.abs().max().clamp_min(1e-12))
+                a = (xq.abs() / x_max).reshape(xq.shape[0], -1)
+                activity.setdefault(step.name, []).append(
+                    torch.stack([(a > 0).float().mean(), a.mean(), a.amax(dim=-1).mean()])
+                )
+            return xq
+
+        return run
+
 
 def _ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
-    """Quantised converters, ideal devices: the digital twin's numbers."""
+    """Quantised converters, ideal devices: the digital twin's numbers (use with :meth:`Chip.dac_hook`)."""
 
     def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        plan = chip.plans[step.name]
         b, m, g, k = cols.shape
-        c = dac(plan, cols.reshape(1, b * m, g, k))
-        return analog_mvm(plan, c, matrix.unsqueeze(0)).reshape(b, m, g, -1)
+        return analog_mvm(chip.plans[step.name], cols.reshape(1, b * m, g, k), matrix.unsqueeze(0)).reshape(b, m, g, -1)
 
     return run
+
+
+def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str, list[torch.Tensor]] | None = None) -> None:
+    """Point the chip's executor at an analog hook (None: the float model), with the DAC in front of it."""
+    chip.executor.hook = hook
+    chip.executor.input_hook = chip.dac_hook(activity) if hook is not None else None
 
 
 def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
@@ -221,7 +234,7 @@ def simulate(
     y = np.asarray(y)
     executor = chip.executor
     float_pred = _predictions(executor, x, 1, batch_size, tick)[0]
-    executor.hook = _ideal_hook(chip)
+    use(chip, _ideal_hook(chip))
     quant_pred = _predictions(executor, x, 1, batch_size, tick)[0]
     series = []
     activity: dict[str, list[torch.Tensor]] = {}
@@ -229,14 +242,14 @@ def simulate(
         points = []
         for t in times_s:
             state = chip.at(t, gdc=gdc)
-            executor.hook = chip.hook(state, activity if (gdc == gdc_modes[0] and t == times_s[0]) else None)
+            use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None)
             pred = _predictions(executor, x, instances, per_run, tick)
             acc = (pred == y[None, :]).mean(axis=1)
             points.append({"label": format_duration(t), "t_s": t, "mean": float(acc.mean()), "std": float(acc.std()),
                            "min": float(acc.min()), "max": float(acc.max()), "per_instance": [float(a) for a in acc]})
         label = f"GDC ({chip.gdc_mode})" if gdc else "none"
         series.append({"label": label, "gdc": chip.gdc_mode if gdc else "none", "points": points})
-    executor.hook = None
+    use(chip, None)
     if bar:
         bar.close()
     measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}

@@ -1,0 +1,45 @@
+"""Compile time of the KWS model onto aon-cim and of the light ResNet-50 (import, canonicalise, map, schedule).
+
+ResNet-50 (25.5 M weights) does not fit hermes' 64 cores; it is compiled onto the 'ideal' target (unbounded
+arrays, aon-cim geometry) so the mapper still places all its 401+ tiles. Goals: KWS < 1 s, ResNet-50 < 10 s.
+The peer in the same run is onnxruntime's session creation (graph load + optimisation) for the same file.
+
+    python benchmarks/compile_time.py
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from cimc import builtin
+from cimc.compiler import compile_model
+
+
+def _time(fn) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    resnet = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    cases = [("KWS -> aon-cim", builtin.kws_model(), "aon-cim", 1.0), ("ResNet-50 (light) -> ideal", resnet, "ideal", 10.0)]
+    compile_model(builtin.kws_model(), "aon-cim")  # warm imports
+    for label, path, target, goal in cases:
+        t = _time(lambda: compile_model(path, target))
+        t_ort = _time(lambda: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+        print(f"{label}: compile {t:.2f} s (goal < {goal:g} s); onnxruntime session creation {t_ort:.2f} s; "
+              f"ratio {t / t_ort:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
