@@ -25,7 +25,7 @@ import numpy as np
 
 from cimc.errors import DataError, InputError
 
-__all__ = ["Dataset", "load_dataset", "save_dataset", "batches"]
+__all__ = ["Dataset", "batches", "load_dataset", "save_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def load_dataset(path: str | Path) -> Dataset:
     """Load an ``.npz`` dataset (or a built-in one by name); ``x`` comes back float32, ``y`` int64."""
     file = _resolve(path)
     if file.is_dir():
-        raise InputError(f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'")
+        raise InputError(
+            f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'"
+        )
     try:
         loaded = np.load(file, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
@@ -145,11 +147,18 @@ def save_dataset(
     try:
         with os.fdopen(fd, "wb") as handle:
             np.savez_compressed(handle, **arrays)
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_name, out)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return out
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def batches(ds: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:

@@ -86,7 +86,11 @@ class Chip:
         with torch.no_grad():
             self.ideal = {n: s.matrix(self.executor.weight(s)).detach().float() for n, s in self.steps.items()}
         gen = torch.Generator().manual_seed(seed)
-        self.programmed = self.device.program_layers(self.ideal, instances, gen)  # programming: once
+        # Per-layer weight scale (max|W| of the whole layer -> g_max) spans all groups: program [1, G*K, N].
+        # Per-column scales are per output column of each group: program [G, K, N] as it is.
+        self.per_column = getattr(device, "weight_scale", "layer") == "column"
+        to_program = self.ideal if self.per_column else {n: w.reshape(1, -1, w.shape[-1]) for n, w in self.ideal.items()}
+        self.programmed = self.device.program_layers(to_program, instances, gen, per_column=self.per_column)
         self._reference: dict[str, torch.Tensor] | None = None
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,16 +103,21 @@ class Chip:
             out[name] = analog_mvm(plan, dac(plan, probe), w, adc=False)  # [I, P, G, N]
         return out
 
+    def _read(self, t_s: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
+        read = self.programmed.read(t_s, gen)
+        return {k: v.float().reshape(self.instances, *self.ideal[k].shape) for k, v in read.items()}
+
     def at(self, t_s: float, gdc: bool = True) -> ChipState:
         """Read every instance's devices ``t_s`` seconds after programming (drift, then read noise)."""
         index = int(round(math.log10(max(t_s, 1e-9)) * 1000))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 + index)
-        weights = {k: v.float() for k, v in self.programmed.read(t_s, gen).items()}
+        weights = self._read(t_s, gen)
         state = ChipState(t_s, self.instances, weights)
         if gdc and self.gdc_mode != "none":
             if self._reference is None:  # the read right after programming (t = 0), same devices
                 ref_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 17)
-                ref_w = {k: v.float() for k, v in self.programmed.read(0.0, ref_gen).items()}
+                ref_w = self._read(0.0, ref_gen)
                 self._reference = self._probe_outputs(ref_w)
             now = self._probe_outputs(weights)
             per_column = self.gdc_mode == "column"

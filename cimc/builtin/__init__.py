@@ -19,20 +19,31 @@ from cimc.errors import InputError
 
 __all__ = [
     "DATASETS",
-    "MODELS",
     "KWS_LABELS",
-    "path",
+    "MODELS",
     "kws_model",
     "kws_test",
     "kws_train",
     "kws_val",
     "mnist_model",
     "mnist_test",
+    "path",
 ]
 
 # Class index -> label of the keyword-spotting model (the order of the Speech Commands v0.02 12-class task).
 KWS_LABELS: tuple[str, ...] = (
-    "silence", "unknown", "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
+    "silence",
+    "unknown",
+    "yes",
+    "no",
+    "up",
+    "down",
+    "left",
+    "right",
+    "on",
+    "off",
+    "stop",
+    "go",
 )
 
 # Names accepted by cimc.data.load_dataset and by the CLI, mapped to shipped file names.
