@@ -58,24 +58,18 @@ def _resolve(path: str | Path) -> Path:
     if name in builtin.DATASETS:
         return builtin.path(builtin.DATASETS[name])
     known = ", ".join(sorted(builtin.DATASETS))
-    raise InputError(
-        f"dataset '{path}' not found: give the path of an existing .npz file or a built-in name ({known})"
-    )
+    raise InputError(f"dataset '{path}' not found: give the path of an existing .npz file or a built-in name ({known})")
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise DataError(f"{where}: 'x' has dtype {x.dtype}; store the inputs as a float32 array")
     if x.ndim < 2:
-        raise DataError(
-            f"{where}: 'x' has shape {tuple(x.shape)}; it needs a sample axis first, then the input shape"
-        )
+        raise DataError(f"{where}: 'x' has shape {tuple(x.shape)}; it needs a sample axis first, then the input shape")
     if y is None:
         return
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(
-            f"{where}: 'y' has dtype {y.dtype}; store class labels as integers (e.g. y.astype(np.int64))"
-        )
+        raise DataError(f"{where}: 'y' has dtype {y.dtype}; store class labels as integers (e.g. y.astype(np.int64))")
     if y.ndim != 1:
         raise DataError(f"{where}: 'y' has shape {tuple(y.shape)}; store one integer label per sample ([N])")
     if y.shape[0] != x.shape[0]:
@@ -88,9 +82,7 @@ def load_dataset(path: str | Path) -> Dataset:
     """Load an ``.npz`` dataset (or a built-in one by name); ``x`` comes back float32, ``y`` int64."""
     file = _resolve(path)
     if file.is_dir():
-        raise InputError(
-            f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'"
-        )
+        raise InputError(f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'")
     try:
         loaded = np.load(file, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
@@ -124,9 +116,7 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(x=x32, y=y64, name=name)
 
 
-def save_dataset(
-    path: str | Path, x: np.ndarray, y: np.ndarray | None = None, *, float16: bool = False
-) -> Path:
+def save_dataset(path: str | Path, x: np.ndarray, y: np.ndarray | None = None, *, float16: bool = False) -> Path:
     """Write ``x`` (and ``y``) to ``path`` as a compressed ``.npz``, atomically.
 
     The archive is written to a temporary file in the same folder, then renamed over ``path``, so a
