@@ -66,7 +66,7 @@ def main() -> None:
 
     chip = Chip(compiled, args.instances, seed=0)
     state = chip.at(86400.0)
-    use(chip, chip.hook(state))
+    use(chip, chip.hook(state), state=state)
     per_run = max(1, args.batch // args.instances)
     xt = torch.from_numpy(x)
 

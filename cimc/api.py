@@ -133,7 +133,11 @@ def run(
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
     chip = Chip(c, n, seed)
     t_s = parse_duration(time) if isinstance(time, str) else float(time)
-    use(chip, _ideal_hook(chip) if ideal else chip.hook(chip.at(t_s)))
+    if ideal:
+        use(chip, _ideal_hook(chip))
+    else:
+        state = chip.at(t_s)
+        use(chip, chip.hook(state), state=state)
     outs = []
     with torch.no_grad():
         for start in range(0, len(x), 64):

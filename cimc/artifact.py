@@ -5,6 +5,8 @@ A compiled-model directory holds:
 ======================  ===============================================================================
 ``model.onnx``          the canonical model, still a valid ONNX file (Netron opens it, onnxruntime runs
                         it); placement, quantisation and schedule in ``metadata_props`` (keys ``cimc.*``)
+``model.qdq.onnx``      with calibration: the quantised digital twin — DAC and per-tile ADC as standard
+                        QuantizeLinear/DequantizeLinear pairs — that onnxruntime runs
 ``target.yaml``         the resolved target (every default filled in) it was compiled for
 ``report.json``         cost and mapping report (keys documented in ``docs/compile-report.md``)
 ``occupancy.png``       which layer sits where on the array(s)
@@ -157,6 +159,11 @@ class CompiledModel:
             write_json_atomic(tmp / "report.json", self.report())
             write_json_atomic(tmp / "schedule.trace.json", self.chrome_trace())
             files = ["model.onnx", "target.yaml", "report.json", "schedule.trace.json"]
+            if any("cimc.quant" in n.metadata_props for n in self.model.graph):
+                from cimc.passes.quantize import build_qdq_twin
+
+                ir.save(build_qdq_twin(self.model), tmp / "model.qdq.onnx")
+                files.append("model.qdq.onnx")
             if plots:
                 from cimc.plots import plot_occupancy
 

@@ -30,7 +30,7 @@ from cimc.errors import UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, node_attrs
 from cimc.ops import OPS, _conv_padding
 
-__all__ = ["AnalogHook", "AnalogStep", "Executor", "InputHook", "run_model"]
+__all__ = ["AnalogHook", "AnalogStep", "DirectHook", "Executor", "InputHook", "run_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ AnalogHook = Callable[[AnalogStep, torch.Tensor, torch.Tensor], torch.Tensor]
 # input_hook(step, x) -> x: elementwise work on an analog op's input before it is unrolled (the DAC), done
 # once per input element instead of once per MVM operand (a 3x3 conv would repeat it 9 times).
 InputHook = Callable[[AnalogStep, torch.Tensor], torch.Tensor]
+# direct_hook(step, x) -> y or None: computes a whole analog op without unrolling it (e.g. a grouped
+# convolution over instances); None falls back to the unrolled path. The executor adds the bias.
+DirectHook = Callable[[AnalogStep, torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass
@@ -187,6 +190,7 @@ class Executor(torch.nn.Module):
         self.model = model
         self.hook = hook
         self.input_hook = input_hook
+        self.direct_hook: DirectHook | None = None
         graph = model.graph
         self.input_names = [v.name for v in graph.inputs]
         self.output_names = [v.name for v in graph.outputs]
@@ -280,6 +284,10 @@ class Executor(torch.nn.Module):
         weight = self.weight(a)
         if self.input_hook is not None:
             x = self.input_hook(a, x)
+        if self.direct_hook is not None:
+            y_direct = self.direct_hook(a, x)
+            if y_direct is not None:
+                return a.add_bias(y_direct, self.bias(a))
         cols, layout = a.to_columns(x, weight.shape)
         y = self.hook(a, cols, a.matrix(weight))
         return a.add_bias(a.from_columns(y, layout), self.bias(a))

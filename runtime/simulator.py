@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from cimc.errors import DataError, InputError
-from cimc.runtime.analog import LayerPlan, analog_mvm, dac, layer_plans
+from cimc.ops import OPS
+from cimc.runtime.analog import LayerPlan, analog_mvm, dac, fake_quant, layer_plans
 from cimc.runtime.calibration import gdc_probe
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
@@ -140,6 +141,40 @@ class Chip:
 
         return run
 
+    def conv_hook(self, state: ChipState) -> Callable[..., torch.Tensor | None]:
+        """Fast path for convolutions whose groups each sit in one tile: one grouped convolution over all
+        instances (instance i's weights are group i), then the ADC per output channel and GDC. Same
+        arithmetic as the unrolled path, without materialising the MVM operands."""
+        instances = state.instances
+        cache: dict[str, torch.Tensor] = {}
+
+        def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
+            plan = self.plans[step.name]
+            if step.op_type != "Conv" or not plan.whole_groups:
+                return None
+            if step.name not in cache:  # [I, G, K, N] -> ONNX layout [I·G·N, C/G, *kernel]
+                w = state.weights[step.name]
+                kernel = self.executor.weight(step).shape[1:]
+                cache[step.name] = w.permute(0, 1, 3, 2).reshape(instances * plan.groups * plan.cols, *kernel)
+            b = x.shape[0] // instances
+            xs = x.reshape(instances, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+            attrs = dict(step.attrs)
+            attrs["group"] = instances * plan.groups
+            y = OPS["Conv"]([xs, cache[step.name]], attrs)[0]  # [B, I·G·N, *spatial]
+            spatial = y.shape[2:]
+            y = y.reshape(b, instances, plan.groups, plan.cols, *spatial)
+            q = plan.quant
+            ones = [1] * len(spatial)
+            if q is not None and q.adc_bits is not None:
+                y_max = torch.stack([plan.y_max_tensor(i).reshape(-1) for i in range(len(plan.tiles))])
+                y = fake_quant(y, y_max.reshape(1, 1, plan.groups, -1, *ones), q.adc_bits, True)
+            if step.name in state.gdc:
+                f = state.gdc[step.name]  # [I, 1, 1, 1|N]
+                y = y * f.reshape(1, instances, 1, f.shape[-1], *ones)
+            return y.transpose(0, 1).reshape(instances * b, plan.groups * plan.cols, *spatial)
+
+        return run
+
     def dac_hook(self, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
         """The executor's input hook: each analog layer's DAC, optionally recording input activity."""
 
@@ -167,10 +202,13 @@ def _ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
     return run
 
 
-def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str, list[torch.Tensor]] | None = None) -> None:
-    """Point the chip's executor at an analog hook (None: the float model), with the DAC in front of it."""
+def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str, list[torch.Tensor]] | None = None,
+        state: ChipState | None = None) -> None:
+    """Point the chip's executor at an analog hook (None: the float model), with the DAC in front of it and,
+    for a chip state, the direct convolution path."""
     chip.executor.hook = hook
     chip.executor.input_hook = chip.dac_hook(activity) if hook is not None else None
+    chip.executor.direct_hook = chip.conv_hook(state) if state is not None else None
 
 
 def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
@@ -251,7 +289,7 @@ def simulate(
         points = []
         for t in times_s:
             state = chip.at(t, gdc=gdc)
-            use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None)
+            use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None, state)
             pred = _predictions(executor, x, instances, per_run, tick)
             acc = (pred == y[None, :]).mean(axis=1)
             points.append({"label": format_duration(t), "t_s": t, "mean": float(acc.mean()), "std": float(acc.std()),

@@ -51,8 +51,7 @@ def _compile(onnx_path: Path, target, out_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def kws_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sys.path.insert(0, str(EXAMPLES))
-    import models
+    from examples import models
 
     tmp = tmp_path_factory.mktemp("kws")
     torch.manual_seed(0)

