@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
-from cimc.ir import analog_matrix, is_analog
-from cimc.errors import FitError
+from cimc.ir import analog_matrix, classify, is_analog
+from cimc.errors import FitError, UnsupportedOpError
 from cimc.passes.packing import ArrayGeometry, Block, Packing, Placement, pack_blocks
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
@@ -82,6 +82,9 @@ class MapPass(CimcPass):
                 logger.info("BatchNormalization %s after an analog op was not folded", node.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        unsupported = [(c.name, c.op_type, c.reason) for c in classify(model) if c.kind == "unsupported"]
+        if unsupported:  # every offending node at once, before any work
+            raise UnsupportedOpError(unsupported)
         target = self.ctx.target
         geometry = ArrayGeometry.from_target(target)
         nodes = [n for n in model.graph if is_analog(n)]

@@ -144,3 +144,19 @@ def test_cli_compile(reference_models: dict[str, Path], tmp_path: Path, run_cli)
     assert not (tmp_path / "bad").exists()  # nothing half-written
     res = run_cli("compile", reference_models["kws"], "--pipeline", "canonicalize,map,quantize,schedule")
     assert res.code == 2 and "needs calibration data" in res.err
+
+
+def test_unsupported_ops_listed_at_once(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    from onnx import helper
+
+    from tests.models import make_onnx_model
+
+    w = np.ones((4, 4), np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+             helper.make_node("Mystery", ["a"], ["b"], name="odd_1", domain="my.ops"),
+             helper.make_node("Mystery", ["b"], ["y"], name="odd_2", domain="my.ops")]
+    model = make_onnx_model(nodes, [("x", [1, 4])], [("y", [1, 4])], {"w": w}, extra_opsets={"my.ops": 1})
+    onnx.save(model, tmp_path / "odd.onnx")
+    res = run_cli("compile", tmp_path / "odd.onnx", "-o", tmp_path / "out")
+    assert res.code == 2 and "2 unsupported node(s)" in res.err and "'odd_1'" in res.err and "'odd_2'" in res.err
+    assert len(res.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
