@@ -11,6 +11,15 @@ The public API (the command line calls exactly these):
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+# In a source checkout, passes/, targets/ and runtime/ stand beside cimc/ (the layout users asked for) and are
+# installed as cimc.passes, cimc.targets, cimc.runtime by setuptools' package-dir. When this package is
+# imported from the checkout itself (the tests, a notebook next to the repository), make them importable
+# the same way. An installed cimc has them inside the package and this does nothing.
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "__init__.py").is_file():
+    __path__.append(str(_SOURCE_ROOT))  # type: ignore[name-defined]  # noqa: F821
 
 from cimc.api import compile, inspect, load, load_compiled, run, simulate
 from cimc.errors import CimcError

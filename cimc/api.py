@@ -115,7 +115,7 @@ def run(
     import torch
 
     from cimc.errors import InputError
-    from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration, use
+    from cimc.runtime.simulator import Chip, ideal_hook, parse_duration, use
 
     c = load_compiled(compiled)
     if isinstance(inputs, (str, os.PathLike)):
@@ -134,7 +134,7 @@ def run(
     chip = Chip(c, n, seed)
     t_s = parse_duration(time) if isinstance(time, str) else float(time)
     if ideal:
-        use(chip, _ideal_hook(chip))
+        use(chip, ideal_hook(chip))
     else:
         state = chip.at(t_s)
         use(chip, chip.hook(state), state=state)

@@ -245,8 +245,6 @@ class Executor(torch.nn.Module):
         m = analog_matrix(node)
         bias_value = node.inputs[2] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
         bias_key = self._const_keys.get(bias_value.name) if bias_value is not None else None
-        if bias_value is not None and bias_key is None:
-            bias_key = None
         weight_value = node.inputs[m.weight_input if node.op_type == "MatMul" else 1]
         return AnalogStep(
             index=len(self.analog_steps),

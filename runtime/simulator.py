@@ -34,7 +34,7 @@ from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 
-__all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "parse_duration", "simulate", "use"]
+__all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Chip:
         return run
 
 
-def _ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
+def ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
     """Quantised converters, ideal devices: the digital twin's numbers (use with :meth:`Chip.dac_hook`)."""
 
     def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
@@ -281,7 +281,7 @@ def simulate(
     y = np.asarray(y)
     executor = chip.executor
     float_pred = _predictions(executor, x, 1, batch_size, tick)[0]
-    use(chip, _ideal_hook(chip))
+    use(chip, ideal_hook(chip))
     quant_pred = _predictions(executor, x, 1, batch_size, tick)[0]
     series = []
     activity: dict[str, list[torch.Tensor]] = {}

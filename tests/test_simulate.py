@@ -18,7 +18,7 @@ from cimc.errors import DataError
 from cimc.passes.quantize import build_qdq_twin
 from cimc.runtime.analog import fake_quant
 from cimc.runtime.executor import Executor
-from cimc.runtime.simulator import Chip, _ideal_hook, parse_duration
+from cimc.runtime.simulator import Chip, parse_duration
 from tests.models import export_onnx, rel_l2
 
 
