@@ -9,14 +9,14 @@ Throughput counts devices (two per weight: G+ and G-) programmed and then read o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import torch
+from cimc.targets import PcmIbmDevice
 from cimc.runtime.devices import build_device
 
-__all__ = ["KWS_LAYER_SHAPES", "ReferencePCMParams", "measure_throughput", "plot_drift"]
+__all__ = ["KWS_LAYER_SHAPES", "measure_throughput", "plot_drift"]
 
 T_24H_S = 86400.0
 # Matrix views (K rows x N columns) of an AnalogNets-KWS-like CNN: 178,816 weights (the paper's ~179 K).
@@ -32,33 +32,11 @@ KWS_LAYER_SHAPES: dict[str, tuple[int, int]] = {
 DEFAULT_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "pcm-drift.png"
 
 
-@dataclasses.dataclass(frozen=True)
-class ReferencePCMParams:
-    """The pcm-ibm defaults of the target schema (HARDWARE.md), for running without a target file."""
-
-    model: str = "pcm-ibm"
-    g_max_us: float = 25.0
-    t0_s: float = 20.0
-    t_read_s: float = 250e-9
-    prog_noise_coeffs_us: tuple[float, float, float] = (0.26348, 1.9650, -1.1731)
-    prog_noise_scale: float = 1.0
-    drift_nu_mean_coeffs: tuple[float, float] = (-0.0155, 0.0244)
-    drift_nu_mean_range: tuple[float, float] = (0.049, 0.1)
-    drift_nu_std_coeffs: tuple[float, float] = (-0.0125, -0.0059)
-    drift_nu_std_range: tuple[float, float] = (0.008, 0.045)
-    drift_scale: float = 1.0
-    read_noise_q_coeff: float = 0.0088
-    read_noise_q_exponent: float = 0.65
-    read_noise_q_max: float = 0.2
-    read_noise_scale: float = 1.0
-    g_min_clip: float = 1e-7
-    gdc: str = "layer"
-    weight_scale: str = "layer"
 
 
 def measure_throughput(instances: int, repeats: int, seed: int) -> dict[str, float]:
     """Best-of-``repeats`` wall time of program (all layers, one batch) + one 24 h read."""
-    device = build_device(ReferencePCMParams())
+    device = build_device(PcmIbmDevice())
     gen = torch.Generator().manual_seed(seed)
     weights = {name: torch.randn(shape, generator=gen) for name, shape in KWS_LAYER_SHAPES.items()}
     n_devices = 2 * sum(w.numel() for w in weights.values()) * instances
@@ -86,7 +64,7 @@ def plot_drift(path: Path, devices_per_level: int, seed: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    device = build_device(ReferencePCMParams())
+    device = build_device(PcmIbmDevice())
     gen = torch.Generator().manual_seed(seed)
     levels_us = torch.tensor([2.5, 6.25, 12.5, 18.75, 25.0])
     times_s = torch.logspace(0, 8, 33).tolist()  # 1 s .. ~3 years

@@ -224,7 +224,7 @@ def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="the whole story on the built-in keyword-spotting model (no data needed)")
     p.add_argument("-o", "--output", default="cimc-demo", help="output folder (default ./cimc-demo)")
     p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
-    p.add_argument("--samples", type=int, default=600, help="test clips to use (default 600 of the 1,200 shipped)")
+    p.add_argument("--samples", type=int, help="test clips to use (default: all 1,200 shipped)")
     p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -25,7 +25,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int | None = 600,
+def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int | None = None,
              target: str = "aon-cim", progress: bool = True) -> Path:
     """Run the demo into ``out_dir``; returns the folder."""
     import cimc

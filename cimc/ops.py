@@ -69,25 +69,34 @@ def _axis(axis: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- analog
-def _conv_padding(x: torch.Tensor, w: torch.Tensor, a: dict[str, Any]) -> tuple[torch.Tensor, list[int]]:
-    """Apply ONNX padding (explicit or auto_pad) and return (padded input, [0]*spatial) for torch."""
+def _same_pads(x: torch.Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
+               auto_pad: str) -> list[int]:
+    """ONNX SAME_UPPER / SAME_LOWER padding as [begin..., end...] so the output is ceil(size / stride)."""
+    pads_begin, pads_end = [], []
+    for i in range(x.dim() - 2):
+        size = x.shape[2 + i]
+        out = math.ceil(size / strides[i])
+        total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+        small, big = total // 2, total - total // 2
+        pads_begin.append(small if auto_pad == "SAME_UPPER" else big)
+        pads_end.append(big if auto_pad == "SAME_UPPER" else small)
+    return pads_begin + pads_end
+
+
+def _auto_pad(a: dict[str, Any]) -> str:
+    mode = a.get("auto_pad", "NOTSET")
+    return mode.decode() if isinstance(mode, bytes) else mode
+
+
+def _conv_padding(x: torch.Tensor, w: torch.Tensor, a: dict[str, Any]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Apply ONNX padding (explicit or auto_pad) to x; returns (padded x, strides, dilations) for torch."""
     spatial = x.dim() - 2
     kernel = list(w.shape[2:])
     strides = a.get("strides") or [1] * spatial
     dilations = a.get("dilations") or [1] * spatial
-    auto_pad = a.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
+    auto_pad = _auto_pad(a)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads_begin, pads_end = [], []
-        for i in range(spatial):
-            size = x.shape[2 + i]
-            out = math.ceil(size / strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads_begin.append(small if auto_pad == "SAME_UPPER" else big)
-            pads_end.append(big if auto_pad == "SAME_UPPER" else small)
-        pads = pads_begin + pads_end
+        pads = _same_pads(x, kernel, strides, dilations, auto_pad)
     elif auto_pad == "VALID":
         pads = [0] * (2 * spatial)
     else:
@@ -334,19 +343,9 @@ def _pool_args(x: torch.Tensor, a: dict[str, Any]) -> tuple[list[int], list[int]
     kernel = list(a["kernel_shape"])
     strides = a.get("strides") or [1] * spatial
     pads = a.get("pads") or [0] * (2 * spatial)
-    auto_pad = a.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
+    auto_pad = _auto_pad(a)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads_begin, pads_end = [], []
-        for i in range(spatial):
-            size = x.shape[2 + i]
-            out = math.ceil(size / strides[i])
-            total = max(0, (out - 1) * strides[i] + kernel[i] - size)
-            small, big = total // 2, total - total // 2
-            pads_begin.append(small if auto_pad == "SAME_UPPER" else big)
-            pads_end.append(big if auto_pad == "SAME_UPPER" else small)
-        pads = pads_begin + pads_end
+        pads = _same_pads(x, kernel, strides, [1] * spatial, auto_pad)
     return kernel, strides, pads, bool(a.get("ceil_mode", 0))
 
 

@@ -294,7 +294,7 @@ def simulate(
             acc = (pred == y[None, :]).mean(axis=1)
             points.append({"label": format_duration(t), "t_s": t, "mean": float(acc.mean()), "std": float(acc.std()),
                            "min": float(acc.min()), "max": float(acc.max()), "per_instance": [float(a) for a in acc]})
-        label = f"GDC ({chip.gdc_mode})" if gdc else "none"
+        label = f"GDC ({chip.gdc_mode})" if gdc else "no compensation"
         series.append({"label": label, "gdc": chip.gdc_mode if gdc else "none", "points": points})
     use(chip, None)
     if bar:

@@ -129,7 +129,7 @@ def test_simulation_deterministic_and_gdc_helps(mnist_compiled, mnist: Dataset, 
     c = cimc.simulate(mnist_compiled, mnist, **{**kwargs, "seed": 6})
     assert c.data["series"] != a.data["series"]
     gdc, none = a.data["series"]
-    assert gdc["label"].startswith("GDC") and none["label"] == "none"
+    assert gdc["label"].startswith("GDC") and none["label"] == "no compensation" and none["gdc"] == "none"
     drop_gdc = a.data["float_accuracy"] - gdc["points"][1]["mean"]
     drop_none = a.data["float_accuracy"] - none["points"][1]["mean"]
     assert drop_gdc < drop_none
