@@ -4,6 +4,8 @@ Rules:
   1. DAC: the layer's inputs are clipped to a full scale ``x_max`` = the ``percentile`` of |input| over the
      calibration batch (the input tensor itself, before convolution padding) and quantised to ``dac_bits``; unsigned when no calibration input is negative (after
      ReLU), symmetric signed otherwise.
+     With ``clip=mse`` (default) the full scale is then lowered to the fraction of that percentile with the
+     least quantisation error at the DAC's bits (few-bit converters gain from clipping a rare tail).
   2. ADC: each tile's partial sums (row splits are converted separately, as on the chip) are clipped to
      ``y_max`` = the ``percentile`` of their |value| and quantised to ``adc_bits`` (signed, symmetric). One gain
      per tile for the whole layer (AON-CIM's fixed ADC gain) or per column where the target says
@@ -55,13 +57,49 @@ def _percentile(values: torch.Tensor, pct: float, dim_last: bool = False) -> tor
     return torch.tensor(np.percentile(flat, pct), dtype=torch.float32)
 
 
+_CLIP_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25, 0.2, 0.15)
+
+
+def _mse_range(abs_values: torch.Tensor, upper: torch.Tensor, bits: int | None, signed: bool) -> torch.Tensor:
+    """The full scale, among fractions of ``upper``, with the least quantisation MSE on ``abs_values``.
+
+    Few-bit converters lose more to coarse steps than to clipping a rare tail, so the best full scale sits
+    below the percentile; at 8 bits the search mostly keeps the percentile. Per column when ``upper`` is 1-D.
+    """
+    if bits is None:
+        return upper
+    flat = abs_values.detach().reshape(-1, abs_values.shape[-1] if upper.dim() else 1)
+    if flat.shape[0] > 65536:
+        idx = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:65536]
+        flat = flat[idx]
+    n = levels(bits, signed)
+    cands = torch.tensor(_CLIP_CANDIDATES).reshape(-1, 1, 1) * upper.reshape(1, 1, -1)  # [C, 1, cols|1]
+    step = cands / n
+    q = torch.round(torch.minimum(flat.unsqueeze(0), cands) / step) * step
+    err = ((q - flat.unsqueeze(0)) ** 2).mean(dim=1)  # [C, cols|1]
+    best = cands[err.argmin(dim=0), 0, torch.arange(err.shape[1])]
+    return best.reshape(upper.shape)
+
+
 def _positive(x: torch.Tensor) -> torch.Tensor:
     """A full scale must be positive: dead (all-zero) signals get 1.0."""
     return torch.where(x > 0, x, torch.ones_like(x))
 
 
-def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float) -> dict[str, QuantSpec]:
-    """Measure DAC and ADC ranges layer by layer (see the module docstring); returns a spec per layer."""
+def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float, clip: str = "mse"
+              ) -> dict[str, QuantSpec]:
+    """Measure DAC and ADC ranges layer by layer (see the module docstring); returns a spec per layer.
+
+    ``clip``: ``percentile`` uses the percentile as the full scale; ``mse`` (default) searches fractions of it
+    for the least quantisation error at the converter's bits.
+    """
+    if clip not in ("mse", "percentile"):
+        raise DataError(f"quantize: clip must be 'mse' or 'percentile' (got {clip!r})")
+
+    def full_scale(abs_values: torch.Tensor, bits: int | None, signed: bool, per_col: bool) -> torch.Tensor:
+        upper = _positive(_percentile(abs_values, percentile, dim_last=per_col))
+        return upper if clip == "percentile" else _positive(_mse_range(abs_values, upper, bits, signed))
+
     plans = layer_plans(model)
     conv = target.converters  # type: ignore[attr-defined]
     per_column = conv.adc_gain == "column"
@@ -70,7 +108,7 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float)
     def input_hook(step, x):  # type: ignore[no-untyped-def]
         plan = plans[step.name]
         signed = bool((x < 0).any())
-        x_max = float(_positive(_percentile(x.abs(), percentile)))
+        x_max = float(full_scale(x.abs(), conv.dac_bits, signed, False))
         plan.quant = QuantSpec(conv.dac_bits, signed, x_max, conv.adc_bits, conv.adc_gain, [], percentile)
         return dac(plan, x)
 
@@ -83,9 +121,9 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float)
         for t in plan.tiles:
             part = torch.matmul(cq[:, :, t.group, t.r0 : t.r1], w[:, t.group, t.r0 : t.r1, t.c0 : t.c1]).abs()
             if per_column:
-                y_max.append([float(v) for v in _positive(_percentile(part, percentile, dim_last=True))])
+                y_max.append([float(v) for v in full_scale(part, conv.adc_bits, True, True)])
             else:
-                y_max.append(float(_positive(_percentile(part, percentile))))
+                y_max.append(float(full_scale(part, conv.adc_bits, True, False)))
         plan.quant.y_max = y_max
         specs[step.name] = plan.quant
         return analog_mvm(plan, cq, w).reshape(b, m, g, -1)
@@ -104,6 +142,7 @@ class QuantizePass(CimcPass):
     ctx: CompileContext = field(repr=False)
     percentile: float = 99.99
     samples: int = 256
+    clip: str = "mse"  # "mse": least-error full scale below the percentile; "percentile": the percentile itself
 
     def requires(self, model: ir.Model) -> None:
         if not any("cimc.placement" in n.metadata_props for n in model.graph):
@@ -119,7 +158,7 @@ class QuantizePass(CimcPass):
                 f"calibration inputs have shape {tuple(data.x.shape[1:])} per sample but the model's input "
                 f"'{model.graph.inputs[0].name}' takes {expected}; pass data made for this model"
             )
-        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile)
+        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile, self.clip)
         for node in model.graph:
             if node.name in specs:
                 node.metadata_props["cimc.quant"] = specs[node.name].to_json()
