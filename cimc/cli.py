@@ -103,7 +103,8 @@ def _compile(args: argparse.Namespace) -> int:
     )
     if not args.quiet:
         print(compiled.summary_table())
-    print(f"\nwrote {out}/ (model.onnx, report.json, occupancy.png, schedule.trace.json, target.yaml, manifest.json)")
+    files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
+    print(f"\nwrote {out}/ ({', '.join(files)})")
     return 0
 
 

@@ -26,7 +26,6 @@ from cimc.errors import CimcError, InputError
 __all__ = [
     "CimcPass",
     "CompileContext",
-    "DEFAULT_PIPELINE",
     "PASSES",
     "parse_pipeline",
     "register_pass",
@@ -36,7 +35,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PASSES: dict[str, type[CimcPass]] = {}
-DEFAULT_PIPELINE = "canonicalize,map,quantize,schedule"
 
 
 @dataclass
