@@ -21,10 +21,10 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "__init__.py").is_file():
     __path__.append(str(_SOURCE_ROOT))  # type: ignore[name-defined]  # noqa: F821
 
-from cimc.api import compile, inspect, load, load_compiled, run, simulate
+from cimc.api import compile, finetune, inspect, load, load_compiled, run, simulate
 from cimc.errors import CimcError
 
 __version__ = "0.1.0"
-__all__ = ["CimcError", "__version__", "compile", "inspect", "load", "load_compiled", "run", "simulate"]
+__all__ = ["CimcError", "__version__", "compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
 
-__all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled"]
+__all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,4 +183,3 @@ def finetune(
     return tuned, history
 
 
-__all__.append("finetune")

@@ -10,7 +10,14 @@ Rules:
      ``y_max`` = the ``percentile`` of their |value| and quantised to ``adc_bits`` (signed, symmetric). One gain
      per tile for the whole layer (AON-CIM's fixed ADC gain) or per column where the target says
      ``converters.adc_gain: column``.
-  3. Calibration is sequential in one forward pass: each layer sees the already-quantised outputs of the
+  3. Drift: a PCM chip's conductances shrink after programming (about 0.6x after a day), and drift
+     compensation rescales digitally *after* the ADC, so a fixed ADC gain set for freshly programmed weights
+     wastes levels for the rest of the chip's life. With ``drift_window`` (default ``1s..1y``) the ADC's
+     partial sums are pooled over read times log-spaced in that window, each scaled by the layer's drift at
+     that time (the target's device model, one seeded instance, measured with the simulator's GDC probe),
+     and the full scale is chosen on the pool: one gain that serves the whole window. ``drift_window=none``
+     calibrates on the programmed weights alone; devices without drift give the same ranges either way.
+  4. Calibration is sequential in one forward pass: each layer sees the already-quantised outputs of the
      layers before it.
 
 Durable result: node ``metadata_props["cimc.quant"]`` (see :class:`cimc.runtime.analog.QuantSpec`).
@@ -27,13 +34,13 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from cimc.errors import DataError
+from cimc.errors import DataError, InputError
 from cimc.ir import constant_array, is_analog, node_attrs
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.analog import QuantSpec, analog_mvm, dac, layer_plans, levels
 from cimc.runtime.executor import Executor
 
-__all__ = ["QuantizePass", "build_qdq_twin", "calibrate"]
+__all__ = ["DEFAULT_WINDOW", "QuantizePass", "build_qdq_twin", "calibrate", "parse_window"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +56,18 @@ def _percentile(values: torch.Tensor, pct: float, dim_last: bool = False) -> tor
     if dim_last:
         flat = values.detach().reshape(-1, values.shape[-1]).numpy()
         if flat.size > _SAMPLE_LIMIT:
-            flat = flat[rng.choice(flat.shape[0], max(1, _SAMPLE_LIMIT // flat.shape[1]), replace=False)]
+            flat = flat[rng.integers(0, flat.shape[0], max(1, _SAMPLE_LIMIT // flat.shape[1]))]
         return torch.from_numpy(np.percentile(flat, pct, axis=0).astype(np.float32))
     flat = values.detach().reshape(-1).numpy()
     if flat.size > _SAMPLE_LIMIT:
-        flat = flat[rng.choice(flat.size, _SAMPLE_LIMIT, replace=False)]
+        flat = flat[rng.integers(0, flat.size, _SAMPLE_LIMIT)]
     return torch.tensor(np.percentile(flat, pct), dtype=torch.float32)
 
 
-_CLIP_CANDIDATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25, 0.2, 0.15)
+_WINDOW_POINTS = 7  # read times pooled for the ADC range (log-spaced over the drift window)
+_WINDOW_SEED = 4099
+DEFAULT_WINDOW = (1.0, 31557600.0)  # 1 s .. 1 y
+_CLIP_CANDIDATES = tuple(float(0.95**i) for i in range(40))  # 1 .. 0.14, 5 % apart
 
 
 def _mse_range(abs_values: torch.Tensor, upper: torch.Tensor, bits: int | None, signed: bool) -> torch.Tensor:
@@ -70,7 +80,7 @@ def _mse_range(abs_values: torch.Tensor, upper: torch.Tensor, bits: int | None, 
         return upper
     flat = abs_values.detach().reshape(-1, abs_values.shape[-1] if upper.dim() else 1)
     if flat.shape[0] > 65536:
-        idx = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:65536]
+        idx = torch.randint(0, flat.shape[0], (65536,), generator=torch.Generator().manual_seed(0))
         flat = flat[idx]
     n = levels(bits, signed)
     cands = torch.tensor(_CLIP_CANDIDATES).reshape(-1, 1, 1) * upper.reshape(1, 1, -1)  # [C, 1, cols|1]
@@ -86,15 +96,66 @@ def _positive(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, torch.ones_like(x))
 
 
-def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float, clip: str = "mse"
-              ) -> dict[str, QuantSpec]:
+def parse_window(text: str) -> tuple[float, float] | None:
+    """``"1s..1y"`` → (1.0, 31557600.0); ``"none"`` → None (ranges for the programmed weights alone)."""
+    from cimc.runtime.simulator import parse_duration
+
+    if text.strip().lower() in ("none", "0", ""):
+        return None
+    lo, sep, hi = text.partition("..")
+    try:
+        window = (parse_duration(lo), parse_duration(hi if sep else lo))
+    except InputError as exc:  # parse_duration's own message names the bad token
+        raise DataError(f"quantize: drift_window must look like 1s..24h or none (got {text!r}): {exc}") from None
+    if not 0 < window[0] <= window[1]:
+        raise DataError(f"quantize: drift_window must be a positive range, earliest first (got {text!r})")
+    return window
+
+
+def _window_times(window: tuple[float, float], points: int = _WINDOW_POINTS) -> list[float]:
+    lo, hi = np.log10(window[0]), np.log10(window[1])
+    return [float(t) for t in np.unique(np.logspace(lo, hi, points if hi > lo else 1))]
+
+
+def _drift_shrink(device: object, plan: object, matrix: torch.Tensor, x_max: float, times: list[float],
+                  per_column: bool) -> list[float]:
+    """How much the layer's output magnitude has shrunk at each read time (1 / the GDC factor), on one seeded
+    device instance, with the simulator's probe: what the ADC sees before compensation scales it back."""
+    from cimc.runtime.calibration import gdc_probe
+    from cimc.runtime.devices import gdc_factor
+
+    gen = torch.Generator().manual_seed(_WINDOW_SEED + plan.rows)  # type: ignore[attr-defined]
+    w = matrix.detach().float()
+    programmed = device.program_weights(w if per_column else w.reshape(1, -1, w.shape[-1]), 1, gen,  # type: ignore[attr-defined]
+                                        per_column=per_column)
+
+    def probe_out(t_s: float) -> torch.Tensor:
+        w_t = programmed.read(t_s, gen).float().reshape(1, *w.shape)
+        probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)  # type: ignore[attr-defined]
+        return analog_mvm(plan, dac(plan, probe), w_t, adc=False)  # type: ignore[arg-type]
+
+    ref = probe_out(0.0)
+    return [float(1.0 / gdc_factor(ref, probe_out(t)).reshape(-1)[0]) for t in times]
+
+
+def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float, clip: str = "mse",
+              drift_window: tuple[float, float] | None = DEFAULT_WINDOW) -> dict[str, QuantSpec]:
     """Measure DAC and ADC ranges layer by layer (see the module docstring); returns a spec per layer.
 
     ``clip``: ``percentile`` uses the percentile as the full scale; ``mse`` (default) searches fractions of it
-    for the least quantisation error at the converter's bits.
+    for the least quantisation error at the converter's bits. ``drift_window``: (earliest, latest) read time
+    in seconds the ADC gain must serve, or None.
     """
     if clip not in ("mse", "percentile"):
         raise DataError(f"quantize: clip must be 'mse' or 'percentile' (got {clip!r})")
+    device = None
+    times: list[float] = []
+    if drift_window is not None:
+        from cimc.runtime.devices import build_device
+
+        device = build_device(target.device)  # type: ignore[attr-defined]
+        times = _window_times(drift_window)
+        weight_scale_column = getattr(target.device, "weight_scale", "layer") == "column"  # type: ignore[attr-defined]
 
     def full_scale(abs_values: torch.Tensor, bits: int | None, signed: bool, per_col: bool) -> torch.Tensor:
         upper = _positive(_percentile(abs_values, percentile, dim_last=per_col))
@@ -117,9 +178,20 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float,
         b, m, g, k = cols.shape
         cq = cols.reshape(1, b * m, g, k)
         w = matrix.unsqueeze(0)
+        shrink = (_drift_shrink(device, plan, matrix, plan.quant.x_max, times, weight_scale_column)
+                  if device is not None else None)
+        if shrink is not None and all(abs(s - 1.0) < 1e-6 for s in shrink):
+            shrink = None  # no drift (ideal devices): the same ranges as without a window, bit for bit
         y_max: list[object] = []
         for t in plan.tiles:
             part = torch.matmul(cq[:, :, t.group, t.r0 : t.r1], w[:, t.group, t.r0 : t.r1, t.c0 : t.c1]).abs()
+            if shrink is not None:  # the same sums as the drifted chip would see them across the window
+                part = part.reshape(-1, part.shape[-1])
+                if part.shape[0] * len(shrink) > _SAMPLE_LIMIT:
+                    keep = max(1, _SAMPLE_LIMIT // len(shrink))
+                    idx = torch.randint(0, part.shape[0], (keep,), generator=torch.Generator().manual_seed(0))
+                    part = part[idx]
+                part = torch.cat([part * s for s in shrink])
             if per_column:
                 y_max.append([float(v) for v in full_scale(part, conv.adc_bits, True, True)])
             else:
@@ -143,6 +215,7 @@ class QuantizePass(CimcPass):
     percentile: float = 99.99
     samples: int = 256
     clip: str = "mse"  # "mse": least-error full scale below the percentile; "percentile": the percentile itself
+    drift_window: str = "1s..1y"  # read times the fixed ADC gain must serve ("none": programmed weights only)
 
     def requires(self, model: ir.Model) -> None:
         if not any("cimc.placement" in n.metadata_props for n in model.graph):
@@ -158,13 +231,15 @@ class QuantizePass(CimcPass):
                 f"calibration inputs have shape {tuple(data.x.shape[1:])} per sample but the model's input "
                 f"'{model.graph.inputs[0].name}' takes {expected}; pass data made for this model"
             )
-        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile, self.clip)
+        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile, self.clip,
+                          parse_window(self.drift_window))
         for node in model.graph:
             if node.name in specs:
                 node.metadata_props["cimc.quant"] = specs[node.name].to_json()
         model.metadata_props["cimc.quantization"] = (
             f'{{"dac_bits": {_js(self.ctx.target.converters.dac_bits)}, "adc_bits": {_js(self.ctx.target.converters.adc_bits)}, '
-            f'"percentile": {self.percentile}, "samples": {min(self.samples, len(data.x))}}}'
+            f'"percentile": {self.percentile}, "samples": {min(self.samples, len(data.x))}, '
+            f'"clip": "{self.clip}", "drift_window": "{self.drift_window}"}}'
         )
         return ir.passes.PassResult(model, True)
 

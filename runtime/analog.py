@@ -24,7 +24,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_mvm", "fake_quant", "layer_plans", "levels"]
+__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_conv", "analog_mvm", "conv_weights", "fake_quant", "layer_plans", "levels"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,3 +162,35 @@ def analog_mvm(
             part = fake_quant(part, plan.y_max_tensor(i, part.dtype), q.adc_bits, True, ste)
         out[:, :, t.group, t.c0 : t.c1] = out[:, :, t.group, t.c0 : t.c1] + part
     return out
+
+
+def conv_weights(weights: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """Per-instance crossbar weights ``[I, G, K, N]`` as one ONNX Conv kernel ``[I·G·N, *kernel]`` (``kernel``: the
+    layer weight's shape without its first dimension, ``(C/G, *spatial)``)."""
+    i, g, _, n = weights.shape
+    return weights.permute(0, 1, 3, 2).reshape(i * g * n, *kernel)
+
+
+def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
+                attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False) -> torch.Tensor:
+    """A convolution whose groups each sit in one tile, for all instances at once: one grouped convolution
+    (instance i's weights are group block i, ``kernel`` from :func:`conv_weights`), then the ADC per output
+    channel and the GDC factor ``[I, 1, 1, 1|N]``. The same arithmetic as :func:`analog_mvm` on unrolled
+    columns, without materialising them. ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
+    """
+    from cimc.ops import OPS
+
+    b = x.shape[0] // instances
+    xs = x.reshape(instances, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+    y = OPS["Conv"]([xs, kernel], {**attrs, "group": instances * groups})[0]  # [B, I·G·N, *spatial]
+    spatial = y.shape[2:]
+    y = y.reshape(b, instances, groups, -1, *spatial)
+    ones = [1] * len(spatial)
+    q = plan.quant if plan is not None else None
+    if q is not None and q.adc_bits is not None:
+        assert plan is not None
+        y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])
+        y = fake_quant(y, y_max.reshape(1, 1, groups, -1, *ones), q.adc_bits, True, ste)
+    if gdc is not None:
+        y = y * gdc.reshape(1, instances, 1, gdc.shape[-1], *ones)
+    return y.transpose(0, 1).reshape(instances * b, -1, *spatial)

@@ -365,32 +365,6 @@ class DeviceModel(abc.ABC):
         """Program one weight matrix ``[..., K, N]`` on differential pairs."""
         return ProgrammedWeights(self.program_layers({"w": w}, instances, generator, per_column))
 
-    def sample_weight_noise(
-        self,
-        w: Tensor,
-        t_s: float,
-        generator: torch.Generator,
-        per_column: bool | None = None,
-        gdc: str | None = None,
-    ) -> Tensor:
-        """Effective weights of one freshly programmed instance read at ``t_s``, differentiable in ``w``.
-
-        The noise (programming, drift, read, and the weight-domain global drift compensation) is added as a
-        detached term, so ``d out / d w`` is the identity (straight-through). ``gdc`` ('layer', 'column',
-        'none'; default: the target's) rescales by ``mean|W(0)| / mean|W(t)|`` of the same instance, the
-        weight-domain equivalent of calibrating on the outputs.
-        """
-        w_ref = w.detach()
-        programmed = self.program_weights(w_ref, 1, generator, per_column)
-        w_t = programmed.read(t_s, generator)  # [1, ..., K, N]
-        mode = self.gdc_mode if gdc is None else gdc
-        if mode not in _GDC_MODES:
-            raise InputError(f"gdc={mode!r} is invalid; use one of {list(_GDC_MODES)}")
-        if mode != "none":
-            w_0 = programmed.read(0.0, generator)
-            w_t = w_t * gdc_factor(w_0, w_t, per_column=(mode == "column"))
-        return w + (w_t[0].to(w.dtype) - w_ref)
-
 
 @register_device_model("ideal")
 class IdealDevice(DeviceModel):
@@ -404,17 +378,6 @@ class IdealDevice(DeviceModel):
 
     def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: torch.Generator) -> Tensor:
         return programmed.g_prog_us.clone()
-
-    def sample_weight_noise(
-        self,
-        w: Tensor,
-        t_s: float,
-        generator: torch.Generator,
-        per_column: bool | None = None,
-        gdc: str | None = None,
-    ) -> Tensor:
-        _check_time(t_s)
-        return w
 
 
 _PCM_FIELDS = (

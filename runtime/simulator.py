@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from cimc.errors import DataError, InputError
-from cimc.ops import OPS
-from cimc.runtime.analog import LayerPlan, analog_mvm, dac, fake_quant, layer_plans
+from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans
 from cimc.runtime.calibration import gdc_probe
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
@@ -152,26 +151,9 @@ class Chip:
             plan = self.plans[step.name]
             if step.op_type != "Conv" or not plan.whole_groups:
                 return None
-            if step.name not in cache:  # [I, G, K, N] -> ONNX layout [I·G·N, C/G, *kernel]
-                w = state.weights[step.name]
-                kernel = self.executor.weight(step).shape[1:]
-                cache[step.name] = w.permute(0, 1, 3, 2).reshape(instances * plan.groups * plan.cols, *kernel)
-            b = x.shape[0] // instances
-            xs = x.reshape(instances, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
-            attrs = dict(step.attrs)
-            attrs["group"] = instances * plan.groups
-            y = OPS["Conv"]([xs, cache[step.name]], attrs)[0]  # [B, I·G·N, *spatial]
-            spatial = y.shape[2:]
-            y = y.reshape(b, instances, plan.groups, plan.cols, *spatial)
-            q = plan.quant
-            ones = [1] * len(spatial)
-            if q is not None and q.adc_bits is not None:
-                y_max = torch.stack([plan.y_max_tensor(i).reshape(-1) for i in range(len(plan.tiles))])
-                y = fake_quant(y, y_max.reshape(1, 1, plan.groups, -1, *ones), q.adc_bits, True)
-            if step.name in state.gdc:
-                f = state.gdc[step.name]  # [I, 1, 1, 1|N]
-                y = y * f.reshape(1, instances, 1, f.shape[-1], *ones)
-            return y.transpose(0, 1).reshape(instances * b, plan.groups * plan.cols, *spatial)
+            if step.name not in cache:
+                cache[step.name] = conv_weights(state.weights[step.name], self.executor.weight(step).shape[1:])
+            return analog_conv(plan, x, cache[step.name], instances, plan.groups, step.attrs, state.gdc.get(step.name))
 
         return run
 

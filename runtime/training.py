@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cimc.runtime.analog import LayerPlan, analog_mvm, dac
+from cimc.runtime.analog import LayerPlan, analog_conv, analog_mvm, conv_weights, dac
 from cimc.runtime.calibration import gdc_probe
 from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
@@ -82,6 +82,7 @@ class NoiseHook:
         self._frozen: dict[str, torch.Tensor] | None = None  # validation: one weight draw per layer, reused
         self._val_t_s = 86400.0
         self._val_gen: torch.Generator | None = None
+        self._executor: Executor | None = None
 
     # -- state switches ------------------------------------------------------------------------------
     def new_batch(self) -> None:
@@ -154,17 +155,41 @@ class NoiseHook:
             return (matrix + noise).unsqueeze(0), None
         return self._pcm(step, matrix, self._t_s, 1, self.generator)
 
-    def __call__(self, step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        b, m, g, k = cols.shape
+    # -- the executor's three hooks ----------------------------------------------------------------------
+    def attach(self, executor: Executor) -> None:
+        """Route ``executor``'s analog layers through this hook (input, direct-convolution and MVM paths)."""
+        self._executor = executor
+        executor.hook, executor.input_hook, executor.direct_hook = self, self.layer_input, self.direct
+
+    def _plan(self, step: AnalogStep) -> LayerPlan | None:
+        quantise = self.plans is not None and (self.quant_in_training or not self.training)
+        return self.plans.get(step.name) if quantise and self.plans is not None else None
+
+    def layer_input(self, step: AnalogStep, x: torch.Tensor) -> torch.Tensor:
+        """Dropout (training), then the DAC: on the layer's input before it is unrolled, as the simulator."""
         if self.training and self.dropout > 0:
-            keep = (torch.rand(cols.shape, generator=self.generator) >= self.dropout).to(cols.dtype)
-            cols = cols * keep / (1.0 - self.dropout)
+            keep = (torch.rand(x.shape, generator=self.generator) >= self.dropout).to(x.dtype)
+            x = x * keep / (1.0 - self.dropout)
+        plan = self._plan(step)
+        return dac(plan, x, ste=True) if plan is not None else x
+
+    def direct(self, step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
+        """Convolutions with each group in one tile: one grouped convolution over the instances."""
+        plan = self._plan(step)
+        if step.op_type != "Conv" or (plan is not None and not plan.whole_groups) or self._executor is None:
+            return None
+        weight = self._executor.weight(step)
+        w, gdc = self._weights(step, step.matrix(weight))
+        return analog_conv(plan, x, conv_weights(w, tuple(weight.shape[1:])), w.shape[0], w.shape[1], step.attrs,
+                           gdc, ste=True)
+
+    def __call__(self, step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        b, m, g, k = cols.shape  # inputs already through dropout and the DAC (layer_input)
         w, gdc = self._weights(step, matrix)
         c = cols.reshape(self.instances, (b // self.instances) * m, g, k)
-        quantise = self.plans is not None and (self.quant_in_training or not self.training)
-        plan = self.plans.get(step.name) if quantise else None
+        plan = self._plan(step)
         if plan is not None:
-            y = analog_mvm(plan, dac(plan, c, ste=True), w, ste=True)
+            y = analog_mvm(plan, c, w, ste=True)
         else:
             y = torch.einsum("imgk,igkn->imgn", c, w)
         if gdc is not None:
@@ -242,26 +267,41 @@ def _argmax_batches(executor: Executor, x: np.ndarray, instances: int, batch_siz
 def noisy_accuracy(executor: Executor, hook: NoiseHook, x: np.ndarray, y: np.ndarray, *, instances: int,
                    t_s: float, seed: int, batch_size: int = 256) -> np.ndarray:
     """Accuracy of ``instances`` PCM instances read at ``t_s`` (through ``hook``): one value per instance."""
-    executor.hook = hook
+    hook.attach(executor)
     per_run = max(1, batch_size // instances)
     with hook.validation(instances, t_s, seed):
         pred = _argmax_batches(executor, x, instances, per_run)
     return (pred == y[None, :]).mean(axis=1)
 
 
-def _relative_noise_hook(draws: int, zeta: float, generator: torch.Generator) -> Callable[..., torch.Tensor]:
-    """A hook computing with ``draws`` copies theta + |theta|·zeta·N(0,1) of each layer (drawn on first use)."""
+def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator: torch.Generator
+                          ) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor | None]]:
+    """(MVM hook, direct-convolution hook) computing with ``draws`` copies theta + |theta|·zeta·N(0,1) of each
+    layer, drawn on first use."""
     noisy: dict[str, torch.Tensor] = {}
+    kernels: dict[str, torch.Tensor] = {}
 
-    def hook(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    def weights(step: AnalogStep, matrix: torch.Tensor) -> torch.Tensor:
         if step.name not in noisy:
             z = torch.randn((draws, *matrix.shape), generator=generator)
             noisy[step.name] = matrix.detach() + matrix.detach().abs() * zeta * z
+        return noisy[step.name]
+
+    def hook(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape
         c = cols.reshape(draws, (b // draws) * m, g, k)
-        return torch.einsum("imgk,igkn->imgn", c, noisy[step.name]).reshape(b, m, g, -1)
+        return torch.einsum("imgk,igkn->imgn", c, weights(step, matrix)).reshape(b, m, g, -1)
 
-    return hook
+    def direct(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
+        if step.op_type != "Conv":
+            return None
+        if step.name not in kernels:
+            weight = executor.weight(step)
+            kernels[step.name] = conv_weights(weights(step, step.matrix(weight)), tuple(weight.shape[1:]))
+        w = noisy[step.name]
+        return analog_conv(None, x, kernels[step.name], draws, w.shape[1], step.attrs)
+
+    return hook, direct
 
 
 def relative_noise_accuracy(executor: Executor, x: np.ndarray, y: np.ndarray, zeta: float, draws: int,
@@ -272,13 +312,14 @@ def relative_noise_accuracy(executor: Executor, x: np.ndarray, y: np.ndarray, ze
     """
     gen = torch.Generator().manual_seed(seed)
     accs: list[np.ndarray] = []
-    saved = executor.hook
+    saved = executor.hook, executor.input_hook, executor.direct_hook
+    executor.input_hook = None
     for start in range(0, draws, chunk):
         n = min(chunk, draws - start)
-        executor.hook = _relative_noise_hook(n, zeta, gen)
+        executor.hook, executor.direct_hook = _relative_noise_hooks(executor, n, zeta, gen)
         pred = _argmax_batches(executor, x, n, max(1, batch_size // n))
         accs.append((pred == y[None, :]).mean(axis=1))
-    executor.hook = saved
+    executor.hook, executor.input_hook, executor.direct_hook = saved
     return np.concatenate(accs)
 
 
@@ -327,6 +368,7 @@ def train_executor(
     total_steps = max(1, settings.epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda i: 0.5 * (1 + math.cos(math.pi * i / total_steps)))
     bar = _progress(total_steps, settings.progress)
+    last_val = [""]  # the latest noisy validation, kept on the bar while the next epoch trains
 
     def validate(epoch: int, loss: float, t0: float) -> float:
         if recalibrate is not None:
@@ -336,8 +378,9 @@ def train_executor(
         entry = {"epoch": epoch, "loss": loss, "val_noisy_acc": float(accs.mean()),
                  "val_noisy_std": float(accs.std()), "time_s": time.perf_counter() - t0}
         settings.history.append(entry)
+        last_val[0] = f"{100 * entry['val_noisy_acc']:.2f}% (epoch {epoch})"
         if bar is not None:
-            bar.set_postfix(loss=f"{loss:.3f}", val_noisy=f"{100 * entry['val_noisy_acc']:.2f}%")
+            bar.set_postfix_str(f"val_noisy={last_val[0]}")
         logger.info("finetune epoch %d: loss %.4f, noisy val acc %.4f", epoch, loss, entry["val_noisy_acc"])
         return entry["val_noisy_acc"]
 
@@ -347,7 +390,7 @@ def train_executor(
     for epoch in range(1, settings.epochs + 1):
         if recalibrate is not None:
             recalibrate()
-        executor.hook = hook
+        hook.attach(executor)
         hook.training = True
         order = torch.randperm(len(y_train), generator=gen)
         total = 0.0
@@ -367,6 +410,10 @@ def train_executor(
             total += float(loss.detach()) * len(idx)
             if bar is not None:
                 bar.update(1)
+                if i % 10 == 0 or i == steps_per_epoch - 1:
+                    seen = min((i + 1) * settings.batch_size, len(y_train))
+                    bar.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss={total / seen:.3f} "
+                                        f"val_noisy={last_val[0]}", refresh=False)
         hook.training = False
         acc = validate(epoch, total / len(y_train), started)
         if acc > best_acc or settings.select == "last":
@@ -377,7 +424,7 @@ def train_executor(
     with torch.no_grad():
         for k, v in best_state.items():
             executor.params[k].copy_(v)
-    executor.hook = None
+    executor.hook = executor.input_hook = executor.direct_hook = None
     return {"history": settings.history, "best_epoch": best_epoch, "best_val_noisy": best_acc,
             "train_time_s": time.perf_counter() - started}
 

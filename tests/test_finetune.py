@@ -206,3 +206,22 @@ def test_cli_writes_the_output_atomically(tiny_model: Path, digits: Dataset, tmp
     not_onnx = run_cli("finetune", tiny_model, "--data", data, "-o", tmp_path / "x.txt", "-q")
     assert not_onnx.code == 2 and ".onnx" in not_onnx.err
 
+
+
+def test_direct_convolution_path_equals_the_unrolled_one(tiny_model: Path, digits: Dataset) -> None:
+    """Validation and training run convolutions as one grouped convolution over the PCM instances; that path
+    must compute what the unrolled crossbar path computes (same draws, DAC, per-tile ADC, GDC)."""
+    from cimc.runtime.analog import layer_plans
+    from cimc.runtime.devices import build_device
+
+    compiled = cimc.compile(tiny_model, "aon-cim", calibration=digits, dac_bits=4, adc_bits=4)
+    executor = Executor(compiled.model)
+    hook = NoiseHook(weight_noise="pcm", device=build_device(compiled.target.device), plans=layer_plans(compiled.model))
+    x = torch.from_numpy(digits.x[:16]).repeat(3, 1, 1, 1)  # 3 instances, instance-major
+    with torch.no_grad(), hook.validation(3, 86400.0, seed=5):
+        hook.attach(executor)
+        direct = executor(x)[0]
+        executor.direct_hook = None
+        unrolled = executor(x)[0]
+    assert torch.allclose(direct, unrolled, rtol=1e-4, atol=1e-4 * float(unrolled.abs().max()))
+    assert not torch.allclose(direct[:16], direct[16:32])  # the instances differ

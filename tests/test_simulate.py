@@ -166,3 +166,32 @@ def test_cli_simulate_and_run(mnist_compiled, mnist: Dataset, tmp_path: Path, ru
     assert res.code == 0 and np.load(tmp_path / "y.npy").shape == (5, 10)
     res = run_cli("simulate", tmp_path / "nowhere", "--data", builtin.mnist_test())
     assert res.code == 2 and "not a compiled-model directory" in res.err
+
+
+def test_drift_window_lowers_adc_ranges_only_where_devices_drift(mnist: Dataset) -> None:
+    """The ADC gain serves the drifted chip: smaller full scales on PCM, unchanged on drift-free devices."""
+    calib = Dataset(mnist.x[-64:], mnist.y[-64:], "calib")
+
+    def ranges(target: str, window: str) -> dict[str, tuple[float, list[object]]]:
+        c = compile_model(builtin.mnist_model(), target, calibration=calib, dac_bits=4, adc_bits=4,
+                          pipeline=f"canonicalize,map,quantize{{drift_window={window}}},schedule")
+        return {n.name: (json.loads(n.metadata_props["cimc.quant"])["x_max"],
+                         json.loads(n.metadata_props["cimc.quant"])["y_max"])
+                for n in c.model.graph if "cimc.quant" in n.metadata_props}
+
+    fresh, lifetime = ranges("aon-cim", "none"), ranges("aon-cim", "1s..1y")
+    assert fresh.keys() == lifetime.keys() and fresh
+    first = next(iter(fresh))
+    assert fresh[first][0] == lifetime[first][0]  # the first DAC sees the same input (later ones: other ADCs)
+    for name in fresh:
+        assert all(b < a for a, b in zip(fresh[name][1], lifetime[name][1])), name  # type: ignore[operator]
+    assert ranges("ideal", "none") == ranges("ideal", "1s..1y")
+
+
+@pytest.mark.parametrize("text", ["soon", "24h..1s", "0s..1h"])
+def test_drift_window_errors(text: str) -> None:
+    from cimc.passes.quantize import parse_window
+
+    with pytest.raises(DataError, match="drift_window"):
+        parse_window(text)
+    assert parse_window("none") is None and parse_window("1s..1y") == (1.0, 31557600.0)
