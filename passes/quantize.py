@@ -37,7 +37,7 @@ import torch
 from cimc.errors import DataError, InputError
 from cimc.ir import constant_array, is_analog, node_attrs
 from cimc.pipeline import CimcPass, CompileContext, register_pass
-from cimc.runtime.analog import QuantSpec, analog_mvm, dac, layer_plans, levels
+from cimc.runtime.analog import LayerPlan, QuantSpec, analog_mvm, dac, layer_plans, levels, probe_response
 from cimc.runtime.executor import Executor
 
 __all__ = ["DEFAULT_WINDOW", "QuantizePass", "build_qdq_twin", "calibrate", "parse_window"]
@@ -117,22 +117,19 @@ def _window_times(window: tuple[float, float], points: int = _WINDOW_POINTS) -> 
     return [float(t) for t in np.unique(np.logspace(lo, hi, points if hi > lo else 1))]
 
 
-def _drift_shrink(device: object, plan: object, matrix: torch.Tensor, x_max: float, times: list[float],
+def _drift_shrink(device: object, plan: LayerPlan, matrix: torch.Tensor, times: list[float],
                   per_column: bool) -> list[float]:
     """How much the layer's output magnitude has shrunk at each read time (1 / the GDC factor), on one seeded
     device instance, with the simulator's probe: what the ADC sees before compensation scales it back."""
-    from cimc.runtime.calibration import gdc_probe
     from cimc.runtime.devices import gdc_factor
 
-    gen = torch.Generator().manual_seed(_WINDOW_SEED + plan.rows)  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(_WINDOW_SEED + plan.rows)
     w = matrix.detach().float()
     programmed = device.program_weights(w if per_column else w.reshape(1, -1, w.shape[-1]), 1, gen,  # type: ignore[attr-defined]
                                         per_column=per_column)
 
     def probe_out(t_s: float) -> torch.Tensor:
-        w_t = programmed.read(t_s, gen).float().reshape(1, *w.shape)
-        probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)  # type: ignore[attr-defined]
-        return analog_mvm(plan, dac(plan, probe), w_t, adc=False)  # type: ignore[arg-type]
+        return probe_response(plan, programmed.read(t_s, gen).float().reshape(1, *w.shape))
 
     ref = probe_out(0.0)
     return [float(1.0 / gdc_factor(ref, probe_out(t)).reshape(-1)[0]) for t in times]
@@ -178,7 +175,7 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float,
         b, m, g, k = cols.shape
         cq = cols.reshape(1, b * m, g, k)
         w = matrix.unsqueeze(0)
-        shrink = (_drift_shrink(device, plan, matrix, plan.quant.x_max, times, weight_scale_column)
+        shrink = (_drift_shrink(device, plan, matrix, times, weight_scale_column)
                   if device is not None else None)
         if shrink is not None and all(abs(s - 1.0) < 1e-6 for s in shrink):
             shrink = None  # no drift (ideal devices): the same ranges as without a window, bit for bit

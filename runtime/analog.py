@@ -24,7 +24,8 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_conv", "analog_mvm", "conv_weights", "fake_quant", "layer_plans", "levels"]
+__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_conv", "analog_mvm", "conv_weights", "fake_quant", "layer_plans", "levels",
+           "probe_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,3 +195,14 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
     if gdc is not None:
         y = y * gdc.reshape(1, instances, 1, gdc.shape[-1], *ones)
     return y.transpose(0, 1).reshape(instances * b, -1, *spatial)
+
+
+def probe_response(plan: LayerPlan, weights: torch.Tensor) -> torch.Tensor:
+    """The layer's outputs ``[I, P, G, N]`` for its fixed drift-compensation probe (through the DAC, no ADC:
+    a long average), computed with ``weights`` ``[I or 1, G, K, N]``. The one definition the simulator's GDC,
+    training's GDC and the quantizer's drift estimate share."""
+    from cimc.runtime.calibration import gdc_probe
+
+    x_max = plan.quant.x_max if plan.quant is not None else 1.0
+    probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
+    return analog_mvm(plan, dac(plan, probe), weights, adc=False)

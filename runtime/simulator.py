@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from cimc.errors import DataError, InputError
-from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans
-from cimc.runtime.calibration import gdc_probe
+from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
@@ -95,13 +94,7 @@ class Chip:
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each layer's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average)."""
-        out = {}
-        for name, w in weights.items():
-            plan = self.plans[name]
-            x_max = plan.quant.x_max if plan.quant is not None else 1.0
-            probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
-            out[name] = analog_mvm(plan, dac(plan, probe), w, adc=False)  # [I, P, G, N]
-        return out
+        return {name: probe_response(self.plans[name], w) for name, w in weights.items()}
 
     def _read(self, t_s: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
@@ -297,7 +290,7 @@ def simulate(
         "target": compiled.target.name,
         "instances": instances,
         "seed": seed,
-        "samples": int(len(x)),
+        "samples": len(x),
         "float_accuracy": float((float_pred == y).mean()),
         "quantized_accuracy": float((quant_pred == y).mean()),
         "dac_bits": compiled.target.converters.dac_bits,

@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cimc.runtime.analog import LayerPlan, analog_conv, analog_mvm, conv_weights, dac
-from cimc.runtime.calibration import gdc_probe
+from cimc.runtime.analog import LayerPlan, analog_conv, analog_mvm, conv_weights, dac, probe_response
 from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 
@@ -132,10 +131,7 @@ class NoiseHook:
         if plan is None:
             ref, cur = w_0, w_t
         else:
-            x_max = plan.quant.x_max if plan.quant is not None else 1.0
-            probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
-            probe = dac(plan, probe)
-            ref, cur = analog_mvm(plan, probe, w_0, adc=False), analog_mvm(plan, probe, w_t, adc=False)
+            ref, cur = probe_response(plan, w_0), probe_response(plan, w_t)
         return noisy, gdc_factor(ref, cur, per_column=(mode == "column")).detach()
 
     def _weights(self, step: AnalogStep, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
