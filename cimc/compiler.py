@@ -11,6 +11,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import InputError
 from cimc.frontend import load_model
 from cimc.pipeline import CompileContext, parse_pipeline, run_pipeline
+from cimc.targets import resolve_target
 
 __all__ = ["compile_model", "default_pipeline", "resolve_target"]
 
@@ -31,15 +32,6 @@ def _register_passes() -> None:
         import cimc.passes.finetune  # noqa: F401
     except ImportError:  # pragma: no cover
         pass
-
-
-def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Any:
-    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
-    from cimc.targets import Target, load_target
-
-    t = target if isinstance(target, Target) else load_target(str(target))
-    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
-    return t.with_overrides(**overrides) if overrides else t
 
 
 def default_pipeline(calibration: bool, finetune: bool) -> str:

@@ -251,8 +251,10 @@ def finetune(
     ``options``: any :class:`FinetunePass` option (``lr``, ``eta``, ``zeta``, ``beta``, ...).
     ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use).
     """
-    from cimc.compiler import resolve_target
     from cimc.data import load_dataset
+    from cimc.frontend import load_model
+    from cimc.passes.canonicalize import canonicalize
+    from cimc.targets import resolve_target
 
     if train is None:
         raise DataError("fine-tuning needs training data: pass train= a .npz path or a Dataset (arrays x, y)")
@@ -262,9 +264,7 @@ def finetune(
     if isinstance(model, ir.Model):
         work = ir.from_proto(ir.to_proto(model))
     else:
-        import cimc.api
-
-        work = cimc.api.load(model)
+        work = canonicalize(load_model(model))
     ds_train = load_dataset(train) if isinstance(train, (str, os.PathLike)) else train
     ds_val = load_dataset(val) if isinstance(val, (str, os.PathLike)) else val
     t = resolve_target(target, dac_bits, adc_bits)
