@@ -119,7 +119,9 @@ def _declared_dims(inp: onnx.ValueInfoProto) -> list[int | str] | None:
 
 def _suggested_shape(inp: onnx.ValueInfoProto, batch: int) -> str:
     dims = _declared_dims(inp) or []
-    shown = [batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(dims)]
+    shown = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+             for d in inp.type.tensor_type.shape.dim]  # the batch is already fixed here
+    shown = [batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shown or dims)]
     return f"--input-shape {inp.name}={_dims_text(shown)}"
 
 
@@ -227,16 +229,31 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
             shape.dim.add().dim_value = d
 
 
-def _fix_input_shapes(proto: onnx.ModelProto, batch: int) -> None:
+def _batch_symbols(proto: onnx.ModelProto) -> set[str]:
+    """Names of the symbolic dimensions that stand first in some input: the batch."""
     initializers = {t.name for t in proto.graph.initializer}
-    for inp in proto.graph.input:
-        if inp.name in initializers or not inp.type.HasField("tensor_type"):
-            continue
+    return {
+        i.type.tensor_type.shape.dim[0].dim_param
+        for i in proto.graph.input
+        if i.name not in initializers and i.type.HasField("tensor_type") and len(i.type.tensor_type.shape.dim)
+        and i.type.tensor_type.shape.dim[0].dim_param
+    }
+
+
+def _fix_input_shapes(proto: onnx.ModelProto, batch: int, batch_symbols: set[str]) -> dict[str, int]:
+    """Dimension 0 of every input, and any dimension named like one (a state input [layers, batch, hidden]),
+    is the batch; every other unknown dimension is an error naming the option that fixes it. Returns each
+    input's batch axis (0 unless the batch symbol stands elsewhere)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers and i.type.HasField("tensor_type")]
+    axes: dict[str, int] = {}
+    for inp in inputs:
         shape = inp.type.tensor_type.shape
         for i, dim in enumerate(shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
-            if i == 0:
+            if i == 0 or (dim.dim_param and dim.dim_param in batch_symbols):
+                axes.setdefault(inp.name, i)
                 dim.Clear()
                 dim.dim_value = batch
                 continue
@@ -245,6 +262,7 @@ def _fix_input_shapes(proto: onnx.ModelProto, batch: int) -> None:
                 f"input '{inp.name}' has a dynamic dimension {i} ({label!r}); cimc compiles for fixed shapes: "
                 f"fix it with {_suggested_shape(inp, batch)} (replace {label!r} by its size; input_shapes= in the API)"
             )
+    return {i.name: axes.get(i.name, 0) for i in inputs}
 
 
 def load_model(
@@ -284,11 +302,12 @@ def load_model(
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
     proto.ir_version = max(proto.ir_version, 4)
+    batch_symbols = _batch_symbols(proto)
     if input_values:
         _freeze_inputs(proto, input_values)
     if input_shapes:
         _set_input_shapes(proto, input_shapes)
-    _fix_input_shapes(proto, batch)
+    batch_axes = _fix_input_shapes(proto, batch, batch_symbols)
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -301,6 +320,8 @@ def load_model(
     if renamed:
         logger.info("named %d unnamed or duplicate-named nodes", renamed)
     model.graph.meta["cimc.batch"] = batch
+    if any(batch_axes.values()):
+        model.metadata_props["cimc.batch_axes"] = json.dumps(batch_axes)
     if input_shapes or input_values:
         model.metadata_props["cimc.fixed_inputs"] = json.dumps(
             {"shapes": {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()},
