@@ -125,9 +125,36 @@ def classify(model: ir.Model) -> list[NodeClass]:
                 else "runs on the digital unit"
             )
             out.append(NodeClass(name, node.op_type, "digital", why))
+        elif node.op_type == "If":
+            inputs = _graph_inputs_upstream(node.inputs[0])
+            why = (f"its condition depends on input(s) {', '.join(inputs)}: freeze them with --input-value NAME=VALUE "
+                   "(input_values= in the API) so the branch is known at compile time") if inputs else (
+                   "its condition is only known at run time; cimc compiles one fixed dataflow graph")
+            out.append(NodeClass(name, node.op_type, "unsupported", why))
+        elif node.op_type in ("Loop", "Scan"):
+            out.append(NodeClass(name, node.op_type, "unsupported",
+                                 "loops with a data-dependent trip count cannot be mapped; export the model unrolled"))
         else:
             out.append(NodeClass(name, node.op_type, "unsupported", "no implementation in cimc's digital unit"))
     return out
+
+
+def _graph_inputs_upstream(value: ir.Value | None) -> list[str]:
+    """Names of the graph inputs a value depends on (through any chain of producers)."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            found.append(v.name)
+        producer = v.producer()
+        if producer is not None:
+            stack.extend(producer.inputs)
+    return sorted(found)
 
 
 @dataclass(frozen=True)
