@@ -40,12 +40,16 @@ def load(path: str | os.PathLike[str], *, batch: int = 1, canonicalize: bool = T
 
 
 def inspect(model: str | os.PathLike[str] | ir.Model, *, batch: int = 1, canonicalize: bool = True) -> InspectReport:
-    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital."""
+    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital.
+
+    ``canonicalize=False`` reports the graph as imported (for an :class:`onnx_ir.Model`: says it was loaded
+    with ``canonicalize=False``).
+    """
     name = ""
     if not isinstance(model, ir.Model):
         name = Path(model).name
         model = load(model, batch=batch, canonicalize=canonicalize)
-    return inspect_model(model, name=name)
+    return inspect_model(model, name=name, canonical=canonicalize)
 
 
 def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: Any) -> Any:  # noqa: A001

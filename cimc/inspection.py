@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from cimc.ir import analog_matrix, classify, static_shape
+from cimc.ir import RECURRENT_OPS, analog_matrix, classify, static_shape
 from cimc.report import format_table, human
 
 __all__ = ["InspectReport", "NodeRow", "inspect_model"]
@@ -25,6 +25,7 @@ class NodeRow:
     kind: str  # analog | digital | unsupported
     reason: str
     matrix: dict[str, int] | None = None  # analog: rows, cols, groups, mvms
+    weight: str | None = None  # analog: the weight initializer (several nodes may read one)
 
 
 @dataclass
@@ -51,7 +52,11 @@ class InspectReport:
             "unsupported_nodes": by_kind.get("unsupported", 0),
             "analog_ops": analog_ops,
             "parameters": sum(n.parameters for n in self.nodes),
-            "analog_weights": sum(n.matrix["rows"] * n.matrix["cols"] * n.matrix["groups"] for n in self.nodes if n.matrix),
+            "analog_weights": sum(
+                {n.weight or n.name: n.matrix["rows"] * n.matrix["cols"] * n.matrix["groups"]
+                 for n in self.nodes if n.matrix}.values()
+            ),
+            "mvms": sum(n.matrix["mvms"] * n.matrix["groups"] for n in self.nodes if n.matrix),
             "macs": sum(n.macs for n in self.nodes),
             "analog_macs": sum(n.macs for n in self.nodes if n.kind == "analog"),
         }
@@ -70,19 +75,27 @@ class InspectReport:
         def shapes(s: list[list[int] | None]) -> str:
             return " ".join("x".join(map(str, d)) if d is not None else "?" for d in s)
 
+        def runs_on(n: NodeRow) -> str:
+            if n.kind == "unsupported":
+                return f"UNSUPPORTED: {n.reason}"
+            if n.op_type in RECURRENT_OPS and n.kind == "digital":  # as imported, before expansion
+                return "expanded: analog MatMuls + digital gates"
+            return n.kind
+
         rows = [
             [n.name, n.op_type, shapes(n.input_shapes[:1]), shapes(n.output_shapes), human(n.parameters) if n.parameters else "",
-             human(n.macs) if n.macs else "", n.kind if n.kind != "unsupported" else f"UNSUPPORTED: {n.reason}"]
+             human(n.macs) if n.macs else "", str(n.matrix["mvms"] * n.matrix["groups"]) if n.matrix else "", runs_on(n)]
             for n in self.nodes
         ]
         t = self.totals
-        body = format_table(["node", "op", "input", "output", "params", "MACs", "runs on"], rows, right=(4, 5))
+        body = format_table(["node", "op", "input", "output", "params", "MACs", "MVMs", "runs on"], rows, right=(4, 5, 6))
         ops = ", ".join(f"{v} {k}" for k, v in sorted(t["analog_ops"].items()))
         summary = (
             f"\n{t['nodes']} nodes: {t['analog_nodes']} analog ({ops or 'none'}), {t['digital_nodes']} digital, "
             f"{t['unsupported_nodes']} unsupported\n"
             f"parameters: {t['parameters']:,} ({human(t['parameters'])}); analog weights: {t['analog_weights']:,}\n"
-            f"MACs per inference: {t['macs']:,} ({human(t['macs'])}), of which analog {t['analog_macs']:,}"
+            f"MACs per inference: {t['macs']:,} ({human(t['macs'])}), of which analog {t['analog_macs']:,} "
+            f"in {t['mvms']:,} MVMs"
         )
         return body + summary
 
@@ -92,8 +105,12 @@ def _shape(v: ir.Value | None) -> list[int] | None:
     return list(s) if s is not None else None
 
 
-def inspect_model(model: ir.Model, name: str = "") -> InspectReport:
-    """Per-node shapes, parameters, MACs and placement class of a (canonicalised) model."""
+def inspect_model(model: ir.Model, name: str = "", *, canonical: bool = True) -> InspectReport:
+    """Per-node shapes, parameters, MACs and placement class of a model.
+
+    ``canonical=False`` for a graph as imported (``inspect --raw``): recurrent layers that canonicalisation
+    expands are reported as supported, with what they become.
+    """
     graph = model.graph
     opset = model.opset_imports.get("", None)
     report = InspectReport(
@@ -102,18 +119,22 @@ def inspect_model(model: ir.Model, name: str = "") -> InspectReport:
         inputs={v.name: _shape(v) for v in graph.inputs},
         outputs={v.name: _shape(v) for v in graph.outputs},
     )
-    classes = {c.name: c for c in classify(model)}
+    classes = {c.name: c for c in classify(model, canonical=canonical)}
+    counted: set[str] = set()  # a weight read by several nodes (a recurrent R, every step) counts once
     for node in graph:
         cls = classes[node.name or f"<{node.op_type}>"]
-        params = sum(
-            math.prod(v.const_value.shape) for v in node.inputs if v is not None and v.const_value is not None
-            and v.is_initializer() and v.const_value.dtype.is_floating_point()
-        )
-        macs, matrix = 0, None
+        params = 0
+        for v in node.inputs:
+            if (v is not None and v.const_value is not None and v.is_initializer()
+                    and v.const_value.dtype.is_floating_point() and v.name not in counted):
+                counted.add(v.name)
+                params += math.prod(v.const_value.shape)
+        macs, matrix, weight = 0, None, None
         if cls.kind == "analog":
             m = analog_matrix(node)
             macs = m.macs
             matrix = {"rows": m.rows, "cols": m.cols, "groups": m.groups, "mvms": m.mvms}
+            weight = node.inputs[m.weight_input].name if node.op_type == "MatMul" else node.inputs[1].name
         elif node.op_type in ("MatMul", "Gemm", "Conv"):
             out = static_shape(node.outputs[0])
             a = static_shape(node.inputs[0])
@@ -130,6 +151,7 @@ def inspect_model(model: ir.Model, name: str = "") -> InspectReport:
                 kind=cls.kind,
                 reason=cls.reason,
                 matrix=matrix,
+                weight=weight,
             )
         )
     return report
