@@ -148,10 +148,11 @@ def recurrent_refusal(node: ir.Node) -> str | None:
     if ins[4] is not None:
         lens = constant_array(ins[4])
         if lens is None:
-            return "sequence_lens is not a constant (variable-length sequences are not supported); omit it"
+            return ("sequence_lens is not a constant: variable-length sequences are not supported; export with "
+                    "full-length sequences and no sequence_lens")
         if lens.size == 0 or np.any(lens.reshape(-1) != seq):
-            return (f"sequence_lens {lens.reshape(-1).tolist()} differs from the full length {seq} "
-                    "(only full-length sequences are supported)")
+            return (f"sequence_lens {lens.reshape(-1).tolist()} differs from the full length {seq}: only "
+                    "full-length sequences are supported; export without sequence_lens")
     dtype = ins[0].dtype
     if dtype is not None and dtype != ir.DataType.FLOAT:
         return f"input X is {dtype}, not float32"
