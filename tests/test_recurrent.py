@@ -506,6 +506,12 @@ def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Pat
     assert all(row["matrix"]["rows"] == 8 and row["matrix"]["cols"] == 32 for row in steps)
     order = [row["schedule"]["step"] for row in sorted(steps, key=lambda r: int(r["name"].split("/t")[-1].split("/")[0]))]
     assert order == sorted(order)  # steps scheduled in time order
+    # The compiled ONNX (expanded graph) and its quantised digital twin both run in onnxruntime.
+    one = calib.x[:1]  # the compiled files have the batch fixed at import (1)
+    source = run_ort(classifier_path, {"x": one})[0]
+    assert rel_l2(run_ort(tmp_path / "build" / "model.onnx", {"x": one})[0], source) <= TOL
+    twin = run_ort(tmp_path / "build" / "model.qdq.onnx", {"x": one})[0]
+    assert np.isfinite(twin).all() and 0 < rel_l2(twin, source) < 0.1  # 8-bit converters: close, not equal
     # noisy chips: finite outputs, accuracy numbers for every time
     result = cimc.simulate(compiled, calib, drift="1s,1d", instances=2, compare_gdc=False)
     assert len(result.data["series"]) >= 1
