@@ -560,3 +560,52 @@ def test_vad_like_model_end_to_end(tmp_path: Path, run_cli) -> None:  # type: ig
     lstm_rows = [line for line in raw.out.splitlines() if " LSTM " in line]
     assert len(lstm_rows) == 1 and "expanded: analog MatMuls + digital gates" in lstm_rows[0]
     assert "0 unsupported" in raw.out
+
+
+class _VadWithRate(nn.Module):
+    """Silero-VAD-like with what the real one has around its LSTM: a sample-rate input choosing the front end
+    (an ``If`` in ONNX), the LSTM state as inputs and outputs, a dynamic number of samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.frontend16k = nn.Conv1d(1, 12, 16, stride=8)
+        self.frontend8k = nn.Conv1d(1, 12, 8, stride=4)
+        self.encoder = nn.Conv1d(12, 16, 3, stride=2, padding=1)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.decoder = nn.Conv1d(16, 1, 1)
+        self.eval()
+
+    def forward(self, x: torch.Tensor, sr: torch.Tensor, h: torch.Tensor,
+                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if bool(sr == 16000):
+            f = self.frontend16k(x)
+        else:
+            f = self.frontend8k(x)
+        z = torch.relu(self.encoder(torch.relu(f)))
+        out, (hn, cn) = self.lstm(z.transpose(1, 2), (h, c))
+        p = torch.sigmoid(self.decoder(torch.relu(out).transpose(1, 2)))
+        return p.mean(dim=2), hn, cn
+
+
+def test_vad_with_sample_rate_and_state_inputs(tmp_path: Path) -> None:
+    path = tmp_path / "vad_sr.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(_VadWithRate())  # scripting keeps the sample-rate branch as an If
+        torch.onnx.export(scripted, (torch.randn(1, 1, 256), torch.tensor(16000), torch.zeros(1, 1, 16),
+                                     torch.zeros(1, 1, 16)),
+                          str(path), opset_version=14, dynamo=False, input_names=["x", "sr", "h", "c"],
+                          output_names=["p", "hn", "cn"], dynamic_axes={"x": {2: "samples"}})
+    assert {"If", "LSTM"} <= {n.op_type for n in onnx.load(path).graph.node}
+    compiled = cimc.compile(path, "ideal", input_shapes={"x": [1, 1, 512]}, input_values={"sr": 16000})
+    assert [v.name for v in compiled.model.graph.inputs] == ["x", "h", "c"]
+    assert not any(n.op_type in ("If", "LSTM") for n in compiled.model.graph)
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((1, 1, 512)).astype(np.float32),
+             "h": rng.standard_normal((1, 1, 16)).astype(np.float32),
+             "c": rng.standard_normal((1, 1, 16)).astype(np.float32)}
+    expected = run_ort(path, {**feeds, "sr": np.array(16000)})
+    got = cimc.run(compiled, feeds, all_outputs=True)
+    for name, e in zip(["p", "hn", "cn"], expected):
+        assert rel_l2(got[name], e) <= TOL, name
