@@ -25,7 +25,6 @@ class NodeRow:
     kind: str  # analog | digital | unsupported
     reason: str
     matrix: dict[str, int] | None = None  # analog: rows, cols, groups, mvms
-    weight: str | None = None  # analog: the weight initializer (several nodes may read one)
 
 
 @dataclass
@@ -52,11 +51,7 @@ class InspectReport:
             "unsupported_nodes": by_kind.get("unsupported", 0),
             "analog_ops": analog_ops,
             "parameters": sum(n.parameters for n in self.nodes),
-            "analog_weights": sum(
-                {n.weight or n.name: n.matrix["rows"] * n.matrix["cols"] * n.matrix["groups"]
-                 for n in self.nodes if n.matrix}.values()
-            ),
-            "mvms": sum(n.matrix["mvms"] * n.matrix["groups"] for n in self.nodes if n.matrix),
+            "analog_weights": sum(n.matrix["rows"] * n.matrix["cols"] * n.matrix["groups"] for n in self.nodes if n.matrix),
             "macs": sum(n.macs for n in self.nodes),
             "analog_macs": sum(n.macs for n in self.nodes if n.kind == "analog"),
         }
@@ -94,8 +89,7 @@ class InspectReport:
             f"\n{t['nodes']} nodes: {t['analog_nodes']} analog ({ops or 'none'}), {t['digital_nodes']} digital, "
             f"{t['unsupported_nodes']} unsupported\n"
             f"parameters: {t['parameters']:,} ({human(t['parameters'])}); analog weights: {t['analog_weights']:,}\n"
-            f"MACs per inference: {t['macs']:,} ({human(t['macs'])}), of which analog {t['analog_macs']:,} "
-            f"in {t['mvms']:,} MVMs"
+            f"MACs per inference: {t['macs']:,} ({human(t['macs'])}), of which analog {t['analog_macs']:,}"
         )
         return body + summary
 
@@ -120,21 +114,17 @@ def inspect_model(model: ir.Model, name: str = "", *, canonical: bool = True) ->
         outputs={v.name: _shape(v) for v in graph.outputs},
     )
     classes = {c.name: c for c in classify(model, canonical=canonical)}
-    counted: set[str] = set()  # a weight read by several nodes (a recurrent R, every step) counts once
     for node in graph:
         cls = classes[node.name or f"<{node.op_type}>"]
-        params = 0
-        for v in node.inputs:
-            if (v is not None and v.const_value is not None and v.is_initializer()
-                    and v.const_value.dtype.is_floating_point() and v.name not in counted):
-                counted.add(v.name)
-                params += math.prod(v.const_value.shape)
-        macs, matrix, weight = 0, None, None
+        params = sum(
+            math.prod(v.const_value.shape) for v in node.inputs if v is not None and v.const_value is not None
+            and v.is_initializer() and v.const_value.dtype.is_floating_point()
+        )
+        macs, matrix = 0, None
         if cls.kind == "analog":
             m = analog_matrix(node)
             macs = m.macs
             matrix = {"rows": m.rows, "cols": m.cols, "groups": m.groups, "mvms": m.mvms}
-            weight = node.inputs[m.weight_input].name if node.op_type == "MatMul" else node.inputs[1].name
         elif node.op_type in ("MatMul", "Gemm", "Conv"):
             out = static_shape(node.outputs[0])
             a = static_shape(node.inputs[0])
@@ -151,7 +141,6 @@ def inspect_model(model: ir.Model, name: str = "", *, canonical: bool = True) ->
                 kind=cls.kind,
                 reason=cls.reason,
                 matrix=matrix,
-                weight=weight,
             )
         )
     return report
