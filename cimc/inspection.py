@@ -79,11 +79,13 @@ class InspectReport:
 
         rows = [
             [n.name, n.op_type, shapes(n.input_shapes[:1]), shapes(n.output_shapes), human(n.parameters) if n.parameters else "",
-             human(n.macs) if n.macs else "", str(n.matrix["mvms"] * n.matrix["groups"]) if n.matrix else "", runs_on(n)]
+             human(n.macs) if n.macs else "", str(n.matrix["mvms"] * n.matrix["groups"]) if n.matrix else "",
+             runs_on(n)]
             for n in self.nodes
         ]
         t = self.totals
-        body = format_table(["node", "op", "input", "output", "params", "MACs", "MVMs", "runs on"], rows, right=(4, 5, 6))
+        headers = ["node", "op", "input", "output", "params", "MACs", "MVMs", "runs on"]
+        body = format_table(headers, rows, right=(4, 5, 6))
         ops = ", ".join(f"{v} {k}" for k, v in sorted(t["analog_ops"].items()))
         summary = (
             f"\n{t['nodes']} nodes: {t['analog_nodes']} analog ({ops or 'none'}), {t['digital_nodes']} digital, "

@@ -117,7 +117,8 @@ class _Builder:
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
         name = self._unique(f"{self.prefix}/{suffix}")
         array = np.ascontiguousarray(array)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        dtype = ir.DataType.from_numpy(array.dtype)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value

@@ -175,7 +175,7 @@ def _check_expanded_graph(model: ir.Model) -> None:
     for info in inferred.graph.value_info:
         if info.name in declared and info.type.tensor_type.HasField("shape"):
             dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
-            assert dims == declared[info.name], f"{info.name}: ONNX infers {dims}, the expansion says {declared[info.name]}"
+            assert dims == declared[info.name], f"{info.name}: ONNX infers {dims}, expansion {declared[info.name]}"
 
 
 def _assert_matches(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -191,7 +191,8 @@ def _assert_matches(model: onnx.ModelProto, reference: onnx.ModelProto, feeds: d
     if check_graph:
         _check_expanded_graph(canonical)
         # The digital twin of a compiled model runs in onnxruntime: so must the expansion.
-        twin = _ort(ir.to_proto(canonical), {k: v for k, v in feeds.items() if k in {i.name for i in canonical.graph.inputs}})
+        inputs = {i.name for i in canonical.graph.inputs}
+        twin = _ort(ir.to_proto(canonical), {k: v for k, v in feeds.items() if k in inputs})
         for g, e in zip(twin, expected):
             assert rel_l2(g, e) <= TOL
     return canonical
@@ -504,7 +505,8 @@ def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Pat
     assert len(steps) == 6  # steps 1..6: the zero initial state needs no product at step 0
     assert all(row["kind"] == "analog" and row["matrix"]["mvms"] == 1 and row["mvms"] == 1 for row in steps)
     assert all(row["matrix"]["rows"] == 8 and row["matrix"]["cols"] == 32 for row in steps)
-    order = [row["schedule"]["step"] for row in sorted(steps, key=lambda r: int(r["name"].split("/t")[-1].split("/")[0]))]
+    by_time = sorted(steps, key=lambda r: int(r["name"].split("/t")[-1].split("/")[0]))
+    order = [row["schedule"]["step"] for row in by_time]
     assert order == sorted(order)  # steps scheduled in time order
     # The compiled ONNX (expanded graph) and its quantised digital twin both run in onnxruntime.
     one = calib.x[:1]  # the compiled files have the batch fixed at import (1)
@@ -553,9 +555,12 @@ def test_vad_like_model_end_to_end(tmp_path: Path, run_cli) -> None:  # type: ig
     # inspect shows the expansion: the input projection with its 16 MVMs, the recurrent products with 1 each
     table = run_cli("inspect", path)
     proj_rows = [line for line in table.out.splitlines() if "/fw/x_proj " in line]
-    assert len(proj_rows) == 1 and proj_rows[0].split()[-2:] == ["16", "analog"]
+    assert len(proj_rows) == 1 and proj_rows[0].split()[-2:] == ["16", "analog"]  # MVMs, runs on
     r_rows = [line for line in table.out.splitlines() if line.split() and line.split()[0].endswith("/r_proj")]
     assert len(r_rows) == 15 and all(line.split()[-2:] == ["1", "analog"] for line in r_rows)
+    nodes = json.loads(run_cli("inspect", path, "--json").out)["nodes"]
+    assert [n["matrix"]["mvms"] for n in nodes if n["name"].endswith("/x_proj")] == [16]
+    assert [n["matrix"]["mvms"] for n in nodes if n["name"].endswith("/r_proj")] == [1] * 15
     raw = run_cli("inspect", path, "--raw")
     lstm_rows = [line for line in raw.out.splitlines() if " LSTM " in line]
     assert len(lstm_rows) == 1 and "expanded: analog MatMuls + digital gates" in lstm_rows[0]
