@@ -105,13 +105,17 @@ class _Builder:
         self.graph = graph
         self.anchor = anchor
         self.prefix = prefix
+        # Value names must stay unique (SSA): every name the graph already uses, and each new one as it is made.
+        self._taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        self._taken.update(out.name for n in graph for out in n.outputs if out.name)
         self._scalars: dict[float, ir.Value] = {}
         self._axes: dict[tuple[int, ...], ir.Value] = {}
 
     def _unique(self, name: str) -> str:
         out, k = name, 1
-        while out in self.graph.initializers:
+        while out in self._taken:
             out, k = f"{name}_{k}", k + 1
+        self._taken.add(out)
         return out
 
     def const(self, suffix: str, array: np.ndarray) -> ir.Value:
@@ -144,7 +148,7 @@ class _Builder:
         full = f"{self.prefix}/{name}"
         node = ir.node(op_type, list(inputs), attrs or None, num_outputs=len(shapes), name=full)
         for i, (out, shape) in enumerate(zip(node.outputs, shapes)):
-            out.name = full if len(shapes) == 1 else f"{full}:{i}"
+            out.name = self._unique(full if len(shapes) == 1 else f"{full}:{i}")
             out.shape = ir.Shape([int(d) for d in shape])
             out.type = ir.TensorType(ir.DataType.FLOAT)
         self.graph.insert_before(self.anchor, node)

@@ -278,6 +278,21 @@ def test_only_the_outputs_read_are_built() -> None:
     assert not any(n.name.endswith("/y") for n in canonical.graph)
 
 
+def test_new_value_names_never_clash_with_existing_ones() -> None:
+    model, ref, feeds = _recurrent("RNN", state="input")
+    # The sequence reaches the layer through a Relu whose output already bears an expansion-style name.
+    assert ref is model  # layout 0: the model is its own reference
+    for m in (model,):
+        relu = helper.make_node("Relu", ["X"], ["rec/fw/x_proj"], name="pre")
+        m.graph.node.insert(0, relu)
+        for node in m.graph.node:
+            if node.name != "pre":
+                node.input[:] = ["rec/fw/x_proj" if i == "X" else i for i in node.input]
+    canonical = _assert_matches(model, ref, feeds)  # onnxruntime runs the expanded graph: names are unique
+    names = [v.name for n in canonical.graph for v in n.outputs]
+    assert len(names) == len(set(names))
+
+
 ACTIVATIONS = ["Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh", "HardSigmoid",
                "Elu", "Softsign", "Softplus"]
 
