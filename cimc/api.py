@@ -56,13 +56,17 @@ def inspect(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_values: Mapping[str, Any] | None = None,
 ) -> InspectReport:
-    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital."""
+    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital.
+
+    ``canonicalize=False`` reports the graph as imported (for an :class:`onnx_ir.Model`: says it was loaded
+    with ``canonicalize=False``).
+    """
     name = ""
     if not isinstance(model, ir.Model):
         name = Path(model).name
         model = load(model, batch=batch, canonicalize=canonicalize, input_shapes=input_shapes,
                      input_values=input_values)
-    return inspect_model(model, name=name)
+    return inspect_model(model, name=name, canonical=canonicalize)
 
 
 def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: Any) -> Any:  # noqa: A001

@@ -8,7 +8,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from cimc.ir import analog_matrix, classify, static_shape
+from cimc.ir import RECURRENT_OPS, analog_matrix, classify, static_shape
 from cimc.report import format_table, human
 
 __all__ = ["InspectReport", "NodeRow", "inspect_model"]
@@ -70,13 +70,22 @@ class InspectReport:
         def shapes(s: list[list[int] | None]) -> str:
             return " ".join("x".join(map(str, d)) if d is not None else "?" for d in s)
 
+        def runs_on(n: NodeRow) -> str:
+            if n.kind == "unsupported":
+                return f"UNSUPPORTED: {n.reason}"
+            if n.op_type in RECURRENT_OPS and n.kind == "digital":  # as imported, before expansion
+                return "expanded: analog MatMuls + digital gates"
+            return n.kind
+
         rows = [
             [n.name, n.op_type, shapes(n.input_shapes[:1]), shapes(n.output_shapes), human(n.parameters) if n.parameters else "",
-             human(n.macs) if n.macs else "", n.kind if n.kind != "unsupported" else f"UNSUPPORTED: {n.reason}"]
+             human(n.macs) if n.macs else "", str(n.matrix["mvms"] * n.matrix["groups"]) if n.matrix else "",
+             runs_on(n)]
             for n in self.nodes
         ]
         t = self.totals
-        body = format_table(["node", "op", "input", "output", "params", "MACs", "runs on"], rows, right=(4, 5))
+        headers = ["node", "op", "input", "output", "params", "MACs", "MVMs", "runs on"]
+        body = format_table(headers, rows, right=(4, 5, 6))
         ops = ", ".join(f"{v} {k}" for k, v in sorted(t["analog_ops"].items()))
         summary = (
             f"\n{t['nodes']} nodes: {t['analog_nodes']} analog ({ops or 'none'}), {t['digital_nodes']} digital, "
@@ -92,8 +101,12 @@ def _shape(v: ir.Value | None) -> list[int] | None:
     return list(s) if s is not None else None
 
 
-def inspect_model(model: ir.Model, name: str = "") -> InspectReport:
-    """Per-node shapes, parameters, MACs and placement class of a (canonicalised) model."""
+def inspect_model(model: ir.Model, name: str = "", *, canonical: bool = True) -> InspectReport:
+    """Per-node shapes, parameters, MACs and placement class of a model.
+
+    ``canonical=False`` for a graph as imported (``inspect --raw``): recurrent layers that canonicalisation
+    expands are reported as supported, with what they become.
+    """
     graph = model.graph
     opset = model.opset_imports.get("", None)
     report = InspectReport(
@@ -102,7 +115,7 @@ def inspect_model(model: ir.Model, name: str = "") -> InspectReport:
         inputs={v.name: _shape(v) for v in graph.inputs},
         outputs={v.name: _shape(v) for v in graph.outputs},
     )
-    classes = {c.name: c for c in classify(model)}
+    classes = {c.name: c for c in classify(model, canonical=canonical)}
     for node in graph:
         cls = classes[node.name or f"<{node.op_type}>"]
         params = sum(

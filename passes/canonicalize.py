@@ -10,11 +10,14 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    takes) and ONNX shape inference (a folded shape makes the next shapes known, which makes more folding
    possible). One round is not enough for shape computations that depend on earlier folds.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
-3. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
+3. :class:`~cimc.passes.recurrent.ExpandRecurrentPass` — ``LSTM``/``GRU``/``RNN`` become MatMuls with constant
+   weights (analog: the input projection of all steps, and one recurrent product per step reading one shared
+   weight) and element-wise gates (digital).
+4. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
    nothing else reads) is folded into its weights and bias (onnxscript's rewrite rules).
-4. :class:`MatMulAddToGemmPass` — ``Add(MatMul(x, W), b)`` with constant 2-D ``W`` and constant ``b`` becomes
+5. :class:`MatMulAddToGemmPass` — ``Add(MatMul(x, W), b)`` with constant 2-D ``W`` and constant ``b`` becomes
    one ``Gemm`` (onnxscript's rule, restricted to constant operands).
-5. :class:`CleanupPass` — unused nodes, initializers and opsets are removed; nodes are sorted topologically.
+6. :class:`CleanupPass` — unused nodes, initializers and opsets are removed; nodes are sorted topologically.
 
 1-D convolutions need no rewrite: they map like 2-D ones (K = C_in·k rows) and the executor runs them
 natively.
@@ -42,6 +45,7 @@ from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, name_nodes, node_attrs, static_shape
 from cimc.ops import OPS
+from cimc.passes.recurrent import ExpandRecurrentPass
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
 __all__ = [
@@ -344,6 +348,9 @@ def _canonicalize_passes() -> ir.passes.Sequential:
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
         RemoveNoOpsPass(),
+        # After folding (initial states and sequence_lens built from Shape become constants), before the
+        # rewrites that look at MatMuls and the final fold/cleanup.
+        ExpandRecurrentPass(),
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
         FoldConstantsPass(),
