@@ -182,8 +182,8 @@ class CompiledModel:
     @classmethod
     def load(cls, path: str | Path) -> CompiledModel:
         """Read a compiled-model directory (or its model.onnx) back."""
-        from cimc.passes.schedule import build_workload, execution_order
         from cimc.runtime.cost import estimate_cost
+        from cimc.runtime.workload import model_workload
         from cimc.targets import load_target
 
         p = Path(path)
@@ -198,7 +198,7 @@ class CompiledModel:
             raise InputError(f"{folder}: compiled with an unknown format {manifest.get('format')!r}; recompile it")
         model = ir.load(folder / "model.onnx")
         target = load_target(folder / "target.yaml")
-        cost = estimate_cost(target, build_workload(execution_order(model.graph)))
+        cost = estimate_cost(target, model_workload(model))
         extra = {k: v for k, v in manifest.items() if k not in
                  ("format", "cimc_version", "source", "source_sha256", "target", "pipeline", "files")}
         return cls(model, target, cost, manifest.get("source", ""), manifest.get("source_sha256", ""), extra)

@@ -36,10 +36,13 @@ __all__ = [
     "classify",
     "constant_array",
     "is_analog",
+    "layer_of",
     "node_attrs",
+    "placements_of",
     "static_shape",
     "to_networkx",
     "weight_to_matrix",
+    "weight_value",
 ]
 
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
@@ -204,6 +207,32 @@ def weight_to_matrix(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     idx = _matmul_weight_index(node)
     mat = weight if idx == 1 else weight.T
     return np.ascontiguousarray(mat)[None]
+
+
+def weight_value(node: ir.Node) -> ir.Value:
+    """The constant input of an analog node that holds its crossbar weight."""
+    if node.op_type == "MatMul":
+        idx = _matmul_weight_index(node)
+        assert idx is not None, f"{node.name} is not an analog MatMul"
+        return node.inputs[idx]  # type: ignore[return-value]
+    return node.inputs[1]  # type: ignore[return-value]
+
+
+def layer_of(node: ir.Node) -> str:
+    """The crossbar block (layer) a mapped analog node reads: ``cimc.layer``, else the node's own name.
+
+    Several nodes that use one weight tensor with the same crossbar matrix share one block (programmed once);
+    a model compiled before blocks could be shared has no ``cimc.layer`` and every node is its own block.
+    """
+    return node.metadata_props.get("cimc.layer") or node.name
+
+
+def placements_of(node: ir.Node) -> list[dict[str, int]]:
+    """The tiles of the block a mapped node reads (empty when it was not mapped)."""
+    import json
+
+    raw = node.metadata_props.get("cimc.placement")
+    return json.loads(raw) if raw else []
 
 
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:
