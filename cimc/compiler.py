@@ -33,12 +33,23 @@ def _register_passes() -> None:
         pass
 
 
-def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Any:
-    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
+def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None,
+                   arrays: int | None = None) -> Any:
+    """A Target from a preset name, a YAML path or a Target, with optional converter overrides.
+
+    ``arrays`` replaces the target's array (core) count, keeping their geometry: how the model would run on
+    a larger chip of the same kind (target field ``array.count``).
+    """
     from cimc.targets import Target, load_target
 
+    if arrays is not None and (isinstance(arrays, bool) or not isinstance(arrays, int) or arrays < 1):
+        raise InputError(f"--arrays must be a whole number of arrays, at least 1 (got {arrays!r})")
     t = target if isinstance(target, Target) else load_target(str(target))
-    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    if arrays is not None:
+        overrides["array.count"] = arrays
+        logger.info("target %s: %d array(s) of %dx%d weights instead of %s", t.name, arrays, t.array.rows,
+                    t.array.weight_cols, t.array.count if t.array.count is not None else "unbounded")
     return t.with_overrides(**overrides) if overrides else t
 
 
@@ -62,6 +73,7 @@ def compile_model(
     validation: Any = None,
     dac_bits: int | None = None,
     adc_bits: int | None = None,
+    arrays: int | None = None,
     batch: int = 1,
     seed: int = 0,
     progress: bool = False,
@@ -71,14 +83,16 @@ def compile_model(
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
-    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
+    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``arrays`` overrides the
+    target's array/core count (same geometry; the report's ``arrays_used`` says how many were needed). When
+    ``out_dir`` is given
     the compiled-model directory is written there atomically.
     """
     from cimc.data import load_dataset
 
     _register_passes()
     path = Path(model)
-    t = resolve_target(target, dac_bits, adc_bits)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation

@@ -242,6 +242,7 @@ def finetune(
     progress: bool = False,
     dac_bits: int | None = None,
     adc_bits: int | None = None,
+    arrays: int | None = None,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Fine-tune a model for a target; returns ``(fine-tuned onnx-ir model, history)``.
@@ -249,7 +250,8 @@ def finetune(
     ``model``: an ONNX path (imported and canonicalised: BatchNorm folded) or an onnx-ir model (copied, not
     changed). ``train``/``val``: :class:`cimc.data.Dataset` s or ``.npz`` paths / builtin names.
     ``options``: any :class:`FinetunePass` option (``lr``, ``eta``, ``zeta``, ``beta``, ...).
-    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use).
+    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use); ``arrays``
+    its array/core count (a model too large for the preset).
     """
     from cimc.compiler import resolve_target
     from cimc.data import load_dataset
@@ -267,7 +269,7 @@ def finetune(
         work = cimc.api.load(model)
     ds_train = load_dataset(train) if isinstance(train, (str, os.PathLike)) else train
     ds_val = load_dataset(val) if isinstance(val, (str, os.PathLike)) else val
-    t = resolve_target(target, dac_bits, adc_bits)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     ctx = CompileContext(target=t, training=ds_train, validation=ds_val, seed=seed, progress=progress)
     if epochs is not None:
         options["epochs"] = epochs
