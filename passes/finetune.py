@@ -147,8 +147,9 @@ def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarra
     return (train.x[t], train.y[t]), (train.x[v], train.y[v])
 
 
-def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
-    """A copy of ``model`` with tiles placed (what the converters see per tile); False if it cannot be mapped."""
+def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, str | None]:
+    """A copy of ``model`` with tiles placed (what the converters see per tile), and why it could not be
+    mapped (None when it was)."""
     from cimc.passes.mapping import MapPass
 
     work = ir.from_proto(ir.to_proto(model))
@@ -157,8 +158,8 @@ def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
     except CimcError as exc:
         logger.warning("finetune: model cannot be mapped on %s (%s); training with float converters",
                        getattr(target, "name", target), exc)
-        return work, False
-    return work, True
+        return work, str(exc)
+    return work, None
 
 
 def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: FinetunePass, *, seed: int = 0,
@@ -178,9 +179,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
         _check_data(model, val, "validation")
     train_xy, val_xy = _split(train, val, seed)
     val_xy = (val_xy[0][: options.val_samples], val_xy[1][: options.val_samples])
-    work, mapped = _mapped_copy(model, target)
+    work, unmapped = _mapped_copy(model, target)
+    mapped = unmapped is None
     if "qat" in methods and not mapped:
-        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed; "
+        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed ({unmapped}); "
                          "drop 'qat' or use a target the model fits")
     plans = layer_plans(work) if mapped else None
     executor = Executor(work)

@@ -160,7 +160,7 @@ def analog_mvm(
             return y
         y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])  # [G, 1|N]
         return fake_quant(y, y_max, q.adc_bits, True, ste)
-    out = torch.zeros(*cols.shape[:2], plan.groups, plan.cols, dtype=cols.dtype)
+    out = torch.zeros(max(cols.shape[0], weights.shape[0]), cols.shape[1], plan.groups, plan.cols, dtype=cols.dtype)
     for i, t in enumerate(plan.tiles):
         part = torch.matmul(cols[:, :, t.group, t.r0 : t.r1], weights[:, t.group, t.r0 : t.r1, t.c0 : t.c1])
         if q is not None and q.adc_bits is not None:

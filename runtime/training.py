@@ -78,7 +78,8 @@ class NoiseHook:
         self.noise_on = True
         self.instances = 1
         self._t_s = t_train_s
-        self._frozen: dict[str, torch.Tensor] | None = None  # validation: one weight draw per layer, reused
+        self._frozen: dict[str, Any] | None = None  # validation: one device draw per crossbar block, reused
+        self._frozen_gdc: dict[str, torch.Tensor | None] = {}  # validation: GDC factor per use
         self._val_t_s = 86400.0
         self._val_gen: torch.Generator | None = None
         self._executor: Executor | None = None
@@ -105,6 +106,7 @@ class NoiseHook:
         """PCM instances read at ``t_s`` (drawn once per layer from ``seed``), instance-major batches."""
         saved = (self.training, self.instances, self._frozen, self._val_t_s, self._val_gen)
         self.training, self.instances, self._frozen, self._val_t_s = False, instances, {}, t_s
+        self._frozen_gdc = {}
         self._val_gen = torch.Generator().manual_seed(seed)
         try:
             yield
@@ -119,30 +121,48 @@ class NoiseHook:
         Drift compensation is what the simulator does: the layer's fixed probe read at 0 s and at ``t_s``,
         the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
         """
+        noisy, w_0, w_t = self._pcm_reads(matrix, t_s, instances, generator)
+        return noisy, self._gdc(step, w_0, w_t)
+
+    def _pcm_reads(self, matrix: torch.Tensor, t_s: float, instances: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(weights with the devices' error, the read at 0 s (None without GDC), the read at ``t_s``)."""
         w_ref = matrix.detach()
         programmed = self.device.program_weights(w_ref, instances, generator)
         w_t = programmed.read(t_s, generator).to(matrix.dtype)  # [I, G, K, N]
         noisy = matrix.unsqueeze(0) + (w_t - w_ref)
+        if getattr(self.device, "gdc_mode", "none") == "none":
+            return noisy, None, w_t
+        return noisy, programmed.read(0.0, generator).to(matrix.dtype), w_t
+
+    def _gdc(self, step: AnalogStep, w_0: torch.Tensor | None, w_t: torch.Tensor) -> torch.Tensor | None:
+        """The use's drift-compensation factor from the reads at 0 s and t (its probe through its DAC)."""
         mode = getattr(self.device, "gdc_mode", "none")
-        if mode == "none":
-            return noisy, None
-        w_0 = programmed.read(0.0, generator).to(matrix.dtype)
+        if mode == "none" or w_0 is None:
+            return None
         plan = self.plans.get(step.name) if self.plans is not None else None
         if plan is None:
             ref, cur = w_0, w_t
         else:
             ref, cur = probe_response(plan, w_0), probe_response(plan, w_t)
-        return noisy, gdc_factor(ref, cur, per_column=(mode == "column")).detach()
+        return gdc_factor(ref, cur, per_column=(mode == "column")).detach()
 
     def _weights(self, step: AnalogStep, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([I or 1, G, K, N] weights, GDC factor broadcasting over [I, M, G, N] or None)."""
         if self._frozen is not None:
-            if step.name not in self._frozen:
+            # One draw per crossbar block: the uses of a shared weight read the same devices (as in simulation);
+            # drift compensation is per use.
+            layer = step.layer or step.name
+            if layer not in self._frozen:
                 assert self._val_gen is not None and self.device is not None
                 with torch.no_grad():
-                    self._frozen[step.name] = self._pcm(step, matrix.detach(), self._val_t_s, self.instances,
-                                                        self._val_gen)
-            return self._frozen[step.name]
+                    self._frozen[layer] = self._pcm_reads(matrix.detach(), self._val_t_s, self.instances,
+                                                          self._val_gen)
+            if step.name not in self._frozen_gdc:
+                _, w_0, w_t = self._frozen[layer]
+                with torch.no_grad():
+                    self._frozen_gdc[step.name] = self._gdc(step, w_0, w_t)
+            return self._frozen[layer][0], self._frozen_gdc[step.name]
         if not (self.training and self.noise_on) or self.weight_noise is None:
             return matrix.unsqueeze(0), None
         if self.weight_noise == "gaussian":
