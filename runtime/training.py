@@ -298,10 +298,11 @@ def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator
     kernels: dict[str, torch.Tensor] = {}
 
     def weights(step: AnalogStep, matrix: torch.Tensor) -> torch.Tensor:
-        if step.name not in noisy:
+        key = step.layer or step.name  # one draw per crossbar block: every use of a shared weight sees it
+        if key not in noisy:
             z = torch.randn((draws, *matrix.shape), generator=generator)
-            noisy[step.name] = matrix.detach() + matrix.detach().abs() * zeta * z
-        return noisy[step.name]
+            noisy[key] = matrix.detach() + matrix.detach().abs() * zeta * z
+        return noisy[key]
 
     def hook(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape
@@ -311,11 +312,12 @@ def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator
     def direct(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
         if step.op_type != "Conv":
             return None
-        if step.name not in kernels:
+        key = step.layer or step.name
+        if key not in kernels:
             weight = executor.weight(step)
-            kernels[step.name] = conv_weights(weights(step, step.matrix(weight)), tuple(weight.shape[1:]))
-        w = noisy[step.name]
-        return analog_conv(None, x, kernels[step.name], draws, w.shape[1], step.attrs)
+            kernels[key] = conv_weights(weights(step, step.matrix(weight)), tuple(weight.shape[1:]))
+        w = noisy[key]
+        return analog_conv(None, x, kernels[key], draws, w.shape[1], step.attrs)
 
     return hook, direct
 
