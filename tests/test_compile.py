@@ -343,3 +343,16 @@ def test_too_big_for_hermes_names_arrays_override_then_compiles_with_it(tmp_path
     assert "--arrays 66" in message
     compiled = compile_model(path, "hermes", arrays=66)
     assert compiled.mapping["arrays_used"] == 66 and compiled.report()["arrays_available"] == 66
+
+
+def test_runtime_imports_nothing_from_passes() -> None:
+    """House rule: runtime/ is below passes/ (passes may use the executor and the cost model, not the reverse)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "runtime").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("cimc.passes")]
+    assert offenders == []
