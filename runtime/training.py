@@ -80,6 +80,7 @@ class NoiseHook:
         self._t_s = t_train_s
         self._frozen: dict[str, Any] | None = None  # validation: one device draw per crossbar block, reused
         self._frozen_gdc: dict[str, torch.Tensor | None] = {}  # validation: GDC factor per use
+        self._draws: dict[str, Any] = {}  # training: this forward pass's noise per crossbar block
         self._val_t_s = 86400.0
         self._val_gen: torch.Generator | None = None
         self._executor: Executor | None = None
@@ -114,26 +115,21 @@ class NoiseHook:
             self.training, self.instances, self._frozen, self._val_t_s, self._val_gen = saved
 
     # -- the weights a layer computes with -------------------------------------------------------------
-    def _pcm(self, step: AnalogStep, matrix: torch.Tensor, t_s: float, instances: int,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``instances`` programmed copies of ``matrix`` read at ``t_s`` (noise detached), and their GDC factors.
-
-        Drift compensation is what the simulator does: the layer's fixed probe read at 0 s and at ``t_s``,
-        the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
-        """
-        noisy, w_0, w_t = self._pcm_reads(matrix, t_s, instances, generator)
-        return noisy, self._gdc(step, w_0, w_t)
-
     def _pcm_reads(self, matrix: torch.Tensor, t_s: float, instances: int, generator: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(weights with the devices' error, the read at 0 s (None without GDC), the read at ``t_s``)."""
+        """``instances`` programmed copies of ``matrix`` read at ``t_s``: (the devices' error ``w_t - w``,
+        detached, to add to the weights; the read at 0 s, None without GDC; the read at ``t_s``).
+
+        Drift compensation (:meth:`_gdc`) is what the simulator does: the use's fixed probe read at 0 s and at
+        ``t_s``, the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
+        """
         w_ref = matrix.detach()
         programmed = self.device.program_weights(w_ref, instances, generator)
         w_t = programmed.read(t_s, generator).to(matrix.dtype)  # [I, G, K, N]
-        noisy = matrix.unsqueeze(0) + (w_t - w_ref)
+        error = w_t - w_ref
         if getattr(self.device, "gdc_mode", "none") == "none":
-            return noisy, None, w_t
-        return noisy, programmed.read(0.0, generator).to(matrix.dtype), w_t
+            return error, None, w_t
+        return error, programmed.read(0.0, generator).to(matrix.dtype), w_t
 
     def _gdc(self, step: AnalogStep, w_0: torch.Tensor | None, w_t: torch.Tensor) -> torch.Tensor | None:
         """The use's drift-compensation factor from the reads at 0 s and t (its probe through its DAC)."""
@@ -156,8 +152,8 @@ class NoiseHook:
             if layer not in self._frozen:
                 assert self._val_gen is not None and self.device is not None
                 with torch.no_grad():
-                    self._frozen[layer] = self._pcm_reads(matrix.detach(), self._val_t_s, self.instances,
-                                                          self._val_gen)
+                    error, w_0, w_t = self._pcm_reads(matrix.detach(), self._val_t_s, self.instances, self._val_gen)
+                    self._frozen[layer] = (matrix.detach().unsqueeze(0) + error, w_0, w_t)
             if step.name not in self._frozen_gdc:
                 _, w_0, w_t = self._frozen[layer]
                 with torch.no_grad():
@@ -165,11 +161,20 @@ class NoiseHook:
             return self._frozen[layer][0], self._frozen_gdc[step.name]
         if not (self.training and self.noise_on) or self.weight_noise is None:
             return matrix.unsqueeze(0), None
+        # One draw per crossbar block and forward pass: the uses of a shared weight see the same noise, as
+        # they would read the same devices. The first analog step of the pass starts a new draw.
+        if step.index == 0:
+            self._draws = {}
+        layer = step.layer or step.name
         if self.weight_noise == "gaussian":
-            w_max = matrix.detach().abs().amax()
-            noise = torch.randn(matrix.shape, generator=self.generator) * (self.eta * w_max)
-            return (matrix + noise).unsqueeze(0), None
-        return self._pcm(step, matrix, self._t_s, 1, self.generator)
+            if layer not in self._draws:
+                w_max = matrix.detach().abs().amax()
+                self._draws[layer] = torch.randn(matrix.shape, generator=self.generator) * (self.eta * w_max)
+            return (matrix + self._draws[layer]).unsqueeze(0), None
+        if layer not in self._draws:
+            self._draws[layer] = self._pcm_reads(matrix, self._t_s, 1, self.generator)
+        error, w_0, w_t = self._draws[layer]
+        return matrix.unsqueeze(0) + error, self._gdc(step, w_0, w_t)
 
     # -- the executor's three hooks ----------------------------------------------------------------------
     def attach(self, executor: Executor) -> None:
