@@ -40,12 +40,15 @@ __all__ = [
     "classify",
     "constant_array",
     "is_analog",
+    "layer_of",
     "name_nodes",
     "node_attrs",
+    "placements_of",
     "recurrent_refusal",
     "static_shape",
     "to_networkx",
     "weight_to_matrix",
+    "weight_value",
 ]
 
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
@@ -349,6 +352,32 @@ def name_nodes(model: ir.Model) -> int:
         taken.add(candidate)
         changed += 1
     return changed
+
+
+def weight_value(node: ir.Node) -> ir.Value:
+    """The constant input of an analog node that holds its crossbar weight."""
+    if node.op_type == "MatMul":
+        idx = _matmul_weight_index(node)
+        assert idx is not None, f"{node.name} is not an analog MatMul"
+        return node.inputs[idx]  # type: ignore[return-value]
+    return node.inputs[1]  # type: ignore[return-value]
+
+
+def layer_of(node: ir.Node) -> str:
+    """The crossbar block (layer) a mapped analog node reads: ``cimc.layer``, else the node's own name.
+
+    Several nodes that use one weight tensor with the same crossbar matrix share one block (programmed once);
+    a model compiled before blocks could be shared has no ``cimc.layer`` and every node is its own block.
+    """
+    return node.metadata_props.get("cimc.layer") or node.name
+
+
+def placements_of(node: ir.Node) -> list[dict[str, int]]:
+    """The tiles of the block a mapped node reads (empty when it was not mapped)."""
+    import json
+
+    raw = node.metadata_props.get("cimc.placement")
+    return json.loads(raw) if raw else []
 
 
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:
