@@ -120,6 +120,12 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 raise ir.passes.PostconditionError(f"{node.op_type} node {node.name!r} was not folded")
 
 
+def _mask_needed(dropout: ir.Node) -> bool:
+    """True when a Dropout's mask output is read by a node or is itself a graph output."""
+    mask = dropout.outputs[1] if len(dropout.outputs) > 1 else None
+    return mask is not None and (bool(mask.uses()) or mask.is_graph_output())
+
+
 class RemoveNoOpsPass(ir.passes.InPlacePass):
     """Remove ``Identity`` nodes and inference-mode ``Dropout`` (whose mask output nobody reads).
 
@@ -135,7 +141,7 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
                 continue
-            if len(node.outputs) > 1 and node.outputs[1].uses():
+            if _mask_needed(node):
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if y.is_graph_output():
@@ -151,7 +157,7 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type == "Dropout" and not (len(node.outputs) > 1 and node.outputs[1].uses()):
+            if node.op_type == "Dropout" and not _mask_needed(node):
                 raise ir.passes.PostconditionError(f"Dropout {node.name!r} survived")
 
 
