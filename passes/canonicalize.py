@@ -7,6 +7,8 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    becomes a constant. This turns ``Constant``, ``ConstantOfShape`` and shape-arithmetic subgraphs into
    initializers.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
+   :class:`~cimc.passes.conv_transpose.ConvTransposeToConvPass` — a ``ConvTranspose`` with a constant weight
+   becomes zero insertion + ``Conv`` (analog).
 3. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
    nothing else reads) is folded into its weights and bias (onnxscript's rewrite rules).
 4. :class:`MatMulAddToGemmPass` — ``Add(MatMul(x, W), b)`` with constant 2-D ``W`` and constant ``b`` becomes
@@ -39,6 +41,7 @@ from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, node_attrs, static_shape
+from cimc.passes.conv_transpose import ConvTransposeToConvPass
 from cimc.ops import OPS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
@@ -222,6 +225,7 @@ def _canonicalize_passes() -> ir.passes.Sequential:
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
         RemoveNoOpsPass(),
+        ConvTransposeToConvPass(),  # before BN folding: a BN after the ConvTranspose then follows a Conv
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
         FoldConstantsPass(),

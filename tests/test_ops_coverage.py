@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import cimc
+from cimc.ir import is_analog
 from cimc.runtime.executor import Executor
 from tests.models import rel_l2, run_ort
 
@@ -410,6 +411,36 @@ def test_conv_transpose(tmp_path: Path, spatial: int, k: int, stride: int, dil: 
         attrs["auto_pad"] = how
     inits = {"w": wt, **({"b": f32(c_out_per_group * group)} if bias else {})}
     check(tmp_path, "ConvTranspose", {"x": x}, attrs, inits=inits)
+    # a constant weight: rewritten as zero insertion + Conv, which maps onto the crossbar
+    model = cimc.load(tmp_path / "ConvTranspose.onnx")
+    assert [n.op_type for n in model.graph if is_analog(n)] == ["Conv"]
+    assert "ConvTranspose" not in {n.op_type for n in model.graph}
+    # a weight that is an activation: stays a ConvTranspose on the digital unit
+    check(tmp_path, "ConvTranspose", {"x": x, "w": wt}, attrs, inits={"b": inits["b"]} if bias else None,
+          order=["x", "w", *(["b"] if bias else [])])
+
+
+def test_conv_transpose_compiles_and_runs_on_the_crossbar(tmp_path: Path) -> None:
+    """A detector's upsampling ConvTranspose (k 2, stride 2, BN after it) compiled for the ideal target:
+    the chip path (DAC → crossbar MVMs → ADC, all ideal) equals onnxruntime."""
+    x = f32(2, 8, 5, 6)
+    path = tmp_path / "up.onnx"
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], strides=[2, 2], pads=[0, 1, 1, 0]),
+             helper.make_node("BatchNormalization", ["t", "g", "beta", "m", "v"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "up", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8, 5, 6])],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(v, k) for k, v in {
+            "w": f32(8, 4, 2, 2), "b": f32(4), "g": f32(4, low=0.5), "beta": f32(4), "m": f32(4),
+            "v": f32(4, low=0.5, high=1.5)}.items()])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.save(model, path)
+    want = run_ort(path, {"x": x})[0]
+    compiled = cimc.compile(path, "ideal", batch=2)
+    analog = [n for n in compiled.model.graph if is_analog(n)]
+    assert [n.op_type for n in analog] == ["Conv"]  # BatchNormalization folded into it
+    got = cimc.run(compiled, x, ideal=True)
+    assert rel_l2(got, want) <= RTOL
 
 
 # ------------------------------------------------------------------------------------- costing
