@@ -30,7 +30,8 @@ __all__ = ["activation_bytes", "build_workload", "digital_ops", "execution_order
 logger = logging.getLogger(__name__)
 
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "Split", "Slice",
-          "Gather", "Expand", "Tile", "Pad", "Cast", "Shape"}
+          "Gather", "Expand", "Tile", "Pad", "Cast", "Shape", "GatherElements", "GatherND", "DepthToSpace",
+          "SpaceToDepth", "Trilu", "OneHot", "Size", "Range", "ConstantOfShape", "EyeLike", "CastLike"}
 _OPS_PER_ELEMENT = {"Softmax": 4, "LogSoftmax": 5, "BatchNormalization": 2, "LRN": 6, "Sigmoid": 4, "Tanh": 4,
                     "HardSwish": 3, "HardSigmoid": 2, "LayerNormalization": 5, "InstanceNormalization": 5}
 
@@ -67,7 +68,36 @@ def digital_ops(node: ir.Node) -> int:
     if node.op_type in ("MatMul", "Gemm", "Conv"):  # activation × activation products stay digital
         k = (static_shape(node.inputs[0]) or (1,))[-1]
         return 2 * out * k
+    if node.op_type == "Einsum":  # a multiply and an add for every point of the joint index space
+        return 2 * _einsum_points(node)
+    if node.op_type == "ConvTranspose":  # every input element times its C_out/g × kernel weights
+        w = static_shape(node.inputs[1]) or (1, 1)
+        return 2 * _numel(node.inputs[0]) * w[1] * math.prod(w[2:])
+    if node.op_type == "Resize":  # interpolation taps per resized axis (nearest only moves data)
+        mode = node_attrs(node).get("mode", "nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        return out * {"nearest": 0, "linear": 3, "cubic": 7}.get(mode, 1) * 2
     return out * _OPS_PER_ELEMENT.get(node.op_type, 1)
+
+
+def _einsum_points(node: ir.Node) -> int:
+    """Size of an Einsum's joint index space (M·N·K for a matrix product), from its equation and shapes."""
+    equation = node_attrs(node).get("equation", "")
+    equation = equation.decode() if isinstance(equation, bytes) else equation
+    terms = equation.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for term, value in zip(terms, node.inputs):
+        shape = static_shape(value)
+        if shape is None:
+            return 0
+        if "..." in term:  # the broadcast dimensions count once, as one joint index
+            head, tail = term.split("...")
+            n_ell = len(shape) - len(head) - len(tail)
+            sizes["..."] = max(sizes.get("...", 1), math.prod(shape[len(head) : len(head) + n_ell]))
+            term, shape = head + tail, shape[: len(head)] + shape[len(head) + n_ell :]
+        for letter, dim in zip(term, shape):
+            sizes[letter] = max(sizes.get(letter, 1), int(dim))
+    return math.prod(sizes.values())
 
 
 def build_workload(order: list[ir.Node], name: str = "", execution: str | None = None) -> Workload:
