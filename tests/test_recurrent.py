@@ -629,3 +629,35 @@ def test_vad_with_sample_rate_and_state_inputs(tmp_path: Path) -> None:
     got = cimc.run(compiled, feeds, all_outputs=True)
     for name, e in zip(["p", "hn", "cn"], expected):
         assert rel_l2(got[name], e) <= TOL, name
+
+
+def test_finetune_trains_the_shared_recurrent_weight(tmp_path: Path) -> None:
+    from cimc.data import Dataset
+    from cimc.passes.finetune import save_finetuned
+
+    class _Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gru = nn.GRU(4, 6, batch_first=True)
+            self.fc = nn.Linear(6, 2)
+            self.eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.gru(x)[0][:, -1])
+
+    path = _export(_Tiny(), (torch.randn(1, 3, 4),), ["x"], ["y"], tmp_path / "gru.onnx", dynamic_batch=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3, 4)).astype(np.float32)
+    data = Dataset(x, (x[:, :, 0].mean(1) > 0).astype(np.int64), "train")
+    before = cimc.load(path)
+    tuned, history = cimc.finetune(path, "aon-cim", data, data, method="pcm+qat", epochs=1, select="last",
+                                   val_instances=1, val_samples=16, batch_size=16)
+    r_name = next(n.inputs[1].name for n in tuned.graph if n.name.endswith("/t1/r_proj"))
+    steps = [n for n in tuned.graph if n.name.endswith("/r_proj")]
+    assert len(steps) == 2 and all(n.inputs[1].name == r_name for n in steps)  # still one tensor, trained once
+    old, new = (m.graph.initializers[r_name].const_value.numpy() for m in (before, tuned))
+    assert not np.allclose(old, new)
+    out = save_finetuned(tuned, tmp_path / "tuned.onnx")
+    y = run_ort(out, {"x": x[:1]})[0]
+    assert y.shape == (1, 2) and np.isfinite(y).all()
