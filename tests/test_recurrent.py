@@ -325,7 +325,7 @@ def test_activation_parameters_are_consumed_in_order() -> None:
         _assert_matches(model, ref, feeds, check_graph=False)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     op=st.sampled_from(["LSTM", "GRU", "RNN"]),
     direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
@@ -505,7 +505,8 @@ def test_compile_ideal_run_equals_onnxruntime(classifier_path: Path) -> None:
     assert rel_l2(cimc.run(compiled, x), expected) <= TOL
 
 
-def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Path, tmp_path: Path) -> None:
+def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Path, tmp_path: Path,
+                                                            run_cli) -> None:  # type: ignore[no-untyped-def]
     from cimc.data import Dataset
 
     rng = np.random.default_rng(3)
@@ -535,6 +536,10 @@ def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Pat
     y = cimc.run(compiled, calib.x[:4], time="1d", instance=1, instances=2)
     assert y.shape == (4, 4) and np.isfinite(y).all()
     assert rel_l2(y, run_ort(classifier_path, {"x": calib.x[:4]})[0]) < 0.5  # noisy but the same function
+    # the mapping a hardware team programs from: exported and rebuilt from the conductances
+    assert run_cli("export", tmp_path / "build", "-o", tmp_path / "bundle").code == 0
+    verified = run_cli("verify", tmp_path / "bundle")
+    assert verified.code == 0 and "OK" in verified.out
 
 
 class _VadLike(nn.Module):
