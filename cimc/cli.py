@@ -110,6 +110,8 @@ def _add_target_options(p: Any) -> None:
     p.add_argument("--target", "-t", default="aon-cim", help="target preset name or YAML file (default aon-cim)")
     p.add_argument("--dac-bits", type=int, help="override the target's DAC (input) bits; 0 = no quantisation")
     p.add_argument("--adc-bits", type=int, help="override the target's ADC (output) bits; 0 = no quantisation")
+    p.add_argument("--arrays", type=int, metavar="N",
+                   help="override the target's number of arrays/cores (same geometry): a larger chip of the same kind")
 
 
 @command("compile")
@@ -119,7 +121,8 @@ def _compile(args: argparse.Namespace) -> int:
     out = args.output or f"{Path(args.model).stem}.cimc"
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
-        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, batch=args.batch, seed=args.seed,
+        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, batch=args.batch,
+        seed=args.seed,
         progress=not args.quiet, out_dir=out, **_fixed_inputs(args),
     )
     if not args.quiet:
@@ -268,7 +271,7 @@ def _finetune(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
-        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, **_fixed_inputs(args), **options,
+        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
     save_finetuned(model, args.output)
     first, best = history["history"][0], history["history"][history["best_epoch"]]

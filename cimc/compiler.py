@@ -55,6 +55,7 @@ def compile_model(
     validation: Any = None,
     dac_bits: int | None = None,
     adc_bits: int | None = None,
+    arrays: int | None = None,
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_values: Mapping[str, Any] | None = None,
@@ -67,14 +68,16 @@ def compile_model(
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
     ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
-    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
+    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``).
+    ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
+    many were needed). When ``out_dir`` is given
     the compiled-model directory is written there atomically.
     """
     from cimc.data import load_dataset
 
     _register_passes()
     path = Path(model)
-    t = resolve_target(target, dac_bits, adc_bits)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation

@@ -40,12 +40,15 @@ __all__ = [
     "classify",
     "constant_array",
     "is_analog",
+    "layer_of",
     "name_nodes",
     "node_attrs",
+    "placements_of",
     "recurrent_refusal",
     "static_shape",
     "to_networkx",
     "weight_to_matrix",
+    "weight_value",
 ]
 
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
@@ -202,9 +205,36 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
                 else "runs on the digital unit"
             )
             out.append(NodeClass(name, node.op_type, "digital", why))
+        elif node.op_type == "If":
+            inputs = _graph_inputs_upstream(node.inputs[0])
+            why = (f"its condition depends on input(s) {', '.join(inputs)}: freeze them with --input-value NAME=VALUE "
+                   "(input_values= in the API) so the branch is known at compile time") if inputs else (
+                   "its condition is only known at run time; cimc compiles one fixed dataflow graph")
+            out.append(NodeClass(name, node.op_type, "unsupported", why))
+        elif node.op_type in ("Loop", "Scan"):
+            out.append(NodeClass(name, node.op_type, "unsupported",
+                                 "loops with a data-dependent trip count cannot be mapped; export the model unrolled"))
         else:
             out.append(NodeClass(name, node.op_type, "unsupported", "no implementation in cimc's digital unit"))
     return out
+
+
+def _graph_inputs_upstream(value: ir.Value | None) -> list[str]:
+    """Names of the graph inputs a value depends on (through any chain of producers)."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            found.append(v.name)
+        producer = v.producer()
+        if producer is not None:
+            stack.extend(producer.inputs)
+    return sorted(found)
 
 
 def _recurrent_summary(node: ir.Node) -> str:
@@ -322,6 +352,32 @@ def name_nodes(model: ir.Model) -> int:
         taken.add(candidate)
         changed += 1
     return changed
+
+
+def weight_value(node: ir.Node) -> ir.Value:
+    """The constant input of an analog node that holds its crossbar weight."""
+    if node.op_type == "MatMul":
+        idx = _matmul_weight_index(node)
+        assert idx is not None, f"{node.name} is not an analog MatMul"
+        return node.inputs[idx]  # type: ignore[return-value]
+    return node.inputs[1]  # type: ignore[return-value]
+
+
+def layer_of(node: ir.Node) -> str:
+    """The crossbar block (layer) a mapped analog node reads: ``cimc.layer``, else the node's own name.
+
+    Several nodes that use one weight tensor with the same crossbar matrix share one block (programmed once);
+    a model compiled before blocks could be shared has no ``cimc.layer`` and every node is its own block.
+    """
+    return node.metadata_props.get("cimc.layer") or node.name
+
+
+def placements_of(node: ir.Node) -> list[dict[str, int]]:
+    """The tiles of the block a mapped node reads (empty when it was not mapped)."""
+    import json
+
+    raw = node.metadata_props.get("cimc.placement")
+    return json.loads(raw) if raw else []
 
 
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:

@@ -1,4 +1,4 @@
-"""JSON Schema of the mapping bundle's ``manifest.json`` (format ``cimc-mapping``, version 1).
+"""JSON Schema of the mapping bundle's ``manifest.json`` (format ``cimc-mapping``, version 1.1).
 
 The schema is built in Python (so it ships with the package without package data) and written as
 ``schema.json`` into every bundle, so a hardware team can validate a manifest with any JSON Schema tool
@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "mapping_schema"]
 
 MAPPING_FORMAT = "cimc-mapping"
-MAPPING_FORMAT_VERSION = "1.0"
+MAPPING_FORMAT_VERSION = "1.1"  # 1.1: layers are crossbar blocks with a list of users (shared weights)
 
 _NAT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
@@ -117,6 +117,18 @@ def _layer() -> dict[str, Any]:
         }
     )
     schedule = _obj({"step": _NAT, "stage": _NAT, "start_cycle": _NAT, "end_cycle": _NAT, "mvms": _POS})
+    user = _obj(
+        {
+            "node": {"type": "string", "minLength": 1},
+            "op_type": {"enum": ["Conv", "Gemm", "MatMul"]},
+            "dac": dac,
+            "adc": adc,
+            "bias": bias,
+            "post_processing": post,
+            "schedule": schedule,
+        },
+        description="One node that computes with this layer's devices (its own converters, bias and time slot)",
+    )
     return _obj(
         {
             "id": _NAT,
@@ -140,6 +152,7 @@ def _layer() -> dict[str, Any]:
             "post_processing": post,
             "gdc": gdc,
             "schedule": schedule,
+            "users": {"type": "array", "items": user, "minItems": 1},
         }
     )
 

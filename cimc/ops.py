@@ -542,7 +542,7 @@ def tile(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
 @_op("ConstantOfShape")
 def constant_of_shape(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
     value = a.get("value")
-    fill = torch.zeros(1, dtype=torch.float32) if value is None else torch.as_tensor(np.asarray(value))
+    fill = torch.zeros(1, dtype=torch.float32) if value is None else torch.as_tensor(np.array(value))  # a copy: attribute tensors are read-only
     return [torch.full(_ints(inputs[0]) or [], fill.reshape(-1)[0].item(), dtype=fill.dtype)]
 
 

@@ -147,8 +147,9 @@ def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarra
     return (train.x[t], train.y[t]), (train.x[v], train.y[v])
 
 
-def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
-    """A copy of ``model`` with tiles placed (what the converters see per tile); False if it cannot be mapped."""
+def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, str | None]:
+    """A copy of ``model`` with tiles placed (what the converters see per tile), and why it could not be
+    mapped (None when it was)."""
     from cimc.passes.mapping import MapPass
 
     work = ir.from_proto(ir.to_proto(model))
@@ -157,8 +158,8 @@ def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
     except CimcError as exc:
         logger.warning("finetune: model cannot be mapped on %s (%s); training with float converters",
                        getattr(target, "name", target), exc)
-        return work, False
-    return work, True
+        return work, str(exc)
+    return work, None
 
 
 def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: FinetunePass, *, seed: int = 0,
@@ -178,9 +179,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
         _check_data(model, val, "validation")
     train_xy, val_xy = _split(train, val, seed)
     val_xy = (val_xy[0][: options.val_samples], val_xy[1][: options.val_samples])
-    work, mapped = _mapped_copy(model, target)
+    work, unmapped = _mapped_copy(model, target)
+    mapped = unmapped is None
     if "qat" in methods and not mapped:
-        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed; "
+        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed ({unmapped}); "
                          "drop 'qat' or use a target the model fits")
     plans = layer_plans(work) if mapped else None
     executor = Executor(work)
@@ -244,6 +246,7 @@ def finetune(
     adc_bits: int | None = None,
     input_shapes: dict[str, Any] | None = None,
     input_values: dict[str, Any] | None = None,
+    arrays: int | None = None,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Fine-tune a model for a target; returns ``(fine-tuned onnx-ir model, history)``.
@@ -251,7 +254,8 @@ def finetune(
     ``model``: an ONNX path (imported and canonicalised: BatchNorm folded) or an onnx-ir model (copied, not
     changed). ``train``/``val``: :class:`cimc.data.Dataset` s or ``.npz`` paths / builtin names.
     ``options``: any :class:`FinetunePass` option (``lr``, ``eta``, ``zeta``, ``beta``, ...).
-    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use).
+    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use); ``arrays``
+    its array/core count (a model too large for the preset).
     """
     from cimc.data import load_dataset
     from cimc.frontend import load_model
@@ -269,7 +273,7 @@ def finetune(
         work = canonicalize(load_model(model, input_shapes=input_shapes, input_values=input_values))
     ds_train = load_dataset(train) if isinstance(train, (str, os.PathLike)) else train
     ds_val = load_dataset(val) if isinstance(val, (str, os.PathLike)) else val
-    t = resolve_target(target, dac_bits, adc_bits)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     ctx = CompileContext(target=t, training=ds_train, validation=ds_val, seed=seed, progress=progress)
     if epochs is not None:
         options["epochs"] = epochs

@@ -31,6 +31,7 @@ from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, laye
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
+from cimc.runtime.workload import model_workload
 
 __all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
 
@@ -60,12 +61,17 @@ class ChipState:
 
     t_s: float
     instances: int
-    weights: dict[str, torch.Tensor]  # layer → [I, G, K, N]
-    gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [I, 1, 1|G, 1|N]
+    weights: dict[str, torch.Tensor]  # crossbar block (layer) → [I, G, K, N]
+    gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # use (node) → [I, 1, 1|G, 1|N]
 
 
 class Chip:
-    """``instances`` programmed copies of a compiled model's analog layers."""
+    """``instances`` programmed copies of a compiled model's crossbar blocks.
+
+    A block is programmed once however many nodes use it (a shared weight): every use reads the same devices,
+    so the same programming noise and drift. Drift compensation is per use (its probe goes through the use's
+    DAC), applied to that use's outputs.
+    """
 
     def __init__(self, compiled: Any, instances: int, seed: int = 0):
         if instances < 1:
@@ -82,8 +88,12 @@ class Chip:
         device = compiled.target.device
         self.device = build_device(device)
         self.gdc_mode = getattr(device, "gdc", "none")
+        self.layer = {name: (self.plans[name].layer or name) for name in self.steps}  # use → block
         with torch.no_grad():
-            self.ideal = {n: s.matrix(self.executor.weight(s)).detach().float() for n, s in self.steps.items()}
+            self.ideal: dict[str, torch.Tensor] = {}  # block → [G, K, N], from its first use
+            for name, s in self.steps.items():
+                if self.layer[name] not in self.ideal:
+                    self.ideal[self.layer[name]] = s.matrix(self.executor.weight(s)).detach().float()
         gen = torch.Generator().manual_seed(seed)
         # Per-layer weight scale (max|W| of the whole layer -> g_max) spans all groups: program [1, G*K, N].
         # Per-column scales are per output column of each group: program [G, K, N] as it is.
@@ -93,8 +103,9 @@ class Chip:
         self._reference: dict[str, torch.Tensor] | None = None
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each layer's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average)."""
-        return {name: probe_response(self.plans[name], w) for name, w in weights.items()}
+        """Each use's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average), read
+        from its block's devices."""
+        return {name: probe_response(self.plans[name], weights[layer]) for name, layer in self.layer.items()}
 
     def _read(self, t_s: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
@@ -114,7 +125,7 @@ class Chip:
                 self._reference = self._probe_outputs(ref_w)
             now = self._probe_outputs(weights)
             per_column = self.gdc_mode == "column"
-            for name in weights:
+            for name in now:
                 ref, cur = self._reference[name], now[name]  # [I, P, G, N]
                 state.gdc[name] = gdc_factor(ref, cur, per_column=per_column)
         return state
@@ -126,7 +137,7 @@ class Chip:
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
             b, m, g, k = cols.shape
             c = cols.reshape(instances, (b // instances) * m, g, k)
-            y = analog_mvm(self.plans[step.name], c, state.weights[step.name])
+            y = analog_mvm(self.plans[step.name], c, state.weights[self.layer[step.name]])
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
@@ -144,9 +155,10 @@ class Chip:
             plan = self.plans[step.name]
             if step.op_type != "Conv" or not plan.whole_groups:
                 return None
-            if step.name not in cache:
-                cache[step.name] = conv_weights(state.weights[step.name], self.executor.weight(step).shape[1:])
-            return analog_conv(plan, x, cache[step.name], instances, plan.groups, step.attrs, state.gdc.get(step.name))
+            layer = self.layer[step.name]
+            if layer not in cache:  # one kernel per block: uses of a shared weight read the same devices
+                cache[layer] = conv_weights(state.weights[layer], self.executor.weight(step).shape[1:])
+            return analog_conv(plan, x, cache[layer], instances, plan.groups, step.attrs, state.gdc.get(step.name))
 
         return run
 
@@ -280,9 +292,7 @@ def simulate(
     if bar:
         bar.close()
     measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}
-    from cimc.passes.schedule import build_workload, execution_order
-
-    workload = build_workload(execution_order(compiled.model.graph))
+    workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
     data = {
         "format": "cimc-simulation/1",
