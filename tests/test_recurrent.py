@@ -524,6 +524,12 @@ def test_aon_cim_schedule_counts_one_recurrent_mvm_per_step(classifier_path: Pat
     by_time = sorted(steps, key=lambda r: int(r["name"].split("/t")[-1].split("/")[0]))
     order = [row["schedule"]["step"] for row in by_time]
     assert order == sorted(order)  # steps scheduled in time order
+    # R is ONE crossbar block per layer, read by every step: 2 LSTM layers x (W, R) + the head = 5 blocks for
+    # 15 analog uses; weights placed = W (5x32, 8x32) + R (8x32 twice) + head (8x4), each once.
+    assert report["crossbar_layers"] == 5 and report["analog_uses"] == 15
+    assert report["weights_placed"] == 5 * 32 + 8 * 32 + 2 * 8 * 32 + 8 * 4
+    assert report["shared_weights"][f"{lstm}/fw/R_T"] == sorted(r["name"] for r in steps)
+    assert all(row["schedule"]["layer"] == f"{lstm}/fw/R_T" for row in steps)
     # The compiled ONNX (expanded graph) and its quantised digital twin both run in onnxruntime.
     one = calib.x[:1]  # the compiled files have the batch fixed at import (1)
     source = run_ort(classifier_path, {"x": one})[0]
