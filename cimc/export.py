@@ -383,6 +383,7 @@ def _schedule_section(compiled: CompiledModel, layer_ids: dict[str, int]) -> dic
         "sram_peak_bytes": sched.get("sram_peak_bytes"),
         "order": sched.get("order", [s["node"] for s in steps]),
         "steps": steps,
+        "shared_cores": sched.get("shared_cores", {}),
     }
 
 

@@ -193,7 +193,13 @@ def _schedule() -> dict[str, Any]:
             "sram_peak_bytes": {"type": ["integer", "null"]},
             "order": {"type": "array", "items": {"type": "string"}},
             "steps": {"type": "array", "items": step},
-        }
+            "shared_cores": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                "description": "pipelined: core index -> the analog nodes that take turns on it (several per core)",
+            },
+        },
+        optional=("shared_cores",),
     )
 
 

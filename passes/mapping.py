@@ -72,10 +72,14 @@ class SharedLayer:
     weight: str  # name of the weight tensor
     users: list[ir.Node]
     matrix: AnalogMatrix  # of the first user (rows, cols, groups are the same for every user)
+    _blocks: list[Block] | None = field(default=None, repr=False, compare=False)
 
     def blocks(self) -> list[Block]:
-        m = self.matrix
-        return [Block(block_name(self.name, g, m.groups), m.rows, m.cols) for g in range(m.groups)]
+        """One block per group, named ``<layer>`` or ``<layer>#g<i>``."""
+        if self._blocks is None:
+            m = self.matrix
+            self._blocks = [Block(block_name(self.name, g, m.groups), m.rows, m.cols) for g in range(m.groups)]
+        return self._blocks
 
     @property
     def weights(self) -> int:
@@ -247,11 +251,14 @@ def _fit_hint(layers: list[SharedLayer], geometry: ArrayGeometry, target: Any, e
 
 def _write(layers: list[SharedLayer], packing: Packing) -> None:
     """Record each use's layer, matrix and its layer's tiles in the node metadata."""
+    by_block: dict[str, list[Placement]] = {}  # one pass over the placements (depthwise layers have many blocks)
+    for p in packing.placements:
+        by_block.setdefault(p.block, []).append(p)
     for layer in layers:
         m = layer.matrix
         tiles = []
         for g in range(m.groups):
-            for p in packing.for_block(block_name(layer.name, g, m.groups)):
+            for p in by_block.get(block_name(layer.name, g, m.groups), []):
                 tiles.append(
                     {"group": g, "tile": p.tile_index, "array": p.array_index, "row0": p.row0, "col0": p.col0,
                      "rows": p.rows, "cols": p.cols, "src_row0": p.src_row0, "src_col0": p.src_col0}

@@ -190,7 +190,10 @@ class CostReport:
 
     @property
     def shared_cores(self) -> dict[int, list[str]]:
-        """Cores that several analog uses take turns on (core -> use names, in execution order)."""
+        """Pipelined: cores that several analog uses take turns on (core -> use names, in execution order).
+        Empty when layer-serial (every use takes its turn anyway)."""
+        if self.execution != "pipelined":
+            return {}
         return {k: v for k, v in self.core_users.items() if len(v) > 1}
 
     @property

@@ -356,3 +356,14 @@ def test_runtime_imports_nothing_from_passes() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("cimc.passes")]
     assert offenders == []
+
+
+def test_pipelined_falls_back_to_dense_packing_when_no_small_layer_can_share(tmp_path: Path) -> None:
+    # Three 80x80 layers on 64x64-weight cores: each needs 3 cores of its own (9 in all) and none is small
+    # enough to share a whole core with another; packed densely, their 19,200 weights fit 5 cores.
+    path = _mlp([80, 80, 80, 80], tmp_path, "wide3")
+    compiled = compile_model(path, _tiny_cores(5, "pipelined"))
+    assert compiled.mapping["execution"] == "pipelined" and compiled.mapping["arrays_used"] <= 5
+    assert compiled.schedule["shared_cores"]  # some core holds tiles of two layers: they take turns
+    with pytest.raises(FitError, match=r"it fits 5 cores of this size \(9 for every layer on cores of its own"):
+        compile_model(path, _tiny_cores(4, "pipelined"))

@@ -341,6 +341,7 @@ def test_shared_weight_exported_once_with_every_user(shared_bundle: tuple[Path, 
     assert [u["node"] for u in shared["users"]] == ["gemm_t0", "gemm_t1"] and shared["source_node"] == "gemm_t0"
     assert [u["bias"]["key"] for u in shared["users"]] == [None, None]  # no bias in this graph
     assert shared["users"][0]["dac"] == shared["dac"] and shared["users"][1]["dac"]["calibrated"]
+    assert manifest["schedule"]["shared_cores"] == {}  # aon-cim is layer-serial
     steps = {s["node"]: s["layer_id"] for s in manifest["schedule"]["steps"] if s["unit"] == "array"}
     assert steps["gemm_t0"] == steps["gemm_t1"] == shared["id"] != steps["matmul"]
     # The devices are programmed once: the array holds 3 blocks of 16x16 weights, not 4.
@@ -374,6 +375,8 @@ def test_bias_of_each_user_is_exported(tmp_path: Path):
     manifest = _manifest(bundle)
     (layer,) = manifest["layers"]
     assert [u["bias"]["key"] for u in layer["users"]] == ["L0", "L0_u1", "L0_u2", "L0_u3", "L0_u4"]
+    # hermes is pipelined: the five uses take turns on the block's one core.
+    assert manifest["schedule"]["shared_cores"] == {str(layer["arrays"][0]): [f"step{i}" for i in range(5)]}
     with np.load(bundle / "biases.npz") as npz:
         assert sorted(npz.files) == ["L0", "L0_u1", "L0_u2", "L0_u3", "L0_u4"]
         assert not np.array_equal(npz["L0"], npz["L0_u1"])
