@@ -74,6 +74,7 @@ def simulate(
     compare_gdc: bool = True,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Any:
     """Accuracy over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
@@ -82,10 +83,14 @@ def simulate(
     """
     from cimc.data import Dataset, load_dataset
     from cimc.plots import plot_drift
-    from cimc.report import atomic_dir, write_json_atomic
+    from cimc.outputs import check_output_dir, output_dir
+    from cimc.report import write_json_atomic
     from cimc.runtime.simulator import parse_duration
     from cimc.runtime.simulator import simulate as run_simulation
 
+    inputs = [compiled, data]
+    if out_dir is not None:  # refuse a destructive -o before the simulation runs
+        check_output_dir(out_dir, "simulation", inputs, force=force)
     c = load_compiled(compiled)
     ds = data if isinstance(data, Dataset) else load_dataset(data)
     times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
@@ -94,8 +99,9 @@ def simulate(
                             compare_gdc=compare_gdc, progress=progress)
     result.data["data"] = ds.name
     if out_dir is not None:
-        with atomic_dir(out_dir) as tmp:
+        with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
             write_json_atomic(tmp / "results.json", result.data)
+            write_json_atomic(tmp / "timings.json", result.timings)
             plot_drift(result.data, tmp / "drift.png")
     return result
 
@@ -117,6 +123,10 @@ def run(
     from cimc.errors import InputError
     from cimc.runtime.simulator import Chip, ideal_hook, parse_duration, use
 
+    if output is not None:
+        from cimc.outputs import check_output_file
+
+        check_output_file(output, ".npy", [compiled, inputs])
     c = load_compiled(compiled)
     if isinstance(inputs, (str, os.PathLike)):
         p = Path(inputs)
@@ -173,13 +183,17 @@ def finetune(
 
     See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
     """
+    from cimc.outputs import check_output_file
     from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
     from cimc.passes.finetune import finetune as run_finetune
 
+    sources = [model, train, val]
+    if output is not None:  # refuse a bad -o before the training, not after it
+        check_output_file(output, ".onnx", sources)
     tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
                                   seed=seed, progress=progress, **options)
     if output is not None:
-        save_finetuned(tuned, output)
+        save_finetuned(tuned, output, sources)
     return tuned, history
 
 

@@ -66,18 +66,25 @@ def compile_model(
     seed: int = 0,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
     ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
-    the compiled-model directory is written there atomically.
+    the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
+    folder (``force=True`` accepts any other folder, keeping its files), and never an input (:mod:`cimc.outputs`).
     """
     from cimc.data import load_dataset
 
     _register_passes()
     path = Path(model)
+    inputs = [model, calibration, training, validation]
+    if out_dir is not None:  # refuse a destructive -o before minutes of work
+        from cimc.outputs import check_output_dir
+
+        check_output_dir(out_dir, "compiled", inputs, force=force)
     t = resolve_target(target, dac_bits, adc_bits)
     calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
@@ -99,5 +106,5 @@ def compile_model(
         extra={"seed": seed},
     )
     if out_dir is not None:
-        compiled.save(out_dir)
+        compiled.save(out_dir, inputs=inputs, force=force)
     return compiled

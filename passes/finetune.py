@@ -220,7 +220,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
               "best_epoch": result["best_epoch"], "best_val_noisy": result["best_val_noisy"],
               "train_time_s": round(result["train_time_s"], 2), "validation": f"{options.val_instances} PCM instances "
               f"at {options.val_time:g} s, {len(val_xy[1])} samples", "history": result["history"]}
-    model.metadata_props["cimc.finetune"] = json.dumps(record)
+    # The model records what was done, not how long it took: same inputs and seed, same bytes.
+    stored = {k: v for k, v in record.items() if k != "train_time_s"}
+    stored["history"] = [{k: v for k, v in entry.items() if k != "time_s"} for entry in record["history"]]
+    model.metadata_props["cimc.finetune"] = json.dumps(stored)
     return record
 
 
@@ -275,13 +278,16 @@ def finetune(
     return work, ctx.results["finetune"]
 
 
-def save_finetuned(model: ir.Model, path: str | os.PathLike[str]) -> Path:
-    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename)."""
+def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = ()) -> Path:
+    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename).
+
+    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
+    """
     from cimc.frontend import save_model
 
-    out = Path(path)
-    if out.suffix != ".onnx":
-        raise InputError(f"output '{out}' must end in .onnx; rename it")
+    from cimc.outputs import check_output_file
+
+    out = check_output_file(path, ".onnx", inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     return out
