@@ -92,7 +92,7 @@ def simulate(
     if out_dir is not None:  # refuse a destructive -o before the simulation runs
         check_output_dir(out_dir, "simulation", inputs, force=force)
     c = load_compiled(compiled)
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    ds = data if isinstance(data, Dataset) else load_dataset(data, samples=samples)
     times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
     result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
@@ -120,24 +120,22 @@ def run(
     """Raw first output of the compiled model for ``inputs`` (array or .npy) on one chip instance at ``time``."""
     import torch
 
+    from cimc.data import check_input_array, load_npy
     from cimc.errors import InputError
-    from cimc.runtime.simulator import Chip, ideal_hook, parse_duration, use
+    from cimc.runtime.simulator import Chip, check_batch_axis, ideal_hook, parse_duration, use
+    from cimc.validate import samples_per_pass
 
     if output is not None:
         from cimc.outputs import check_output_file
 
         check_output_file(output, ".npy", [compiled, inputs])
     c = load_compiled(compiled)
+    first = c.model.graph.inputs[0]
+    expected = tuple(first.shape)[1:] if first.shape is not None else None
     if isinstance(inputs, (str, os.PathLike)):
-        p = Path(inputs)
-        if not p.is_file():
-            raise InputError(f"{p}: no such file; give a .npy array of inputs (first axis = samples)")
-        try:
-            x = np.load(p, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{p}: not a .npy array ({exc}); save inputs with numpy.save") from exc
+        x = check_input_array(load_npy(inputs), expected, f"--input {inputs}")
     else:
-        x = np.asarray(inputs)
+        x = check_input_array(inputs, expected, f"input '{first.name}'")
     n = (instances or instance + 1)
     if not 0 <= instance < n:
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
@@ -149,11 +147,13 @@ def run(
         state = chip.at(t_s)
         use(chip, chip.hook(state), state=state)
     outs = []
+    reps = 1 if ideal else n
+    step = samples_per_pass(c.model, reps, 64)
     with torch.no_grad():
-        for start in range(0, len(x), 64):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + 64], dtype=np.float32))
-            reps = 1 if ideal else n
+        for start in range(0, len(x), step):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + step], dtype=np.float32))
             y = chip.executor(xb.repeat(reps, *([1] * (xb.dim() - 1))))[0]
+            check_batch_axis(y, reps * len(xb), c.model.graph.outputs[0].name)
             outs.append(y.reshape(reps, len(xb), *y.shape[1:])[0 if ideal else instance].numpy())
     result = np.concatenate(outs)
     if output is not None:

@@ -301,9 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cimc {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    budget_help = ("largest tensor or data array cimc will hold, e.g. 8G (default 4G, or CIMC_MEMORY_BUDGET); "
+                   "bigger ones are refused before they are allocated")
+    parser.add_argument("--memory-budget", metavar="SIZE", help=budget_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_BUILDERS:
         add(sub)
+    for p in sub.choices.values():  # also accepted after the command name
+        p.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
     return parser
 
 
@@ -329,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from cimc.validate import set_memory_budget
+
+        set_memory_budget(args.memory_budget)
         return _COMMANDS[args.command](args)
     except CimcError as exc:
         if args.debug:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cimc.artifact import CompiledModel, sha256_file
-from cimc.errors import InputError
+from cimc.errors import InputError, ModelError
 from cimc.frontend import load_model
 from cimc.pipeline import CompileContext, parse_pipeline, run_pipeline
 
@@ -101,6 +101,11 @@ def compile_model(
     if "finetune" in names and train is None:
         raise InputError("the 'finetune' pass needs training data: add --finetune TRAIN.npz (arrays x, y)")
     run_pipeline(ir_model, passes)
+    if not any("cimc.placement" in n.metadata_props for n in ir_model.graph):
+        raise ModelError(
+            f"{path.name}: no layer maps onto the crossbars (no Conv, Gemm or MatMul with constant weights), so there "
+            "is nothing to compile for a CIM chip; 'cimc inspect' shows how each node is classified"
+        )
     compiled = CompiledModel(
         model=ir_model, target=t, cost=ctx.results["cost"], source=path.name, source_sha256=sha256_file(path),
         extra={"seed": seed},

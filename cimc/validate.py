@@ -47,6 +47,7 @@ __all__ = [
     "check_array_size",
     "memory_budget",
     "parse_size",
+    "samples_per_pass",
     "set_memory_budget",
     "validate_model",
 ]
@@ -227,8 +228,11 @@ def _check_external(proto: onnx.ModelProto, folder: Path, where: str) -> None:
         if size is None:
             continue  # the frontend's own check names the missing or outside file
         offset = numbers.get("offset", 0)
+        if offset > size:
+            raise ModelError(f"{where}: {label} external data offset {offset} is past the end of {location!r} "
+                             f"({size} bytes); the data file is truncated or belongs to another model")
         length = numbers.get("length", size - offset)
-        if offset > size or offset + length > size:
+        if offset + length > size:
             raise ModelError(
                 f"{where}: {label} external data (offset {offset}, length {length}) runs past the end of "
                 f"{location!r} ({size} bytes); the data file is truncated or belongs to another model"
@@ -342,10 +346,14 @@ def _light_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, list[int | None]]]:
-    """name → (elem_type, dims with None where unknown) from shape inference on the light copy."""
+def _shapes(proto: onnx.ModelProto, data_prop: bool) -> dict[str, tuple[int, list[int | None]]]:
+    """name → (elem_type, dims with None where unknown) from shape inference on the light copy.
+
+    Data propagation (``data_prop``) computes small constant tensors such as a Range's values: run it only
+    after the sizes known without it passed the budget, since onnx would materialise a huge Range itself.
+    """
     try:
-        inferred = shape_inference.infer_shapes(_light_copy(proto), strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(_light_copy(proto), strict_mode=False, data_prop=data_prop)
     except Exception as exc:  # inconsistent graphs are reported by the frontend's strict inference
         logger.debug("lenient shape inference failed: %s", exc)
         return {}
@@ -591,8 +599,34 @@ def validate_model(proto: onnx.ModelProto, where: str = "model") -> None:
                 _check_type(v.type.tensor_type.elem_type, f"{kind} '{v.name}'", where)
     for sub in _graphs(graph):
         _check_unique(sub, where)
-    shapes = _shapes(proto)
+    _check_sizes(proto, {t.name: (t.data_type, list(t.dims)) for t in graph.initializer}, where)
+    _check_sizes(proto, _shapes(proto, data_prop=False), where)
+    shapes = _shapes(proto, data_prop=True)
+    _check_sizes(proto, shapes, where)
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:
         _check_node(node, inits, shapes, where)
-    _check_sizes(proto, shapes, where)
+
+
+def samples_per_pass(model: Any, copies: int, requested: int) -> int:
+    """How many samples one forward pass may take so its largest tensor stays within the memory budget.
+
+    ``model`` is an onnx-ir model with static shapes (its first axis the batch it was compiled for);
+    ``copies`` the Monte Carlo instances riding in the batch. Refuses a model whose single sample already
+    exceeds the budget (a Conv with huge pads compiles, but no run could hold it).
+    """
+    largest = 0
+    batch = 1
+    for value in list(model.graph.inputs) + [o for node in model.graph for o in node.outputs]:
+        shape = value.shape
+        if shape is None or not len(shape) or not all(isinstance(d, int) for d in shape):
+            continue
+        if value in model.graph.inputs:
+            batch = max(batch, int(shape[0]))
+        largest = max(largest, math.prod(shape) * 4)  # float32 on the torch side
+    per_sample = largest / batch * 3  # a pass holds an op's input, its output and an unrolled copy at once
+    budget = memory_budget()
+    if per_sample * copies > budget:
+        raise _over_budget(f"one sample on {copies} chip instance(s)", per_sample * copies,
+                           "use fewer instances or a smaller model")
+    return max(1, min(requested, int(budget // max(per_sample * copies, 1))))

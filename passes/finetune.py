@@ -133,6 +133,11 @@ def _check_data(model: ir.Model, data: Any, role: str) -> None:
     if tuple(data.x.shape[1:]) != expected:
         raise DataError(f"{role} inputs have shape {tuple(data.x.shape[1:])} per sample but the model takes "
                         f"{expected}; pass data made for this model")
+    from cimc.data import check_labels
+
+    out_shape = model.graph.outputs[0].shape
+    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
+    check_labels(data.y, classes, f"{role} data '{data.name}'")
 
 
 def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
