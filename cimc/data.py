@@ -193,6 +193,16 @@ def load_dataset(path: str | Path, samples: int | None = None) -> Dataset:
     if file.is_dir():
         raise InputError(f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'")
     try:
+        with open(file, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise InputError(f"dataset '{file}' cannot be read ({type(exc).__name__}); check the path") from None
+    if magic == b"\x93NUMPY":  # a lone .npy: say so without reading it (its header may claim terabytes)
+        raise InputError(
+            f"dataset '{file}' is a single .npy array, not an .npz archive: "
+            "save it with numpy.savez(path, x=..., y=...)"
+        )
+    try:
         loaded = np.load(file, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise InputError(

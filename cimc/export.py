@@ -787,7 +787,7 @@ def _check_bias(layer: dict[str, Any], node: ir.Node, bundle: Path, problems: li
     except (OSError, KeyError, ValueError, TypeError):
         problems.append(f"layer '{layer['name']}': bias: values missing from the bundle")
         return
-    if got.shape != expected.shape or not np.array_equal(got, expected):
+    if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
         problems.append(f"layer '{layer['name']}': bias: values differ from the compiled model's")
 
 

@@ -360,7 +360,10 @@ def _shapes(proto: onnx.ModelProto, data_prop: bool) -> dict[str, tuple[int, lis
     out: dict[str, tuple[int, list[int | None]]] = {}
     for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = v.type.tensor_type
-        if not v.type.HasField("tensor_type") or not tt.HasField("shape"):
+        if not v.type.HasField("tensor_type"):
+            continue
+        if not tt.HasField("shape"):
+            out[v.name] = (tt.elem_type, None)  # the type is still known
             continue
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tt.shape.dim]
         out[v.name] = (tt.elem_type, dims)
@@ -399,7 +402,7 @@ def _estimated_elements(node: onnx.NodeProto, shapes: dict[str, Any], consts: di
         if len(node.input) <= i or node.input[i] not in shapes:
             return None
         dims = shapes[node.input[i]][1]
-        return None if any(d is None for d in dims) else float(math.prod(dims))
+        return None if dims is None or any(d is None for d in dims) else float(math.prod(dims))
 
     op = node.op_type
     try:
@@ -413,7 +416,7 @@ def _estimated_elements(node: onnx.NodeProto, shapes: dict[str, Any], consts: di
         if op == "Pad" and const(1) is not None and node.input[0] in shapes:
             dims = shapes[node.input[0]][1]
             pads = const(1).astype(np.float64).reshape(-1)
-            if all(d is not None for d in dims) and len(pads) == 2 * len(dims):
+            if dims is not None and all(d is not None for d in dims) and len(pads) == 2 * len(dims):
                 return float(np.prod([d + pads[i] + pads[i + len(dims)] for i, d in enumerate(dims)]))
         if op == "Resize":
             scales, sizes = const(2), const(3)
@@ -544,11 +547,61 @@ def _check_pool(node: onnx.NodeProto, shapes: dict[str, Any], label: str, where:
                              f"{x[2:]} on axis {2 + i}; re-export the model")
 
 
-def _check_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes: dict[str, Any], where: str) -> None:
+def _check_input_types(node: onnx.NodeProto, shapes: dict[str, Any], opset: int, label: str, where: str) -> None:
+    """Inputs that share a type variable in the op's schema have one type, and one the schema allows.
+
+    onnx's checker and its shape inference let a UINT32 weight on a float Conv through; onnxruntime refuses
+    the model, and cimc would compute with a wrong (converted) weight.
+    """
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except Exception:  # noqa: BLE001 - unknown ops are reported by the op-support check, with the others
+        return
+    formal = list(schema.inputs)
+    if not formal:
+        return
+    allowed = {c.type_param_str: set(c.allowed_type_strs) for c in schema.type_constraints}
+    seen: dict[str, tuple[str, int]] = {}
+    for i, name in enumerate(node.input):
+        if not name or name not in shapes:
+            continue
+        param = formal[min(i, len(formal) - 1)]
+        if i >= len(formal) and param.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            continue
+        var = param.type_str
+        elem = shapes[name][0]
+        if not elem:
+            continue
+        text = f"tensor({TensorProto.DataType.Name(elem).lower()})" if elem in TensorProto.DataType.values() else ""
+        if var in allowed and text and text not in allowed[var]:
+            raise ModelError(f"{where}: {label} input '{name}' has type {TensorProto.DataType.Name(elem)}, which "
+                             f"{node.op_type} does not take there; re-export the model")
+        if var in seen and seen[var][1] != elem:
+            other = seen[var][0]
+            raise ModelError(
+                f"{where}: {label} input '{name}' is {TensorProto.DataType.Name(elem)} but input '{other}' is "
+                f"{TensorProto.DataType.Name(seen[var][1])}; {node.op_type} needs them of one type: re-export the model"
+            )
+        seen.setdefault(var, (name, elem))
+
+
+def _check_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes: dict[str, Any], where: str,
+                opset: int = 13) -> None:
     if node.domain not in ("", "ai.onnx"):
         return
     op = node.op_type
     label = f"node '{node.name}' ({op})"
+    _check_input_types(node, shapes, opset, label, where)
+    if op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        for name in node.input:
+            t = inits.get(name)
+            if t is None or t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+                continue
+            values = numpy_helper.to_array(t)
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise ModelError(f"{where}: {label} weight '{name}' has {bad} non-finite value(s) (NaN or inf); a "
+                                 "crossbar cannot hold them: fix the trained weights")
     if op in ("Conv", "ConvTranspose") and len(node.input) >= 2:
         _check_conv(node, inits, shapes, label, where)
     elif op in ("MaxPool", "AveragePool", "LpPool"):
@@ -604,8 +657,9 @@ def validate_model(proto: onnx.ModelProto, where: str = "model") -> None:
     shapes = _shapes(proto, data_prop=True)
     _check_sizes(proto, shapes, where)
     inits = {t.name: t for t in graph.initializer}
+    opset = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), 13)
     for node in graph.node:
-        _check_node(node, inits, shapes, where)
+        _check_node(node, inits, shapes, where, opset)
 
 
 def samples_per_pass(model: Any, copies: int, requested: int) -> int:

@@ -6,6 +6,8 @@ whole file takes seconds.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,17 @@ def test_direct_convolution_path_equals_the_unrolled_one(tiny_model: Path, digit
         unrolled = executor(x)[0]
     assert torch.allclose(direct, unrolled, rtol=1e-4, atol=1e-4 * float(unrolled.abs().max()))
     assert not torch.allclose(direct[:16], direct[16:32])  # the instances differ
+
+
+def test_two_identical_runs_write_identical_bytes(tiny_model: Path, digits: Dataset, tmp_path: Path, run_cli) -> None:
+    """The model records what was done (method, history) but not how long it took."""
+    data = save_dataset(tmp_path / "train.npz", digits.x[:200], digits.y[:200])
+    outs = []
+    for name in ("a.onnx", "b.onnx"):
+        res = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o",
+                      tmp_path / name, "-q", "--batch-size", "64")
+        assert res.code == 0, res.err
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    record = json.loads(onnx.load(tmp_path / "a.onnx").metadata_props[0].value)
+    assert "train_time_s" not in record and all("time_s" not in e for e in record["history"])

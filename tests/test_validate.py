@@ -349,3 +349,15 @@ def test_results_json_is_byte_identical_across_runs(mlp_build: Path, tmp_path: P
         outs.append((tmp_path / name / "results.json").read_bytes())
         assert "wall_time_s" in json.loads((tmp_path / name / "timings.json").read_text())
     assert outs[0] == outs[1] and b"wall_time" not in outs[0]
+
+
+@pytest.mark.skipif(not hasattr(__import__("cimc.ir").ir, "name_nodes"),
+                    reason="node names are made unique at import by cimc.ir.name_nodes (on main)")
+@pytest.mark.parametrize("name", ["", "same"])
+def test_duplicate_and_empty_node_names_compile(name: str, tmp_path: Path, run_cli) -> None:
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name=name), helper.make_node("Relu", ["h"], ["a"], name=name),
+             helper.make_node("Gemm", ["a", "w2"], ["y"], name=name)]
+    onnx.save(_model(nodes, [1, 8], {"w": W_FC, "w2": RNG.normal(size=(4, 4)).astype(np.float32)}),
+              tmp_path / "m.onnx")
+    res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "-o", tmp_path / "b", "-q")
+    assert res.code == 0, res.err
