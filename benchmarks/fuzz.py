@@ -268,6 +268,21 @@ def mut_names(m: onnx.ModelProto, rng: random.Random) -> str:
     return f"names {op}"
 
 
+def _add_output(m: onnx.ModelProto, name: str) -> None:
+    """A graph output typed by (lenient) shape inference, as an exporter writes it; rank-1 unknown if it fails."""
+    out = helper.make_tensor_value_info(name, T.FLOAT, None)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        if name in known and known[name].type.tensor_type.HasField("shape"):
+            out.CopyFrom(known[name])
+    except Exception:  # noqa: BLE001 - a broken mutant: keep the fallback type
+        pass
+    if not out.type.tensor_type.HasField("shape"):
+        out.type.tensor_type.shape.dim.add().dim_param = "n"
+    m.graph.output.append(out)
+
+
 def mut_graph(m: onnx.ModelProto, rng: random.Random) -> str:
     g = m.graph
     op = rng.choice(["delete_node", "duplicate_node", "reverse", "drop_output", "extra_output", "swap_inputs",
@@ -283,8 +298,7 @@ def mut_graph(m: onnx.ModelProto, rng: random.Random) -> str:
     elif op == "drop_output":
         del g.output[:]
     elif op == "extra_output":
-        n = rng.choice(nodes)
-        g.output.append(helper.make_tensor_value_info(n.output[0], T.FLOAT, None))
+        _add_output(m, rng.choice(nodes).output[0])
     elif op == "swap_inputs":
         n = rng.choice(nodes)
         if len(n.input) >= 2:
@@ -350,7 +364,7 @@ def mut_generator(m: onnx.ModelProto, rng: random.Random) -> str:
     for k, v in consts.items():
         g.initializer.append(numpy_helper.from_array(v, k))
     g.node.extend(nodes)
-    g.output.append(helper.make_tensor_value_info("gen", T.FLOAT, None))
+    _add_output(m, "gen")
     return f"generator {op} {big}"
 
 

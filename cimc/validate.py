@@ -617,6 +617,29 @@ def _check_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes
                              "input; re-export the model")
     elif op == "Cast":
         _check_type(_int(node, "to", TensorProto.FLOAT), f"{label} attribute 'to'", where)
+    if op not in _AXIS_EXEMPT and node.input and node.input[0]:
+        _check_axes(node, shapes, label, where)
+
+
+# Ops whose axis attributes do not index their first input's dimensions (or are checked above).
+_AXIS_EXEMPT = {"Flatten", "OneHot", "Scan", "Loop", "If", "CumSum", "Unsqueeze", "ConcatFromSequence",
+                "SplitToSequence", "DFT", "STFT", "QuantizeLinear", "DequantizeLinear"}
+
+
+def _check_axes(node: onnx.NodeProto, shapes: dict[str, Any], label: str, where: str) -> None:
+    """``axis``/``axes`` attributes index the first input's dimensions: each must lie in [-rank, rank-1]."""
+    x = _spatial(shapes, node.input[0])
+    if x is None:
+        return
+    rank = len(x)
+    for name in ("axis", "axes"):
+        values = _ints(node, name)
+        if values is None:
+            continue
+        for v in values:
+            if not -rank <= v < rank or (rank == 0 and v not in (0, -1)):
+                raise ModelError(f"{where}: {label} has {name}={values if name == 'axes' else v} outside "
+                                 f"[{-rank}, {rank - 1}] for its rank-{rank} input; re-export the model")
 
 
 def _check_unique(graph: onnx.GraphProto, where: str) -> None:

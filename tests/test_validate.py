@@ -361,3 +361,25 @@ def test_duplicate_and_empty_node_names_compile(name: str, tmp_path: Path, run_c
               tmp_path / "m.onnx")
     res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "-o", tmp_path / "b", "-q")
     assert res.code == 0, res.err
+
+
+def test_compiled_folder_pointing_outside_is_refused(mlp_build: Path, tmp_path: Path, run_cli) -> None:
+    """A compiled model.onnx whose weights are external data outside the folder is refused, not read."""
+    import shutil
+
+    folder = tmp_path / "build"
+    shutil.copytree(mlp_build, folder)
+    model = onnx.load(folder / "model.onnx")
+    t = next(t for t in model.graph.initializer if t.name == "w")
+    (tmp_path / "outside.bin").write_bytes(t.raw_data)
+    t.ClearField("raw_data")
+    t.data_location = T.EXTERNAL
+    e = t.external_data.add()
+    e.key, e.value = "location", "../outside.bin"
+    onnx.save(model, folder / "model.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 8), np.float32))
+    res = run_cli("run", folder, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert res.code == 2 and "outside the model's folder" in res.err, res.err
+    (folder / "manifest.json").write_text("{not json")
+    res = run_cli("run", folder, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert res.code == 2 and "manifest.json: not valid JSON" in res.err, res.err
