@@ -27,7 +27,7 @@ from typing import Any
 import onnx_ir as ir
 
 from cimc.errors import InputError
-from cimc.report import atomic_dir, format_table, human, write_json_atomic, write_text_atomic
+from cimc.report import format_table, human, write_json_atomic, write_text_atomic
 
 __all__ = ["ARTIFACT_FORMAT", "CompiledModel", "sha256_file"]
 
@@ -179,12 +179,18 @@ class CompiledModel:
         )
 
     # ------------------------------------------------------------------------------------ save/load
-    def save(self, out_dir: str | Path, plots: bool = True) -> Path:
-        """Write the directory atomically (built under a temporary name, renamed into place)."""
+    def save(self, out_dir: str | Path, plots: bool = True, *, inputs: Any = (), force: bool = False) -> Path:
+        """Write the directory atomically (built under a temporary name, moved into place).
+
+        ``out_dir`` must be new, empty or an earlier compiled-model folder (``force=True`` also accepts
+        another folder); it may not be or contain one of ``inputs`` (:mod:`cimc.outputs`). Only cimc's own
+        files in it are replaced.
+        """
+        from cimc.outputs import output_dir
         from cimc.targets import target_yaml
 
         out = Path(out_dir)
-        with atomic_dir(out) as tmp:
+        with output_dir(out, "compiled", inputs, force=force) as tmp:
             ir.save(self.model, tmp / "model.onnx")
             write_text_atomic(tmp / "target.yaml", target_yaml(self.target))
             write_json_atomic(tmp / "report.json", self.report())
@@ -224,10 +230,14 @@ class CompiledModel:
             raise InputError(
                 f"{p}: not a compiled-model directory (no manifest.json); run 'cimc compile MODEL.onnx -o DIR' first"
             )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != ARTIFACT_FORMAT:
-            raise InputError(f"{folder}: compiled with an unknown format {manifest.get('format')!r}; recompile it")
-        model = ir.load(folder / "model.onnx")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{manifest_path}: not valid JSON ({type(exc).__name__}); recompile the model") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+            fmt = manifest.get("format") if isinstance(manifest, dict) else None
+            raise InputError(f"{folder}: compiled with an unknown format {fmt!r}; recompile it")
+        model = _load_compiled_onnx(folder / "model.onnx")
         target = load_target(folder / "target.yaml")
         cost = estimate_cost(target, model_workload(model))
         extra = {k: v for k, v in manifest.items() if k not in
@@ -258,6 +268,27 @@ class CompiledModel:
                          "energy_j": c.total_energy_j if c else 0.0, "mvms": c.mvms if c else 0},
             })
         return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def _load_compiled_onnx(path: Path) -> ir.Model:
+    """The compiled folder's model.onnx; external data only from inside the folder, like any imported model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from cimc.frontend import _check_external_data
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the compiled-model folder is incomplete: recompile the model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeWarning) as exc:
+        raise InputError(f"{path}: not a readable ONNX file ({type(exc).__name__}); recompile the model") from None
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: its external data cannot be read ({type(exc).__name__}); recompile the model") from None
+    return ir.from_proto(proto)
 
 
 def _ranges(values: list[int]) -> str:

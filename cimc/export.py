@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import FitError, InputError
 from cimc.ir import analog_matrix, constant_array, node_attrs, static_shape, weight_to_matrix
 from cimc.mapping_schema import MAPPING_FORMAT, MAPPING_FORMAT_VERSION, mapping_schema
-from cimc.report import atomic_dir, write_json_atomic
+from cimc.report import write_json_atomic
 
 __all__ = [
     "OUTPUT_RTOL",
@@ -396,13 +397,18 @@ def _ordered_layers(compiled: CompiledModel) -> list[list[ir.Node]]:
     return list(groups.values())
 
 
-def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False) -> Path:
+def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False, *, force: bool = False) -> Path:
     """Write the mapping bundle of a compiled model (a :class:`CompiledModel` or its directory) to ``out_dir``.
 
-    The folder is built under a temporary name and renamed into place. Returns ``out_dir``.
+    The folder is built under a temporary name and moved into place. ``out_dir`` must be new, empty or an
+    earlier bundle (``force=True`` accepts another folder, keeping its files) and never the compiled
+    folder itself (:mod:`cimc.outputs`). Returns ``out_dir``.
     """
     from cimc import __version__
+    from cimc.outputs import check_output_dir, output_dir
 
+    inputs = [] if isinstance(compiled_or_dir, CompiledModel) else [compiled_or_dir]
+    check_output_dir(out_dir, "bundle", inputs, force=force)
     compiled, compiled_dir, model_sha = _load_compiled(compiled_or_dir)
     nodes = _ordered_layers(compiled)
     if not nodes:
@@ -414,7 +420,10 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
     arrays = _fill_arrays(compiled, layers)
     dpw = compiled.target.array.devices_per_weight
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    if compiled_dir is not None:
+        # Relative to the bundle, so the same export gives the same bytes wherever the two folders live.
+        compiled_dir = Path(os.path.relpath(compiled_dir, os.path.abspath(out))).as_posix()
+    with output_dir(out, "bundle", inputs, force=force) as tmp:
         array_entries = []
         for index, g_us in arrays.items():
             np.savez(tmp / f"array_{index}.npz", g_us=g_us)
@@ -468,8 +477,6 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
             ),
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        for path in tmp.iterdir():  # temp-file writers create 0600 files; a bundle is meant to be shared
-            path.chmod(0o644)
     logger.info("exported %d layer(s) on %d crossbar(s) to %s", len(layers), len(arrays), out)
     return out
 
@@ -715,16 +722,18 @@ def _bundle_checks(manifest: dict[str, Any], bundle: Path, report: VerifyReport)
     return rebuilt
 
 
-def _resolve_model(manifest: dict[str, Any], model: Any) -> tuple[ir.Model, Path | None]:
+def _resolve_model(manifest: dict[str, Any], model: Any, bundle: Path) -> tuple[ir.Model, Path | None]:
     if isinstance(model, CompiledModel):
         return ir.from_proto(ir.to_proto(model.model)), None
     if model is None:
         recorded = manifest["source"].get("compiled_dir")
-        if not recorded or not Path(recorded).is_dir():
+        # Recorded relative to the bundle; an absolute path (an older bundle, or an edited one) is not followed.
+        where = bundle / recorded if recorded and not os.path.isabs(recorded) else None
+        if where is None or not (where / "model.onnx").is_file():
             raise InputError(
                 "the bundle does not record a compiled model that still exists; pass it with --model DIR|MODEL.onnx"
             )
-        model = recorded
+        model = where
     path = Path(model)
     onnx_path = path / "model.onnx" if path.is_dir() else path
     if not onnx_path.is_file():
@@ -817,7 +826,7 @@ def _check_bias(where: str, info: dict[str, Any], node: ir.Node, bundle: Path, p
     except (OSError, KeyError, ValueError, TypeError):
         problems.append(f"{where}: bias: values missing from the bundle")
         return
-    if got.shape != expected.shape or not np.array_equal(got, expected):
+    if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
         problems.append(f"{where}: bias: values differ from the compiled model's")
 
 
@@ -895,7 +904,7 @@ def verify_bundle(bundle_dir: str | Path, model: Any = None, data: Any = None) -
     if any(p.startswith("manifest:") for p in report.problems):
         return report  # the rest reads fields the schema guarantees
     rebuilt = _bundle_checks(manifest, bundle, report)
-    ir_model, onnx_path = _resolve_model(manifest, model)
+    ir_model, onnx_path = _resolve_model(manifest, model, bundle)
     recorded_sha = manifest["source"].get("compiled_model_sha256")
     if onnx_path is not None and recorded_sha and sha256_file(onnx_path) != recorded_sha:
         report.problems.append(

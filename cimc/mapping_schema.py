@@ -20,6 +20,7 @@ _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
 _NONNEG = {"type": "number", "minimum": 0}
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_FILE = {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"}  # a plain name inside the bundle, no folders
 _BITS = {"type": ["integer", "null"], "minimum": 1, "maximum": 16}
 _WINDOW = {"type": "array", "items": _NAT, "minItems": 2, "maxItems": 2, "description": "half-open [start, stop)"}
 # A float per layer, or one float per output channel (group-major: channel = group * cols + column).
@@ -89,7 +90,7 @@ def _layer() -> dict[str, Any]:
     bias = _obj(
         {
             "present": {"type": "boolean"},
-            "file": {"type": ["string", "null"]},
+            "file": {"oneOf": [_FILE, {"type": "null"}]},
             "key": {"type": ["string", "null"]},
             "shape": {"type": ["array", "null"], "items": _NAT},
             "beta": _NUM,
@@ -103,7 +104,7 @@ def _layer() -> dict[str, Any]:
             "method": {"enum": ["layer", "column", "none"]},
             "probe": _obj(
                 {
-                    "file": {"type": "string"},
+                    "file": _FILE,
                     "key": {"type": "string"},
                     "seed": {"type": "integer"},
                     "count": _POS,
@@ -163,7 +164,7 @@ def _array() -> dict[str, Any]:
             "index": _NAT,
             "file": {"type": "string", "pattern": r"^array_[0-9]+\.npz$"},
             "key": {"type": "string"},
-            "csv": {"type": ["string", "null"]},
+            "csv": {"oneOf": [{"type": "string", "pattern": r"^array_[0-9]+\.csv$"}, {"type": "null"}]},
             "rows": _POS,
             "device_cols": _POS,
             "programmed_devices": _NAT,
@@ -246,7 +247,7 @@ def mapping_schema() -> dict[str, Any]:
             "source": source,
             "target": {"$ref": "#/$defs/Target"},
             "conventions": conventions,
-            "files": _obj({"biases": {"type": "string"}, "gdc": {"type": "string"}, "schema": {"type": "string"}}),
+            "files": _obj({"biases": _FILE, "gdc": _FILE, "schema": _FILE}),
             "arrays": {"type": "array", "items": {"$ref": "#/$defs/mapping_array"}},
             "layers": {"type": "array", "items": {"$ref": "#/$defs/mapping_layer"}, "minItems": 1},
             "schedule": {"$ref": "#/$defs/mapping_schedule"},

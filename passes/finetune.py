@@ -133,6 +133,11 @@ def _check_data(model: ir.Model, data: Any, role: str) -> None:
     if tuple(data.x.shape[1:]) != expected:
         raise DataError(f"{role} inputs have shape {tuple(data.x.shape[1:])} per sample but the model takes "
                         f"{expected}; pass data made for this model")
+    from cimc.data import check_labels
+
+    out_shape = model.graph.outputs[0].shape
+    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
+    check_labels(data.y, classes, f"{role} data '{data.name}'")
 
 
 def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -222,7 +227,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
               "best_epoch": result["best_epoch"], "best_val_noisy": result["best_val_noisy"],
               "train_time_s": round(result["train_time_s"], 2), "validation": f"{options.val_instances} PCM instances "
               f"at {options.val_time:g} s, {len(val_xy[1])} samples", "history": result["history"]}
-    model.metadata_props["cimc.finetune"] = json.dumps(record)
+    # The model records what was done, not how long it took: same inputs and seed, same bytes.
+    stored = {k: v for k, v in record.items() if k != "train_time_s"}
+    stored["history"] = [{k: v for k, v in entry.items() if k != "time_s"} for entry in record["history"]]
+    model.metadata_props["cimc.finetune"] = json.dumps(stored)
     return record
 
 
@@ -281,13 +289,16 @@ def finetune(
     return work, ctx.results["finetune"]
 
 
-def save_finetuned(model: ir.Model, path: str | os.PathLike[str]) -> Path:
-    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename)."""
+def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = ()) -> Path:
+    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename).
+
+    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
+    """
     from cimc.frontend import save_model
 
-    out = Path(path)
-    if out.suffix != ".onnx":
-        raise InputError(f"output '{out}' must end in .onnx; rename it")
+    from cimc.outputs import check_output_file
+
+    out = check_output_file(path, ".onnx", inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     return out

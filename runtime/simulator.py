@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cimc.errors import DataError, InputError
+from cimc.errors import DataError, InputError, ModelError
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.workload import model_workload
 
-__all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
+__all__ = ["Chip", "ChipState", "SimulationResult", "check_batch_axis", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +207,21 @@ def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: 
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
             rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
             logits = executor(rep)[0]
+            check_batch_axis(logits, instances * len(xb), "the first output")
             preds.append(logits.reshape(instances, len(xb), -1).argmax(-1).numpy())
             if tick:
                 tick(len(xb))
     return np.concatenate(preds, axis=1)
+
+
+def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
+    """The output must keep one row per sample (and instance) on its first axis, as every input does."""
+    if y.dim() == 0 or y.shape[0] != rows:
+        raise ModelError(
+            f"output {name!r} has shape {tuple(y.shape)} for {rows} sample(s) x instance(s): the model does not keep "
+            "samples on the first axis (a Reshape/Flatten/Transpose mixes them), so cimc cannot batch it; re-export "
+            "it with the batch as the first axis throughout (e.g. Flatten axis=1, Reshape to [-1, ...])"
+        )
 
 
 @dataclass
@@ -218,6 +229,8 @@ class SimulationResult:
     """Accuracy per time (mean, std, min, per instance), baselines, and the cost the run counted."""
 
     data: dict[str, Any]
+    # Wall-clock figures live apart from ``data`` so the same inputs and seed give the same results.json bytes.
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         from cimc.report import format_table
@@ -258,6 +271,15 @@ def simulate(
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+    from cimc.data import check_labels
+
+    out_shape = compiled.model.graph.outputs[0].shape
+    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
+    check_labels(np.asarray(y), classes, "data")
+    from cimc.validate import samples_per_pass
+
+    samples_per_pass(compiled.model, instances, 1)  # one sample on every instance must fit the memory budget
+    batch_size = samples_per_pass(compiled.model, 1, batch_size)  # rows (samples x instances) per pass
     started = time.perf_counter()
     chip = Chip(compiled, instances, seed)
     per_run = max(1, batch_size // instances) if instances > 1 else batch_size
@@ -309,9 +331,8 @@ def simulate(
         "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
                  "activity": {k: vars(v) for k, v in measured.items()},
                  "ops_definition": "2 x MACs executed in the analog arrays"},
-        "wall_time_s": time.perf_counter() - started,
     }
-    return SimulationResult(data)
+    return SimulationResult(data, {"format": "cimc-timings/1", "wall_time_s": time.perf_counter() - started})
 
 
 def _cost_summary(cost: Any) -> dict[str, Any]:

@@ -387,3 +387,30 @@ def test_bias_of_each_user_is_exported(tmp_path: Path):
     biases["L0_u3"] = biases["L0_u3"] + 1
     np.savez(bundle / "biases.npz", **biases)
     assert any("user 'step3'" in p and "bias" in p for p in verify_bundle(bundle).problems)
+
+
+def test_same_export_twice_gives_the_same_bytes(kws_build: Path, tmp_path: Path, run_cli):
+    """No absolute path, time or random name in a bundle: the compiled folder is recorded relative to it."""
+    for name in ("a", "b"):
+        assert run_cli("export", kws_build, "-o", tmp_path / name, "--csv").code == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    recorded = manifest["source"]["compiled_dir"]
+    assert not Path(recorded).is_absolute() and (tmp_path / "a" / recorded).resolve() == kws_build.resolve()
+    assert run_cli("verify", tmp_path / "a").code == 0  # the relative record still finds the compiled model
+
+
+def test_verify_does_not_follow_paths_out_of_the_bundle(kws_bundle: Path, tmp_path: Path, run_cli):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(kws_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["biases"] = "/etc/passwd"
+    manifest["source"]["compiled_dir"] = str(Path(manifest["source"]["compiled_dir"]).absolute())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = run_cli("verify", copy)
+    assert res.code == 1 and "manifest: files/biases" in res.out

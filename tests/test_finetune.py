@@ -6,6 +6,8 @@ whole file takes seconds.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +271,17 @@ def test_training_noise_is_drawn_once_per_crossbar_block(tmp_path: Path, noise: 
         assert all(torch.equal(w, drawn[0]) for w in drawn)
         assert not torch.equal(drawn[0][0], steps[0].matrix(executor.weight(steps[0])).detach())
     assert not torch.equal(passes[0][0], passes[1][0])
+
+
+def test_two_identical_runs_write_identical_bytes(tiny_model: Path, digits: Dataset, tmp_path: Path, run_cli) -> None:
+    """The model records what was done (method, history) but not how long it took."""
+    data = save_dataset(tmp_path / "train.npz", digits.x[:200], digits.y[:200])
+    outs = []
+    for name in ("a.onnx", "b.onnx"):
+        res = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o",
+                      tmp_path / name, "-q", "--batch-size", "64")
+        assert res.code == 0, res.err
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    record = json.loads(onnx.load(tmp_path / "a.onnx").metadata_props[0].value)
+    assert "train_time_s" not in record and all("time_s" not in e for e in record["history"])
