@@ -40,6 +40,9 @@ def flipped_conv_weight(weight: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 1
+    while name in graph.initializers:  # unnamed nodes would otherwise share their constants' names
+        name, i = f"{base}_{i}", i + 1
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
