@@ -528,8 +528,8 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
                             "max_rel_l2": max(numeric) if len(numeric) == len(errs) and numeric else None}
             # Placeholder weights (the onnx wheel's model-zoo files) can make every output a constant, which
             # any executor matches: say so rather than count it as evidence.
-            res["float"]["constant_reference"] = all(np.ptp(np.asarray(v, dtype=np.float64)) == 0
-                                                     for v in ref.values() if np.asarray(v).size)
+            multi = [np.asarray(v, dtype=np.float64) for v in ref.values() if np.asarray(v).size > 1]
+            res["float"]["constant_reference"] = bool(multi) and all(np.ptp(v) == 0 for v in multi)
             worst = res["float"]["max_rel_l2"]
             if worst is None or worst > MATCH_TOL:
                 res["float"]["first_divergence"] = first_divergence(ex, path, feeds)
