@@ -757,9 +757,11 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
     lines += [f"| {k} | {v} |" for k, v in summary["refused_on_ideal_by_reason"].items()] or ["| (none) | 0 |"]
     lines += ["", "### Crashes", ""]
     if summary["crashes"]:
-        lines += ["| model | stage | exception | message | where |", "|---|---|---|---|---|"]
-        lines += [f"| {c['model']} | {c['stage']} | {c['type']} | {c['message'][:120].replace('|', '/')} | "
-                  f"{c.get('where', '')} |" for c in summary["crashes"]]
+        grouped: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
+        for c in summary["crashes"]:  # one row per model and exception, listing the stages it hit
+            grouped[(c["model"], c["type"], c["message"][:120].replace("|", "/"), c.get("where", ""))].append(c["stage"])
+        lines += ["| model | stages | exception | message | where |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {', '.join(st)} | {t} | {msg} | {w} |" for (m, t, msg, w), st in grouped.items()]
     else:
         lines.append("None.")
     lines += ["", "### Ops cimc does not implement, by the number of models that contain them", "",
