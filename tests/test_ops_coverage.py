@@ -456,3 +456,15 @@ def test_activation_products_are_costed_digitally(tmp_path: Path) -> None:
         node = next(iter(model.graph))
         assert [c.kind for c in classify(model)] == ["digital"]
         assert digital_ops(node) == 2 * 2 * 3 * 5 * 4
+
+
+def test_bitshift_and_legacy_forms(tmp_path: Path) -> None:
+    a = _RNG.integers(0, 60, size=(6,)).astype(np.uint8)
+    b = np.array([0, 1, 2, 3, 1, 2], np.uint8)
+    for direction in ("LEFT", "RIGHT"):
+        check(tmp_path, "BitShift", {"a": a, "b": b}, {"direction": direction})
+    # opset 9 Upsample and opset 11 reductions with an axes attribute, converted on import
+    check(tmp_path, "Upsample", {"x": f32(1, 2, 3, 4)}, {"mode": "nearest"},
+          inits={"s": np.array([1, 1, 2, 3], np.float32)}, opset=9)
+    check(tmp_path, "ReduceSum", {"x": f32(2, 3, 4)}, {"axes": [1], "keepdims": 0}, opset=11)
+    check(tmp_path, "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [0, 2]}, opset=13)
