@@ -123,6 +123,22 @@ class FoldConstantsPass(ir.passes.InPlacePass):
                 raise ir.passes.PostconditionError(f"{node.op_type} node {node.name!r} was not folded")
 
 
+class _IdentityElimination(IdentityEliminationPass):
+    """onnx-ir's Identity elimination, except where a (sub)graph output would become a value owned by
+    another graph: an ``If`` branch whose output is an ``Identity`` of an outer-scope value (the other
+    branch may return the same value) keeps that ``Identity``."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 and node.inputs[0] is not None:
+            source, out = node.inputs[0], node.outputs[0]
+            producer = source.producer()
+            foreign = producer is None and not source.is_graph_input() and not source.is_initializer() or (
+                producer is not None and producer.graph is not node.graph)
+            if out.is_graph_output() and (foreign or source.is_graph_output()):
+                return False
+        return super()._try_eliminate_identity_node(node)
+
+
 def _mask_needed(dropout: ir.Node) -> bool:
     """True when a Dropout's mask output is read by a node or is itself a graph output."""
     mask = dropout.outputs[1] if len(dropout.outputs) > 1 else None
@@ -155,7 +171,7 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
             y.replace_all_uses_with(x)
             graph.remove(node, safe=True)
             modified = True
-        result = IdentityEliminationPass()(model)
+        result = _IdentityElimination()(model)
         return ir.passes.PassResult(model, modified or result.modified)
 
     def ensures(self, model: ir.Model) -> None:

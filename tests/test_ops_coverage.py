@@ -468,3 +468,27 @@ def test_bitshift_and_legacy_forms(tmp_path: Path) -> None:
           inits={"s": np.array([1, 1, 2, 3], np.float32)}, opset=9)
     check(tmp_path, "ReduceSum", {"x": f32(2, 3, 4)}, {"axes": [1], "keepdims": 0}, opset=11)
     check(tmp_path, "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [0, 2]}, opset=13)
+
+
+def test_identity_of_an_outer_value_in_if_branches_imports(tmp_path: Path) -> None:
+    """Both branches of an If return Identity(outer value) (as exported voice-activity models do): import
+    keeps those Identity nodes instead of crashing, and the If is then refused in one line."""
+    from cimc.errors import UnsupportedOpError
+
+    then_g = helper.make_graph([helper.make_node("Identity", ["h"], ["t_out"], name="t_id")], "then", [],
+                               [helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["e_out"], name="e_id")], "else", [],
+                               [helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, [1, 4])])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Greater", ["sr", "k"], ["c"], name="cmp"),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="branch")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+                     helper.make_tensor_value_info("sr", onnx.TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(8000, np.int64), "k")])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = cimc.load(path)
+    with pytest.raises(UnsupportedOpError, match="If"):
+        Executor(model)
