@@ -492,3 +492,32 @@ def test_identity_of_an_outer_value_in_if_branches_imports(tmp_path: Path) -> No
     model = cimc.load(path)
     with pytest.raises(UnsupportedOpError, match="If"):
         Executor(model)
+
+
+def test_cli_inspect_and_compile_a_detector_neck(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """The command line on an FPN-style neck (Conv → Resize ×2 → Concat → ConvTranspose): inspect lists the
+    Resize as digital and the ConvTranspose (now a Conv) as analog; compile onto ideal succeeds."""
+    import json
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Resize", ["c", "", "sc"], ["r"], mode="nearest", name="up"),
+             helper.make_node("Resize", ["x", "", "sc"], ["rx"], mode="linear", name="upx"),
+             helper.make_node("Concat", ["r", "rx"], ["cat"], axis=1, name="cat"),
+             helper.make_node("ConvTranspose", ["cat", "w2"], ["y"], strides=[2, 2], name="deconv")]
+    graph = helper.make_graph(
+        nodes, "neck", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(f32(4, 3, 3, 3), "w1"), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"),
+         numpy_helper.from_array(f32(7, 2, 2, 2), "w2")])
+    path = tmp_path / "neck.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])),
+              path)
+    res = run_cli("inspect", path, "--json")
+    assert res.code == 0, res.err
+    kinds = {(n["op_type"], n["kind"]) for n in json.loads(res.out)["nodes"]}
+    assert ("Resize", "digital") in kinds and ("Conv", "analog") in kinds
+    assert not any(k == "unsupported" for _, k in kinds) and ("ConvTranspose", "digital") not in kinds
+    res = run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "build")
+    assert res.code == 0, res.err
+    got = cimc.run(tmp_path / "build", f32(2, 3, 6, 6, low=0, high=1), ideal=True)
+    assert got.shape == (2, 2, 24, 24)
