@@ -223,6 +223,12 @@ class FoldToFixpointPass(ir.passes.InPlacePass):
 
 
 
+def _mask_needed(dropout: ir.Node) -> bool:
+    """True when a Dropout's mask output is read by a node or is itself a graph output."""
+    mask = dropout.outputs[1] if len(dropout.outputs) > 1 else None
+    return mask is not None and (bool(mask.uses()) or mask.is_graph_output())
+
+
 class RemoveNoOpsPass(ir.passes.InPlacePass):
     """Remove ``Identity`` nodes and inference-mode ``Dropout`` (whose mask output nobody reads).
 
