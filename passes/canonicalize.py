@@ -2,6 +2,8 @@
 
 Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
 
+0. :class:`~cimc.passes.dequantize.DequantizePass` — quantised models (ConvInteger, MatMulInteger, QLinear*,
+   com.microsoft quantised ops): constant integer weights become float initializers (``passes/dequantize.py``).
 1. :class:`FoldConstantsPass` — every node whose inputs are all constant is evaluated (by cimc's own op
    table, the code the executor runs) and replaced by an initializer; ``Shape`` of a statically shaped value
    becomes a constant. This turns ``Constant``, ``ConstantOfShape`` and shape-arithmetic subgraphs into
@@ -39,6 +41,7 @@ from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, node_attrs, static_shape
+from cimc.passes.dequantize import DequantizePass
 from cimc.ops import OPS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
@@ -212,6 +215,7 @@ class CleanupPass(ir.passes.InPlacePass):
 
 def _canonicalize_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
+        DequantizePass(),  # quantised models: integer weights become float initializers (passes/dequantize.py)
         FoldConstantsPass(),
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
