@@ -8,6 +8,7 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    table, the code the executor runs) and replaced by an initializer; ``Shape`` of a statically shaped value
    becomes a constant. This turns ``Constant``, ``ConstantOfShape`` and shape-arithmetic subgraphs into
    initializers.
+   Then :class:`~cimc.passes.embedding.OneHotMatMulToGatherPass` — ``MatMul(OneHot(i), W)`` → ``Gather(W, i)``.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
 3. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
    nothing else reads) is folded into its weights and bias (onnxscript's rewrite rules).
@@ -42,6 +43,7 @@ from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, node_attrs, static_shape
 from cimc.passes.dequantize import DequantizePass
+from cimc.passes.embedding import OneHotMatMulToGatherPass
 from cimc.ops import OPS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
@@ -219,6 +221,7 @@ def _canonicalize_passes() -> ir.passes.Sequential:
         FoldConstantsPass(),
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
+        OneHotMatMulToGatherPass(),  # embedding lookups written as one-hot x matrix (passes/embedding.py)
         RemoveNoOpsPass(),
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
