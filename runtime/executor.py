@@ -342,6 +342,15 @@ def _fast_concat(node: ir.Node, attrs: dict[str, Any]) -> Callable[[list[Any]], 
     return lambda args: [torch.cat(args, axis)]
 
 
+def _is_hard_swish_sigmoid(attrs: dict[str, Any]) -> bool:
+    """HardSigmoid with α = 1/6 and β = ½ (torch's hardsigmoid), to float32 precision."""
+    return abs(float(attrs.get("alpha", 0.2)) - 1 / 6) < 1e-6 and float(attrs.get("beta", 0.5)) == 0.5
+
+
+def _fast_hard_sigmoid(node: ir.Node, attrs: dict[str, Any]) -> Callable[[list[Any]], list[torch.Tensor]] | None:
+    return (lambda args: [F.hardsigmoid(args[0])]) if _is_hard_swish_sigmoid(attrs) else None
+
+
 _FAST = {
     "Conv": _fast_conv,
     "MaxPool": _fast_pool,
@@ -354,6 +363,8 @@ _FAST = {
     "Add": lambda node, attrs: lambda args: [torch.add(args[0], args[1])],
     "Mul": lambda node, attrs: lambda args: [torch.mul(args[0], args[1])],
     "Sum": lambda node, attrs: (lambda args: [torch.add(args[0], args[1])]) if len(node.inputs) == 2 else None,
+    "HardSigmoid": _fast_hard_sigmoid,
+    "HardSwish": lambda node, attrs: lambda args: [F.hardswish(args[0])],
     "GlobalAveragePool": lambda node, attrs: (
         (lambda args: [F.adaptive_avg_pool2d(args[0], 1)]) if node.inputs[0].shape is not None
         and len(node.inputs[0].shape) == 4 else None
@@ -406,6 +417,8 @@ class Executor(torch.nn.Module):
         self.steps: list[_Step] = []
         self.analog_steps: list[AnalogStep] = []
         param_names = self._analog_param_names(graph)
+        conv2d_weights = {n.inputs[1].name for n in graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")
+                          and len(n.inputs) > 1 and n.inputs[1] is not None and len(n.inputs[1].shape or ()) == 4}
         for name, value in graph.initializers.items():
             arr = constant_array(value)
             if arr is None:
@@ -417,6 +430,9 @@ class Executor(torch.nn.Module):
             while key in self._const_keys.values():
                 key += "_"
             self._const_keys[name] = key
+            if name in conv2d_weights:
+                # oneDNN's layout for channels-last activations: converted once here, not on every call.
+                tensor = tensor.contiguous(memory_format=_CL)
             if name in param_names:
                 self.params[key] = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
             else:
@@ -460,6 +476,7 @@ class Executor(torch.nn.Module):
             self.steps.append(step)
             for v in node.outputs:
                 producers[v.name] = step
+        self._fuse_hard_swish()
         self._num_slots = len(slots)
         self._output_slots = [slots[n] for n in self.output_names]
         # Liveness: the last step that reads each slot; graph outputs and inputs are never released.
@@ -493,6 +510,27 @@ class Executor(torch.nn.Module):
                 step.inplace_after_analog = src.analog is not None
                 step.inplace_run = self._inplace_fn(method, idx)
                 break
+
+    def _fuse_hard_swish(self) -> None:
+        """``Mul(x, HardSigmoid(x))`` with HardSigmoid's default-hardswish constants (α = 1/6, β = ½) — how
+        exporters write hardswish before opset 14 — runs as one ``F.hardswish`` (one pass over x, not four)."""
+        drop: set[int] = set()
+        for step in self.steps:
+            node = step.node
+            if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            for xi in (0, 1):
+                x, hs = node.inputs[xi], node.inputs[1 - xi]
+                producer = hs.producer() if hs is not None else None
+                if producer is None or producer.op_type != "HardSigmoid" or producer.inputs[0] is not x:
+                    continue
+                if len(hs.uses()) != 1 or hs.is_graph_output() or not _is_hard_swish_sigmoid(node_attrs(producer)):
+                    continue
+                drop.add(id(producer))
+                step.run = lambda args, xi=xi: [F.hardswish(args[xi])]
+                step.in_slots[1 - xi] = None  # the HardSigmoid's output is never computed
+                break
+        self.steps = [s for s in self.steps if id(s.node) not in drop]
 
     @staticmethod
     def _inplace_fn(method: str, idx: int) -> Callable[[list[Any]], list[torch.Tensor]]:
