@@ -30,7 +30,7 @@ from cimc.errors import UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, node_attrs, static_shape
 from cimc.ops import OPS, _auto_pad, _conv_padding, _same_pads
 
-__all__ = ["AnalogHook", "AnalogStep", "DirectHook", "Executor", "InputHook", "run_model"]
+__all__ = ["AnalogHook", "AnalogStep", "DirectHook", "Executor", "InputHook", "conv_nd", "run_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,26 @@ def _torch_pads(pads: Sequence[int], spatial: int) -> list[int]:
     for i in reversed(range(spatial)):  # torch pads the last dimension first
         out += [pads[i], pads[i + spatial]]
     return out
+
+
+def conv_nd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, attrs: dict[str, Any]) -> torch.Tensor:
+    """An ONNX Conv on tensors (attributes as :func:`cimc.ir.node_attrs` gives them), 2-D ones channels-last
+    with symmetric padding passed to the convolution instead of a padded copy of the input."""
+    spatial = x.dim() - 2
+    if spatial != 2:
+        return OPS["Conv"]([x, w, b], attrs)[0]
+    kernel = list(w.shape[2:])
+    strides = list(attrs.get("strides") or [1, 1])
+    dilations = list(attrs.get("dilations") or [1, 1])
+    mode = _auto_pad(attrs)
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        pads = _same_pads(x, kernel, strides, dilations, mode)
+    else:
+        pads = [0] * 4 if mode == "VALID" else list(attrs.get("pads") or [0] * 4)
+    x = x.contiguous(memory_format=_CL)
+    if _symmetric(pads, 2):
+        return F.conv2d(x, w, b, strides, pads[:2], dilations, int(attrs.get("group", 1)))
+    return F.conv2d(F.pad(x, _torch_pads(pads, 2)), w, b, strides, 0, dilations, int(attrs.get("group", 1)))
 
 
 def _fast_conv(node: ir.Node, attrs: dict[str, Any]) -> Callable[[list[Any]], list[torch.Tensor]] | None:
