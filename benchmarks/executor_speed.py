@@ -131,7 +131,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"executor ÷ onnxruntime throughput (> 1: cimc faster), {args.threads} thread(s), best of {args.repeats}")
-    columns = [c for b in batches for c in (f"ort b{b} (ms)", f"float b{b}", None if args.no_chip else f"chip b{b}") if c]
+    per_batch = ("ort b{} (ms)", "float b{}") if args.no_chip else ("ort b{} (ms)", "float b{}", "chip b{}")
+    columns = [c.format(b) for b in batches for c in per_batch]
     print("| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     with tempfile.TemporaryDirectory() as tmp:

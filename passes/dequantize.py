@@ -89,7 +89,8 @@ class _Builder:
         while name in self.graph.initializers:
             name += "_"
         array = np.ascontiguousarray(array)
-        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value
@@ -106,7 +107,8 @@ class _Builder:
         self.graph.insert_before(self.anchor, node)
         return node
 
-    def out(self, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict[str, Any] | None = None, **kw: Any) -> ir.Value:
+    def out(self, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict[str, Any] | None = None,
+            **kw: Any) -> ir.Value:
         return self.op(op_type, inputs, attrs, **kw).outputs[0]
 
     def dequantize(self, x: ir.Value, scale: ir.Value, zp: ir.Value | None, shape: ir.Shape | None = None) -> ir.Value:
@@ -161,7 +163,8 @@ def _integer_result(graph: ir.Graph, b: _Builder, old: ir.Value, y: ir.Value) ->
     """Readers of an int32 accumulator ``old`` now get the float ``y``: a Cast to float reads y directly;
     anything else (and a graph output) reads ``Cast(Round(y), int32)``."""
     for user, _ in list(old.uses()):
-        cast = user.op_type == "Cast" and user.domain in ("", "ai.onnx") and node_attrs(user).get("to") == ir.DataType.FLOAT
+        cast = user.op_type == "Cast" and user.domain in ("", "ai.onnx") and \
+            node_attrs(user).get("to") == ir.DataType.FLOAT
         if cast and not user.outputs[0].is_graph_output():
             user.outputs[0].replace_all_uses_with(y)
             graph.remove(user, safe=True)

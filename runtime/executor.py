@@ -15,7 +15,6 @@ instance count reshapes ``[instances·batch, …]`` to ``[instances, batch·…]
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,7 +208,8 @@ def _symmetric(pads: Sequence[int], spatial: int) -> bool:
     return list(pads[:spatial]) == list(pads[spatial:])
 
 
-def _explicit_pads(node: ir.Node, attrs: dict[str, Any], kernel: Sequence[int], dilations: Sequence[int]) -> list[int] | None:
+def _explicit_pads(node: ir.Node, attrs: dict[str, Any], kernel: Sequence[int],
+                   dilations: Sequence[int]) -> list[int] | None:
     """The ONNX pads [begin..., end...] of a Conv/pool, resolving auto_pad with the static input shape."""
     spatial = len(kernel)
     mode = _auto_pad(attrs)
