@@ -172,3 +172,12 @@ def test_integer_op_without_constant_weight_is_refused_with_one_line(tmp_path: P
     model = cimc.load(tmp_path / "mmi.onnx")
     with pytest.raises(cimc.errors.UnsupportedOpError, match=r"MatMulInteger x1 \('mmi'\)"):
         Executor(model)
+
+
+def test_cli_inspects_and_compiles_a_quantised_model(quantised: dict, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    _, path = quantised["mlp", "qoperator"]
+    res = run_cli("inspect", path)
+    assert res.code == 0 and "UNSUPPORTED" not in res.out and "analog" in res.out
+    res = run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "out")
+    assert res.code == 0, res.err
+    assert (tmp_path / "out" / "model.onnx").is_file()
