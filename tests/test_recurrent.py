@@ -378,12 +378,12 @@ def test_refused_layers_are_reported_in_one_line(kwargs: dict[str, Any], message
     assert any(n.op_type == "LSTM" for n in canonical.graph)  # left in place for classification to report
     (cls,) = [c for c in classify(canonical) if c.op_type == "LSTM"]
     assert cls.kind == "unsupported" and message in cls.reason
-    with pytest.raises(UnsupportedOpError, match="'rec' \\(LSTM\\)"):
+    with pytest.raises(UnsupportedOpError, match="LSTM x1 \\('rec'\\)"):
         cimc.compile(path, "ideal")
     result = run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "out")
     assert result.code == 2
     lines = result.err.strip().splitlines()
-    assert len(lines) == 1 and "'rec' (LSTM)" in lines[0] and message in lines[0]
+    assert len(lines) == 1 and "LSTM x1 ('rec')" in lines[0] and message in lines[0]
     inspected = run_cli("inspect", path)
     assert inspected.code == 0 and "UNSUPPORTED" in inspected.out and message in inspected.out
 
