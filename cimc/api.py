@@ -74,30 +74,40 @@ def simulate(
     compare_gdc: bool = True,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    metric: str | None = None,
 ) -> Any:
-    """Accuracy over time on the simulated chip (program → drift → read), Monte Carlo over instances.
+    """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
-    ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name. ``drift``: comma-separated
-    times ("1s,1h,24h") or seconds. With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
+    ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name; ``y`` is optional.
+    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: accuracy, top5, cosine, mse,
+    snr or relerr (see :mod:`cimc.runtime.metrics`; default accuracy with labels, cosine agreement with the
+    float model without). With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
     """
     from cimc.data import Dataset, load_dataset
     from cimc.plots import plot_drift
     from cimc.report import atomic_dir, write_json_atomic
-    from cimc.runtime.simulator import parse_duration
     from cimc.runtime.simulator import simulate as run_simulation
 
     c = load_compiled(compiled)
     ds = data if isinstance(data, Dataset) else load_dataset(data)
-    times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
+    times = parse_times(drift)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
     result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
-                            compare_gdc=compare_gdc, progress=progress)
+                            compare_gdc=compare_gdc, progress=progress, metric=metric)
     result.data["data"] = ds.name
     if out_dir is not None:
         with atomic_dir(out_dir) as tmp:
             write_json_atomic(tmp / "results.json", result.data)
             plot_drift(result.data, tmp / "drift.png")
     return result
+
+
+def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
+    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
+    from cimc.runtime.simulator import check_time, parse_duration
+
+    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
+    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
 
 
 def run(

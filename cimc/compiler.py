@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,15 @@ def compile_model(
     seed: int = 0,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    digital: Sequence[str] = (),
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
-    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
-    the compiled-model directory is written there atomically.
+    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``digital``: names of analog
+    layers to keep off the crossbar (run in float, costed on the digital unit), e.g. a depthwise layer that
+    ``cimc diagnose`` flags. When ``out_dir`` is given the compiled-model directory is written there atomically.
     """
     from cimc.data import load_dataset
 
@@ -83,7 +86,8 @@ def compile_model(
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch)
-    ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress)
+    ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
+                         digital=tuple(digital))
     spec = pipeline or default_pipeline(calib is not None, train is not None)
     passes = parse_pipeline(spec, ctx)
     names = [p.name for p in passes]

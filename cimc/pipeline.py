@@ -47,6 +47,7 @@ class CompileContext:
     validation: Any = None
     seed: int = 0
     progress: bool = True
+    digital: tuple[str, ...] = ()  # analog layers the user keeps off the crossbar (--digital NAME)
     results: dict[str, Any] = field(default_factory=dict)  # what passes report (packing, cost, ...)
 
 

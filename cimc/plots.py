@@ -14,12 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-__all__ = ["plot_occupancy", "plot_drift"]
+__all__ = ["plot_diagnose", "plot_drift", "plot_occupancy"]
 
 _MAX_ARRAYS_DRAWN = 64
 
 
-def _save(fig: Any, path: str | os.PathLike[str]) -> None:
+def _save(fig: Any, path: str | os.PathLike[str] | None) -> Any:
+    """Write ``fig`` atomically to ``path`` (PNG) and close it; with no path, return the figure."""
+    if path is None:
+        return fig
     p = Path(path)
     tmp = p.with_name(f".{p.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -97,3 +100,50 @@ def plot_drift(results: dict[str, Any], path: str | os.PathLike[str]) -> None:
     ax.set_title(f"{results.get('model', '')} on {results.get('target', '')}: {results.get('instances')} chip instances",
                  fontsize=10)
     _save(fig, path)
+
+
+_CAUSE_COLOURS = {"dac": "#4477aa", "adc": "#66ccee", "programming": "#228833", "drift": "#ccbb44", "read": "#ee6677"}
+
+
+def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = None) -> Any:
+    """Per-layer SNR by cause (grouped horizontal bars, layers top to bottom in execution order, ``all``
+    as a black diamond) beside the end-metric cost of running only that layer analog."""
+    from cimc.diagnose import CAUSES, LOW_SNR_DB, _CAUSE_LABELS
+
+    layers = sorted(data["layers"], key=lambda l: l.get("order", 0))
+    n = len(layers)
+    finite = [v for l in layers for v in l["snr_db"].values() if v is not None]
+    top = max([60.0, *finite]) + 5
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 1.6 + 0.42 * n * (1 + len(CAUSES) / 8)), sharey=True,
+                                  gridspec_kw={"width_ratios": [3, 1]})
+    height = 0.8 / len(CAUSES)
+    for j, cause in enumerate(CAUSES):
+        ys = [i - 0.4 + height * (j + 0.5) for i in range(n)]
+        vals = [l["snr_db"][cause] for l in layers]
+        shown = [top if v is None else max(v, 0.0) for v in vals]
+        bars = ax.barh(ys, shown, height=height, color=_CAUSE_COLOURS[cause], label=_CAUSE_LABELS[cause])
+        for bar, v in zip(bars, vals):
+            if v is None:  # no error from this cause at all
+                bar.set_hatch("//")
+                bar.set_alpha(0.35)
+    ax.scatter([top if l["snr_db"]["all"] is None else max(l["snr_db"]["all"], 0.0) for l in layers], range(n),
+               marker="D", color="black", zorder=3, label="all together")
+    ax.axvline(LOW_SNR_DB, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([f"{l['name']}  ({l['shape']})" for l in layers], fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlim(0, top)
+    ax.set_xlabel("SNR of the layer's output vs float (dB, higher is better; hatched = no error)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    metric = data["metric"]
+    pct = metric in ("accuracy", "top5")
+    costs = [(100 if pct else 1) * l["cost"] for l in layers]
+    ax2.barh(range(n), costs, color=["#bb5566" if c > 0 else "#999999" for c in costs], height=0.6)
+    ax2.axvline(0, color="black", linewidth=0.8)
+    ax2.set_xlabel(f"{metric} lost with only this layer analog" + (" (points)" if pct else ""))
+    ax2.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"{data.get('model', '')} on {data.get('target', '')} at {data.get('time', '')}: where the "
+                 f"signal is lost ({data.get('instances')} instances, {data.get('samples')} samples)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -9,7 +9,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "atomic_dir"]
+__all__ = ["progress_bar", "use_color", "format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "atomic_dir"]
+
+
+def use_color(stream: Any = None) -> bool:
+    """Colour only on a terminal and only when ``NO_COLOR`` is unset (https://no-color.org)."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    return not os.environ.get("NO_COLOR") and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", **kwargs: Any) -> Any:
+    """A tqdm bar on stderr. On a terminal it redraws in place; in a log (not a TTY) it writes a plain line
+    at most every 30 s instead of carriage-return updates, and never colours (``NO_COLOR`` respected)."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    options: dict[str, Any] = {"leave": False, "dynamic_ncols": True} if tty else {
+        "mininterval": 30.0, "maxinterval": 60.0, "ncols": 80, "ascii": True, "leave": True}
+    if not use_color():
+        options["colour"] = None
+    options.update(kwargs)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **options)
 
 
 def human(n: float, unit: str = "") -> str:

@@ -72,8 +72,13 @@ def digital_ops(node: ir.Node) -> int:
         return out * math.prod(node_attrs(node).get("kernel_shape", [1]))
     if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax"):
         return _numel(node.inputs[0])
-    if node.op_type in ("MatMul", "Gemm", "Conv"):  # activation × activation products stay digital
-        k = (static_shape(node.inputs[0]) or (1,))[-1]
+    if node.op_type == "Conv":  # a convolution kept digital: K = C_in/groups · kernel products per output
+        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        k = math.prod(w[1:]) if w else 1
+        return 2 * out * k
+    if node.op_type in ("MatMul", "Gemm"):  # activation × activation products, or a layer kept digital
+        x = static_shape(node.inputs[0]) or (1,)
+        k = x[0] if node.op_type == "Gemm" and node_attrs(node).get("transA", 0) else x[-1]
         return 2 * out * k
     return out * _OPS_PER_ELEMENT.get(node.op_type, 1)
 
