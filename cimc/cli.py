@@ -116,12 +116,16 @@ def _add_inspect(sub: Any) -> None:
 @command("targets")
 def _targets(args: argparse.Namespace) -> int:
     from cimc.report import format_table
-    from cimc.targets import list_targets, load_target, schema_json, target_yaml
+    from cimc.targets import list_targets, load_target, preset_text, schema_json, target_yaml
 
     if args.action == "show":
         if not args.name:
             raise InputError("'cimc targets show' needs a target name or YAML path, e.g. 'cimc targets show aon-cim'")
-        print(target_yaml(load_target(args.name)), end="")
+        target = load_target(args.name)  # validates, for presets too
+        text = preset_text(args.name)
+        if text is None:  # a user's file: the resolved target (base merged, every default filled in)
+            text = f"# {args.name} resolved: every field cimc uses, base merged, defaults filled in\n" + target_yaml(target)
+        print(text, end="")
     elif args.action == "schema":
         print(schema_json())
     else:
@@ -131,8 +135,9 @@ def _targets(args: argparse.Namespace) -> int:
             rows.append([name, f"{t.array.count or 'any'} x {t.array.rows}x{t.array.cols}", t.execution, t.device.model,
                          description])
         print(format_table(["target", "arrays (rows x device cols)", "execution", "device", "description"], rows))
-        print("\nA YAML file works wherever a target name does: 'cimc targets show aon-cim > my-chip.yaml', edit, then "
-              "'--target my-chip.yaml'.")
+        print("\nA YAML file works wherever a target name does. Derive one by writing only what differs, e.g. "
+              "my-chip.yaml:\n  base: aon-cim\n  converters: {adc_bits: 6}\nthen '--target my-chip.yaml' "
+              "(the target is named my-chip).")
     return 0
 
 

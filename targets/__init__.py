@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from .devices import DeviceParamsBase, IdealDevice, PcmIbmDevice, device_models, register_device
-from .loader import list_targets, load_target, preset_names, schema_json, target_json_schema, target_yaml
+from .loader import list_targets, load_target, preset_names, preset_text, schema_json, target_json_schema, target_yaml
 from .schema import (
     ActivityDefaults,
     ArrayConfig,
@@ -19,6 +19,7 @@ from .schema import (
 )
 
 __all__ = [
+    "preset_text",
     "ActivityDefaults",
     "ArrayConfig",
     "ArrayReadConfig",
