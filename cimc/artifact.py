@@ -144,8 +144,21 @@ class CompiledModel:
             f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
             f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
             f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
-            f"(ops = 2 x analog MACs)"
+            f"(ops = 2 x analog MACs)\n{self._notes()}"
         )
+
+    def _notes(self) -> str:
+        """What the compiled shapes and converters assume, said once."""
+        shape = self.model.graph.inputs[0].shape if self.model.graph.inputs else None
+        batch = shape[0] if shape is not None and len(shape) else 1
+        calibrated = any("cimc.quant" in n.metadata_props for n in self.model.graph)
+        digital = json.loads(self.model.metadata_props.get("cimc.digital", "[]"))
+        notes = [f"batch dimension fixed at {batch} (model.onnx, model.qdq.onnx and the schedule)"]
+        notes.append("converters calibrated (model.qdq.onnx is the quantised twin)" if calibrated else
+                     "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        if digital:
+            notes.append(f"kept digital: {', '.join(digital)}")
+        return "; ".join(notes)
 
     # ------------------------------------------------------------------------------------ save/load
     def save(self, out_dir: str | Path, plots: bool = True) -> Path:

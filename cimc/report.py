@@ -33,7 +33,24 @@ def progress_bar(total: int, desc: str, unit: str = "it", **kwargs: Any) -> Any:
     if not use_color():
         options["colour"] = None
     options.update(kwargs)
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, **options)
+    stream = sys.stderr if tty else _LineWriter(sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, **options)
+
+
+class _LineWriter:
+    """A stream for tqdm in logs: every status update becomes its own line, no carriage returns."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").replace("\x1b[A", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def human(n: float, unit: str = "") -> str:

@@ -89,6 +89,19 @@ def test_twin_matches_simulator_and_onnxruntime(mnist_compiled, mnist: Dataset, 
     _assert_agree_up_to_ties(quant_out, ort_out)
     float_out = _ort_rows(builtin.mnist_model(), x)
     assert rel_l2(quant_out, float_out) > 1e-4  # the converters really quantise
+    _assert_checker_clean(path)
+
+
+def _assert_checker_clean(path: Path) -> None:
+    """Tools accept the twin: full ONNX check (typed outputs), no unused initializers, batch stated."""
+    import onnx
+
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in proto.graph.output)
+    used = {i for n in proto.graph.node for i in n.input}
+    assert [t.name for t in proto.graph.initializer if t.name not in used] == []
+    assert "batch dimension fixed at 1" in proto.doc_string
 
 
 def test_row_split_tiles_in_twin(tmp_path: Path) -> None:
@@ -106,6 +119,7 @@ def test_row_split_tiles_in_twin(tmp_path: Path) -> None:
     ort_out = _ort_rows(twin_path, x[:8])
     sim_out = cimc.run(compiled, x[:8], ideal=True)
     _assert_agree_up_to_ties(sim_out, ort_out)
+    _assert_checker_clean(twin_path)  # row-split tiles replace the layer's weight: it must not linger
 
 
 def test_program_once_then_drift_same_devices(mnist_compiled) -> None:  # type: ignore[no-untyped-def]
