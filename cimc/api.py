@@ -20,7 +20,7 @@ import onnx_ir as ir
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
 
-__all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled", "finetune"]
+__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "run", "load_compiled", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,14 @@ def simulate(
             write_json_atomic(tmp / "results.json", result.data)
             plot_drift(result.data, tmp / "drift.png")
     return result
+
+
+def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
+    """Per-layer SNR by cause, the single-layer end metric and advice; see :func:`cimc.diagnosis.diagnose`
+    for the options (``time="24h"``, ``instances``, ``samples``, ``metric``, ``out_dir`` ...)."""
+    from cimc.diagnosis import diagnose as run_diagnosis
+
+    return run_diagnosis(compiled, data, **options)
 
 
 def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:

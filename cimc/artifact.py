@@ -112,6 +112,24 @@ class CompiledModel:
             "layers": layers,
         }
 
+    def to_pandas(self) -> Any:
+        """One row per scheduled layer of report.json: name, op, kind, cycles, energy, placement (needs pandas)."""
+        from cimc.runtime.simulator import _pandas
+
+        pd = _pandas()
+        rows = []
+        for row in self.report()["layers"]:
+            rows.append({"name": row["name"], "op_type": row.get("op_type"), "kind": row.get("kind"),
+                         "cycles": row.get("cycles"), "energy_j": row.get("total_energy_j"),
+                         "mvms": row.get("mvms"), "tiles": len(row.get("placement", []))})
+        return pd.DataFrame(rows)
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """The occupancy figure (a matplotlib Figure; also saved to ``path`` if given)."""
+        from cimc.plots import plot_occupancy
+
+        return plot_occupancy(self, path)
+
     def summary_table(self) -> str:
         """Per-layer terminal table (analog layers and the digital ops between them) and the totals."""
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
@@ -217,13 +235,18 @@ class CompiledModel:
         return cls(model, target, cost, manifest.get("source", ""), manifest.get("source_sha256", ""), extra)
 
     def chrome_trace(self) -> dict[str, Any]:
-        """The schedule of one inference as Chrome trace events (µs), one track per unit."""
+        """The schedule of one inference as Chrome trace events (µs): one track per array/core (an analog
+        layer appears on every core that holds a tile of it, so a pipelined schedule shows core by core) and
+        one for the digital unit."""
         clock = self.target.clock_hz
+        unit = "core" if self.target.execution == "pipelined" or (self.target.array.count or 1) > 1 else "array"
+        digital_tid = 0
         events: list[dict[str, Any]] = [
             {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{self.target.name} (one inference)"}},
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "crossbar array(s)"}},
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": 1, "args": {"name": "digital unit"}},
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": digital_tid, "args": {"name": "digital unit"}},
+            {"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": digital_tid, "args": {"sort_index": 1 << 20}},
         ]
+        cores: set[int] = set()
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
         for node in self.model.graph:
             slot = node.metadata_props.get("cimc.schedule")
@@ -233,12 +256,22 @@ class CompiledModel:
             c = cost_by_name.get(node.name)
             if s["end_cycle"] == s["start_cycle"]:
                 continue
-            events.append({
-                "name": node.name, "cat": node.op_type, "ph": "X", "pid": 0, "tid": 0 if s["unit"] == "array" else 1,
+            base = {
+                "name": node.name, "cat": node.op_type, "ph": "X", "pid": 0,
                 "ts": s["start_cycle"] / clock * 1e6, "dur": (s["end_cycle"] - s["start_cycle"]) / clock * 1e6,
                 "args": {"op": node.op_type, "cycles": s["end_cycle"] - s["start_cycle"], "stage": s["stage"],
                          "energy_j": c.total_energy_j if c else 0.0, "mvms": c.mvms if c else 0},
-            })
+            }
+            if s["unit"] == "array" and "cimc.placement" in node.metadata_props:
+                arrays = sorted({t["array"] for t in json.loads(node.metadata_props["cimc.placement"])})
+                for a in arrays:
+                    cores.add(a)
+                    events.append({**base, "tid": a + 1, "args": {**base["args"], unit: a}})
+            else:
+                events.append({**base, "tid": digital_tid})
+        for a in sorted(cores):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": a + 1, "args": {"name": f"{unit} {a}"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": a + 1, "args": {"sort_index": a}})
         return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 

@@ -241,7 +241,7 @@ def _add_simulate(sub: Any) -> None:
 # ------------------------------------------------------------------------------------------ diagnose
 @command("diagnose")
 def _diagnose(args: argparse.Namespace) -> int:
-    from cimc.diagnose import diagnose
+    from cimc.diagnosis import diagnose
 
     out = args.output or str(Path(args.compiled) / "diagnose")
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,

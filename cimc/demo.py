@@ -32,6 +32,11 @@ def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int
     from cimc import builtin
     from cimc.data import load_dataset
 
+    n_clips = 1200 if samples is None else min(samples, 1200)
+    # docs/benchmarks.md: the KWS simulation runs ~900 inferences/s on one CPU thread; compile takes ~20 s.
+    estimate_s = 25 + (n_clips * instances * 10 + 2 * n_clips) / 900
+    _say(f"cimc demo: takes about {max(1, round(estimate_s / 60))} min on one CPU core ({instances} chip instances x "
+         f"{n_clips} clips x 10 reads; more on a busy machine); shorten it with --instances 2 or --samples 300")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

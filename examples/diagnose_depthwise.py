@@ -23,7 +23,7 @@ from torch import nn
 
 import cimc
 from cimc.data import save_dataset
-from cimc.diagnose import diagnose
+from cimc.diagnosis import diagnose
 
 __all__ = ["MobileNetDigits", "main"]
 

@@ -64,7 +64,7 @@ def check_time(t_s: float, text: Any = None) -> float:
 
 
 def format_duration(t_s: float) -> str:
-    for unit, size in (("y", _UNITS["y"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+    for unit, size in (("y", _UNITS["y"]), ("mo", _UNITS["mo"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
         if t_s >= size and abs(t_s / size - round(t_s / size)) < 1e-9:
             return f"{round(t_s / size)}{unit}"
     return f"{t_s:g}s"

@@ -11,7 +11,7 @@ import torch
 
 import cimc
 from cimc.data import Dataset
-from cimc.diagnose import CAUSES, diagnose
+from cimc.diagnosis import CAUSES, diagnose
 from cimc.errors import InputError
 from cimc.runtime.executor import Executor
 from tests.models import GroupedConcatNet, export_onnx

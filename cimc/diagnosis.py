@@ -104,7 +104,7 @@ class DiagnoseResult:
                          format_score(metric, layer["metric_only_this_layer"]),
                          layer["cost_text"]])
         head = format_table(["rank", "layer", "op", "K x N (x groups)", "dac", "adc", "prog", "drift", "read", "all",
-                             "adc clip %", "levels %", f"{metric}, only it analog", "cost"], rows,
+                             "adc clip %", "levels %", f"{metric}, only it analog", "vs float"], rows,
                             right=tuple(range(4, 14)))
         lines = [
             f"SNR (dB) of each analog layer's output against the float layer, one cause at a time, at {d['time']} "
@@ -236,7 +236,7 @@ def _adc_stats(plan: Any, cols: torch.Tensor, matrix: torch.Tensor, stats: _Stat
         code = torch.round(torch.clamp(part / (y_max / n), -n, n)).long()
         stats.conversions += code.numel()
         stats.clipped += int((code.abs() == n).sum())
-        stats.codes[torch.unique(code) + n] = True
+        stats.codes |= torch.bincount((code + n).reshape(-1), minlength=2 * n + 1) > 0  # linear, no sort
 
 
 # ------------------------------------------------------------------------------------------ the runs
