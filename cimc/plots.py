@@ -53,9 +53,9 @@ def plot_occupancy(compiled: Any, path: str | os.PathLike[str] | None = None) ->
     shown = used[:_MAX_ARRAYS_DRAWN]
     unit = "core" if compiled.target.execution == "pipelined" or (compiled.target.array.count or 1) > 1 else "array"
     n_panels = max(1, len(shown))
-    per_row = min(n_panels, 4 if n_panels > 1 else 1)
+    per_row = n_panels if n_panels <= 4 else 4 if n_panels <= 16 else 8
     grid_rows = math.ceil(n_panels / per_row)
-    panel = 5.0 if n_panels == 1 else 3.0
+    panel = 5.0 if n_panels == 1 else 3.0 if n_panels <= 16 else 2.2
     aspect = rows / max(cols, 1)
     legend_cols = 1 if len(layers) <= 24 else 2 if len(layers) <= 60 else 3
     fig_w = per_row * panel * min(1.0, 1 / aspect) + 2.5 + 2.2 * legend_cols
@@ -99,8 +99,8 @@ def plot_occupancy(compiled: Any, path: str | os.PathLike[str] | None = None) ->
     total = mapping["arrays_used"]
     more = f" (first {len(shown)} of {total} shown)" if total > len(shown) else ""
     fig.suptitle(f"{compiled.target.name}: {len(layers)} analog layers on {total} {unit}(s) of {rows}x{cols} weights, "
-                 f"utilisation {100 * (mapping.get('utilization') or 0):.1f} %{more}", fontsize=10)
-    fig.tight_layout()
+                 f"utilisation {100 * (mapping.get('utilization') or 0):.1f} %{more}", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig_h))  # room for the title
     return _save(fig, path)
 
 
