@@ -335,16 +335,23 @@ def _advice(layers: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str
             out.append({"layer": name, "kind": "digital", "text": (
                 f"depthwise layer {name} has K={layer['rows']} rows: its SNR ({_fmt_db(s['all'])} dB) is low at "
                 f"any precision; keep it digital with --digital {name}")})
-    device = {c: np.median([l["snr_db"][c] if l["snr_db"][c] is not None else 1e9 for l in layers]) for c in
-              ("programming", "drift", "read")} if layers else {}
-    if device and min(device.values()) < LOW_SNR_DB:
-        worst = min(device, key=device.__getitem__)
-        fix = {"programming": "noise-aware fine-tuning ('cimc finetune ... --method noise') or a larger g_max",
-               "drift": "per-column drift compensation (device.gdc: column) or a shorter refresh interval",
-               "read": "more devices per weight or fine-tuning with read noise"}[worst]
-        out.append({"layer": "", "kind": "device", "text": (
-            f"{_CAUSE_LABELS[worst]} is the weakest link in most layers (median SNR {device[worst]:.1f} dB): "
-            f"consider {fix}")})
+    # The cause with the lowest SNR in most layers, when it is a device effect and the chip loses accuracy.
+    weakest = [min(CAUSES, key=lambda c, l=l: l["snr_db"][c] if l["snr_db"][c] is not None else 1e9)
+               for l in layers]
+    if weakest:
+        top = max(set(weakest), key=weakest.count)
+        chip_loss = (1.0 if data["higher_is_better"] else -1.0) * (data["float_metric"] - data["chip_metric"])
+        median = float(np.median([l["snr_db"][top] for l in layers if l["snr_db"][top] is not None] or [1e9]))
+        if top in _DEVICE_SCALES and 2 * weakest.count(top) > len(layers) and \
+                (median < LOW_SNR_DB or chip_loss > data["cost_warn"]):
+            fix = {"programming": "noise-aware fine-tuning ('cimc finetune MODEL.onnx --data TRAIN.npz', then "
+                                  "compile the result)",
+                   "drift": "per-column drift compensation (device.gdc: column in a derived target)",
+                   "read": "noise-aware fine-tuning or more devices per weight"}[top]
+            out.append({"layer": "", "kind": "device", "text": (
+                f"{_CAUSE_LABELS[top]} is the weakest cause in {weakest.count(top)} of {len(layers)} layers (median "
+                f"SNR {median:.1f} dB) and the whole chip loses {_cost_text(data['metric'], chip_loss)[1:]}: "
+                f"consider {fix}")})
     return out
 
 
@@ -398,7 +405,7 @@ def diagnose(
     if not layer_names:
         raise InputError("the model has no analog layers to diagnose (everything runs on the digital unit)")
     per_run = max(1, batch_size // instances)
-    runs = len(x) * (1 + sum(v.instances for v in variants.values()) + instances * (len(layer_names) + 1))
+    runs = len(x) * (1 + len(variants) + 1 + len(layer_names))  # ticks: samples per forward pass
     bar = _progress(runs, progress, desc="diagnosing")
     tick = bar.update if bar is not None else None
     try:
