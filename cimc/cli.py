@@ -159,10 +159,6 @@ def _compile(args: argparse.Namespace) -> int:
     from cimc.compiler import compile_model
 
     out = args.output or f"{Path(args.model).stem}.cimc"
-    quiet = args.quiet or args.json
-    if not args.calib and not args.pipeline and not quiet:
-        print("note: no --calib data: DAC/ADC converters are not modelled (ideal converters); add --calib DATA.npz "
-              "to calibrate them", file=sys.stderr)
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, batch=args.batch_size, seed=args.seed,
@@ -175,6 +171,9 @@ def _compile(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(compiled.summary_table())
         print(f"\nwrote {out}/ ({', '.join(files)})")
+        if not any("cimc.quant" in n.metadata_props for n in compiled.analog_nodes()):
+            print("note: compiled without --calib: the DAC/ADC converters are not modelled (ideal); add --calib "
+                  "DATA.npz to calibrate them", file=sys.stderr)
     return 0
 
 

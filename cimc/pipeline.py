@@ -135,6 +135,12 @@ def parse_pipeline(spec: str, ctx: CompileContext) -> list[CimcPass]:
     return passes
 
 
+def _stderr_is_tty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def run_pipeline(model: ir.Model, passes: list[CimcPass]) -> ir.Model:
     """Run passes in order; a failure says which passes had already run. With the context's ``progress``, a
     bar on stderr names the pass running (calibration and packing take a while on large models)."""
@@ -151,7 +157,8 @@ def run_pipeline(model: ir.Model, passes: list[CimcPass]) -> ir.Model:
         for p in passes:
             started = time.perf_counter()
             if bar is not None:
-                bar.set_description(f"compiling: {p.name}")
+                # Redraw now only on a terminal: in a log, a short compile prints nothing at all.
+                bar.set_description(f"compiling: {p.name}", refresh=_stderr_is_tty())
             try:
                 p(model)
             except CimcError:

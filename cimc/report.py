@@ -21,15 +21,16 @@ def use_color(stream: Any = None) -> bool:
 
 
 def progress_bar(total: int, desc: str, unit: str = "it", **kwargs: Any) -> Any:
-    """A tqdm bar on stderr. On a terminal it redraws in place; in a log (not a TTY) it writes a plain line
-    at most every 30 s instead of carriage-return updates, and never colours (``NO_COLOR`` respected)."""
+    """A tqdm bar on stderr. On a terminal it redraws in place; in a log (not a TTY) it stays silent for jobs
+    shorter than 30 s and then writes a plain line at most every 30 s instead of carriage-return updates; it
+    never colours when ``NO_COLOR`` is set."""
     import sys
 
     from tqdm import tqdm
 
     tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
     options: dict[str, Any] = {"leave": False, "dynamic_ncols": True} if tty else {
-        "mininterval": 30.0, "maxinterval": 60.0, "ncols": 80, "ascii": True, "leave": True}
+        "mininterval": 30.0, "maxinterval": 60.0, "ncols": 80, "ascii": True, "leave": True, "delay": 30.0}
     if not use_color():
         options["colour"] = None
     options.update(kwargs)
