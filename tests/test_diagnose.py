@@ -119,3 +119,19 @@ def test_cli_diagnose_json_and_digital(net, tmp_path: Path, run_cli) -> None:  #
     assert (tmp_path / "c" / "diagnose" / "diagnose.png").is_file()
     res = run_cli("diagnose", tmp_path / "c", "--data", tmp_path / "x.npz", "--time", "0")
     assert res.code == 2 and "positive time" in res.err
+
+
+def test_adc_range_too_small_is_advised(net) -> None:  # type: ignore[no-untyped-def]
+    path, data = net
+    c = cimc.compile(path, "aon-cim", calibration=data,
+                     pipeline="canonicalize,map,quantize{percentile=80,clip=percentile},schedule")
+    d = diagnose(c, data, instances=1).data
+    clipped = [layer for layer in d["layers"] if layer["adc"]["clip_rate"] > 0.01]
+    assert clipped  # a range at the 80th percentile clips about a fifth of the conversions
+    advised = {a["layer"] for a in d["advice"] if a["kind"] == "adc-clipping"}
+    assert advised == {layer["name"] for layer in clipped}
+    assert all("raise the ADC range percentile" in a["text"] for a in d["advice"] if a["kind"] == "adc-clipping")
+    good = diagnose(cimc.compile(path, "aon-cim", calibration=data), data, instances=1).data
+    for layer in good["layers"]:  # the default calibration clips rarely and converts better
+        bad = next(x for x in d["layers"] if x["name"] == layer["name"])
+        assert layer["adc"]["clip_rate"] < bad["adc"]["clip_rate"] and layer["snr_db"]["adc"] > bad["snr_db"]["adc"]
