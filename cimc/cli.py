@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        force=True)
+    level = _log_level(args)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("cimc").setLevel(level)  # also when the host (a notebook, pytest) configured logging
     if not debug:
         _quiet_libraries()
     if not args.command:

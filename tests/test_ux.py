@@ -130,3 +130,18 @@ def test_occupancy_one_legend_entry_and_style_per_layer(tmp_path: Path) -> None:
     assert all(len(ax.get_xticks()) > 1 and len(ax.get_yticks()) > 1 for ax in panels)  # coordinates shown
     assert "hermes" in fig._suptitle.get_text()
     assert "occupancy" not in os.listdir(tmp_path)
+
+
+def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    build, _ = mnist_build
+    res = run_cli("export", build, "-o", tmp_path / "bundle", "-q")
+    assert res.code == 0 and res.out == ""
+    res = run_cli("verify", tmp_path / "bundle", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0 and doc["ok"] is True and doc["problems"] == [] and doc["layers_checked"] >= 1
+    plain = cimc.compile(builtin.mnist_model(), "aon-cim", out_dir=tmp_path / "plain")
+    from cimc.export import export_mapping
+
+    with caplog.at_level("WARNING", logger="cimc.export"):
+        export_mapping(plain, tmp_path / "plain-bundle")
+    assert "not calibrated" in caplog.text
