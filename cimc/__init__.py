@@ -5,7 +5,8 @@ The public API (the command line calls exactly these):
 * :func:`cimc.load` — import and canonicalise an ONNX model;
 * :func:`cimc.inspect` — what a model contains and what maps onto the crossbar;
 * :func:`cimc.compile` — map, quantise and schedule onto a target (a :class:`~cimc.artifact.CompiledModel`);
-* :func:`cimc.simulate` — accuracy over time on simulated chips; :func:`cimc.run` — raw outputs.
+* :func:`cimc.simulate` — accuracy (or any metric) over time on simulated chips; :func:`cimc.run` — raw outputs;
+* :func:`cimc.diagnose` — which layer and which non-ideality cost the accuracy, and what to change.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "
 from cimc.errors import CimcError
 
 __version__ = "0.1.0"
-__all__ = ["CimcError", "__version__", "compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
+# The API and its error type only; modules (cimc.api, cimc.data, ...) stay importable by name.
+__all__ = ["CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())
 
 # The API pulls in torch, onnxruntime and onnxscript (seconds); ``cimc --version``, ``--help`` and ``targets``
 # need none of them. The API functions are therefore imported on first use (PEP 562).
-_API = frozenset({"compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"})
+_API = frozenset({"compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate"})
 
 
 def __getattr__(name: str) -> object:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
 
-__all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled", "finetune"]
+__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "run", "load_compiled", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +96,19 @@ def simulate(
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
+    metric: str | None = None,
 ) -> Any:
-    """Accuracy over time on the simulated chip (program → drift → read), Monte Carlo over instances.
+    """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
-    ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name. ``drift``: comma-separated
-    times ("1s,1h,24h") or seconds. With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
+    ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name; ``y`` is optional.
+    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: accuracy, top5, cosine, mse,
+    snr or relerr (see :mod:`cimc.runtime.metrics`; default accuracy with labels, cosine agreement with the
+    float model without). With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
     """
     from cimc.data import Dataset, load_dataset
     from cimc.plots import plot_drift
     from cimc.outputs import check_output_dir, output_dir
     from cimc.report import write_json_atomic
-    from cimc.runtime.simulator import parse_duration
     from cimc.runtime.simulator import simulate as run_simulation
 
     inputs = [compiled, data]
@@ -114,10 +116,10 @@ def simulate(
         check_output_dir(out_dir, "simulation", inputs, force=force)
     c = load_compiled(compiled)
     ds = data if isinstance(data, Dataset) else load_dataset(data, samples=samples)
-    times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
+    times = parse_times(drift)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
     result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
-                            compare_gdc=compare_gdc, progress=progress)
+                            compare_gdc=compare_gdc, progress=progress, metric=metric)
     result.data["data"] = ds.name
     if out_dir is not None:
         with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
@@ -214,6 +216,22 @@ def _batch_axis(out_shape: Sequence[int], declared: Sequence[int] | None, chunk:
     if len(grown) == 1 and isinstance(declared[grown[0]], int) and out_shape[grown[0]] == declared[grown[0]] * chunk:
         return grown[0]
     return None
+
+
+def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
+    """Per-layer SNR by cause, the single-layer end metric and advice; see :func:`cimc.diagnosis.diagnose`
+    for the options (``time="24h"``, ``instances``, ``samples``, ``metric``, ``out_dir`` ...)."""
+    from cimc.diagnosis import diagnose as run_diagnosis
+
+    return run_diagnosis(compiled, data, **options)
+
+
+def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
+    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
+    from cimc.runtime.simulator import check_time, parse_duration
+
+    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
+    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
 
 
 def run(

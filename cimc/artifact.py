@@ -120,6 +120,24 @@ class CompiledModel:
             "layers": layers,
         }
 
+    def to_pandas(self) -> Any:
+        """One row per scheduled layer of report.json: name, op, kind, cycles, energy, placement (needs pandas)."""
+        from cimc.runtime.simulator import _pandas
+
+        pd = _pandas()
+        rows = []
+        for row in self.report()["layers"]:
+            rows.append({"name": row["name"], "op_type": row.get("op_type"), "kind": row.get("kind"),
+                         "cycles": row.get("cycles"), "energy_j": row.get("total_energy_j"),
+                         "mvms": row.get("mvms"), "tiles": len(row.get("placement", []))})
+        return pd.DataFrame(rows)
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """The occupancy figure (a matplotlib Figure; also saved to ``path`` if given)."""
+        from cimc.plots import plot_occupancy
+
+        return plot_occupancy(self, path)
+
     def summary_table(self) -> str:
         """Per-layer terminal table (analog layers and the digital ops between them) and the totals."""
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
@@ -175,8 +193,21 @@ class CompiledModel:
             f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
             f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
             f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
-            f"(ops = 2 x analog MACs)"
+            f"(ops = 2 x analog MACs)\n{self._notes()}"
         )
+
+    def _notes(self) -> str:
+        """What the compiled shapes and converters assume, said once."""
+        shape = self.model.graph.inputs[0].shape if self.model.graph.inputs else None
+        batch = shape[0] if shape is not None and len(shape) else 1
+        calibrated = any("cimc.quant" in n.metadata_props for n in self.model.graph)
+        digital = json.loads(self.model.metadata_props.get("cimc.digital", "[]"))
+        notes = [f"batch dimension fixed at {batch} (model.onnx, model.qdq.onnx and the schedule)"]
+        notes.append("converters calibrated (model.qdq.onnx is the quantised twin)" if calibrated else
+                     "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        if digital:
+            notes.append(f"kept digital: {', '.join(digital)}")
+        return "; ".join(notes)
 
     # ------------------------------------------------------------------------------------ save/load
     def save(self, out_dir: str | Path, plots: bool = True, *, inputs: Any = (), force: bool = False) -> Path:
@@ -245,13 +276,18 @@ class CompiledModel:
         return cls(model, target, cost, manifest.get("source", ""), manifest.get("source_sha256", ""), extra)
 
     def chrome_trace(self) -> dict[str, Any]:
-        """The schedule of one inference as Chrome trace events (µs), one track per unit."""
+        """The schedule of one inference as Chrome trace events (µs): one track per array/core (an analog
+        layer appears on every core that holds a tile of it, so a pipelined schedule shows core by core) and
+        one for the digital unit."""
         clock = self.target.clock_hz
+        unit = "core" if self.target.execution == "pipelined" or (self.target.array.count or 1) > 1 else "array"
+        digital_tid = 0
         events: list[dict[str, Any]] = [
             {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"{self.target.name} (one inference)"}},
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "crossbar array(s)"}},
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": 1, "args": {"name": "digital unit"}},
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": digital_tid, "args": {"name": "digital unit"}},
+            {"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": digital_tid, "args": {"sort_index": 1 << 20}},
         ]
+        cores: set[int] = set()
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
         for node in self.model.graph:
             slot = node.metadata_props.get("cimc.schedule")
@@ -261,12 +297,22 @@ class CompiledModel:
             c = cost_by_name.get(node.name)
             if s["end_cycle"] == s["start_cycle"]:
                 continue
-            events.append({
-                "name": node.name, "cat": node.op_type, "ph": "X", "pid": 0, "tid": 0 if s["unit"] == "array" else 1,
+            base = {
+                "name": node.name, "cat": node.op_type, "ph": "X", "pid": 0,
                 "ts": s["start_cycle"] / clock * 1e6, "dur": (s["end_cycle"] - s["start_cycle"]) / clock * 1e6,
                 "args": {"op": node.op_type, "cycles": s["end_cycle"] - s["start_cycle"], "stage": s["stage"],
                          "energy_j": c.total_energy_j if c else 0.0, "mvms": c.mvms if c else 0},
-            })
+            }
+            if s["unit"] == "array" and "cimc.placement" in node.metadata_props:
+                arrays = sorted({t["array"] for t in json.loads(node.metadata_props["cimc.placement"])})
+                for a in arrays:
+                    cores.add(a)
+                    events.append({**base, "tid": a + 1, "args": {**base["args"], unit: a}})
+            else:
+                events.append({**base, "tid": digital_tid})
+        for a in sorted(cores):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": a + 1, "args": {"name": f"{unit} {a}"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": a + 1, "args": {"sort_index": a}})
         return {"traceEvents": events, "displayTimeUnit": "ns"}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,9 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace], int]
+# The real standard output: with --json or -q, a command's stray prints go elsewhere (stderr / nowhere), and
+# only _print_json writes here, so stdout holds exactly one JSON document.
+_STDOUT: list[Any] = [sys.stdout]
 _COMMANDS: dict[str, Command] = {}
 
 
@@ -33,14 +37,68 @@ def command(name: str) -> Callable[[Command], Command]:
     return register
 
 
+# ------------------------------------------------------------------------------------------ shared options
+def _json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _print_json(data: Any) -> None:
+    """Exactly one JSON document on the real standard output."""
+    out = _STDOUT[0]
+    out.write(json.dumps(_json_safe(data), indent=2, default=str) + "\n")
+    out.flush()
+
+
+def _progress_enabled(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "quiet", False) or getattr(args, "json", False))
+
+
+def _add_batch_size(p: Any, help_text: str, default: int | None) -> None:
+    """``--batch-size`` everywhere; ``--batch`` stays as a hidden alias for earlier scripts."""
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=default, help=help_text)
+    p.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_output_flags(p: Any, json_help: str | None = None) -> None:
+    if json_help:
+        p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no table, no progress)")
+
+
+def _add_common(p: Any, top: bool = False) -> None:
+    """Logging flags, accepted before or after the subcommand (``cimc --debug compile`` = ``cimc compile
+    --debug``). On subcommands the default is SUPPRESS so a flag given before the subcommand is kept."""
+    have = set(p._option_string_actions)
+    kw: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    if "--debug" not in have:
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging", **kw)
+    if "-v" not in have:
+        p.add_argument("-v", "--verbose", action="count", help="more log output (-v info, -vv debug)",
+                       **({"default": 0} if top else kw))
+    if "--log-level" not in have:
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], type=str.lower,
+                       help="log level (default warning)", **({"default": None} if top else kw))
+    if "-q" not in have and "--quiet" not in have:
+        p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors", **kw)
+
+
 # ------------------------------------------------------------------------------------------ inspect
 @command("inspect")
 def _inspect(args: argparse.Namespace) -> int:
     import cimc
 
-    report = cimc.inspect(args.model, batch=args.batch, canonicalize=not args.raw, **_fixed_inputs(args))
+    report = cimc.inspect(args.model, batch=args.batch_size, canonicalize=not args.raw, **_fixed_inputs(args))
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _print_json(report.to_dict())
     else:
         print(report.table())
     return 0
@@ -70,7 +128,7 @@ def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show a model's nodes, shapes, parameters, MACs and what maps to analog")
     p.add_argument("model", help="path to an .onnx file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--batch", type=int, default=1, help="batch size to fix a dynamic batch dimension (default 1)")
+    _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     p.add_argument("--raw", action="store_true", help="inspect the imported graph without canonicalisation")
     _add_input_options(p)
 
@@ -79,12 +137,16 @@ def _add_inspect(sub: Any) -> None:
 @command("targets")
 def _targets(args: argparse.Namespace) -> int:
     from cimc.report import format_table
-    from cimc.targets import list_targets, load_target, schema_json, target_yaml
+    from cimc.targets import list_targets, load_target, preset_text, schema_json, target_yaml
 
     if args.action == "show":
         if not args.name:
             raise InputError("'cimc targets show' needs a target name or YAML path, e.g. 'cimc targets show aon-cim'")
-        print(target_yaml(load_target(args.name)), end="")
+        target = load_target(args.name)  # validates, for presets too
+        text = preset_text(args.name)
+        if text is None:  # a user's file: the resolved target (base merged, every default filled in)
+            text = f"# {args.name} resolved: every field cimc uses, base merged, defaults filled in\n" + target_yaml(target)
+        print(text, end="")
     elif args.action == "schema":
         print(schema_json())
     else:
@@ -94,8 +156,9 @@ def _targets(args: argparse.Namespace) -> int:
             rows.append([name, f"{t.array.count or 'any'} x {t.array.rows}x{t.array.cols}", t.execution, t.device.model,
                          description])
         print(format_table(["target", "arrays (rows x device cols)", "execution", "device", "description"], rows))
-        print("\nA YAML file works wherever a target name does: 'cimc targets show aon-cim > my-chip.yaml', edit, then "
-              "'--target my-chip.yaml'.")
+        print("\nA YAML file works wherever a target name does. Derive one by writing only what differs, e.g. "
+              "my-chip.yaml:\n  base: aon-cim\n  converters: {adc_bits: 6}\nthen '--target my-chip.yaml' "
+              "(the target is named my-chip).")
     return 0
 
 
@@ -127,14 +190,20 @@ def _compile(args: argparse.Namespace) -> int:
     out = args.output or f"{Path(args.model).stem}.cimc"
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
-        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, batch=args.batch,
-        seed=args.seed,
-        progress=not args.quiet, out_dir=out, force=args.force, **_fixed_inputs(args),
+        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays,
+        batch=args.batch_size, seed=args.seed, progress=_progress_enabled(args), out_dir=out, force=args.force,
+        digital=args.digital or (), **_fixed_inputs(args),
     )
+    files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
+    if args.json:
+        _print_json({**compiled.report(), "target_given": args.target, "output": out, "files": files})
+        return 0
     if not args.quiet:
         print(compiled.summary_table())
-    files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
-    print(f"\nwrote {out}/ ({', '.join(files)})")
+        print(f"\nwrote {out}/ ({', '.join(files)})")
+        if not any("cimc.quant" in n.metadata_props for n in compiled.analog_nodes()):
+            print("note: compiled without --calib: the DAC/ADC converters are not modelled (ideal); add --calib "
+                  "DATA.npz to calibrate them", file=sys.stderr)
     return 0
 
 
@@ -145,13 +214,17 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("-o", "--output", help="output directory (default: MODEL.cimc next to where you run)")
     _add_force(p)
     p.add_argument("--pipeline", help="pass list, e.g. 'canonicalize,quantize{percentile=99.9},map,schedule'")
-    p.add_argument("--calib", help="calibration data (.npz with x, y) for DAC/ADC ranges (enables 'quantize')")
+    p.add_argument("--calib", help="calibration data (.npz with x, y) for DAC/ADC ranges (enables 'quantize'); "
+                   "without it the converters are not modelled")
     p.add_argument("--finetune", metavar="TRAIN_NPZ", help="noise-aware fine-tuning data (enables 'finetune')")
     p.add_argument("--val", help="validation data for fine-tuning (default: a split of the training data)")
-    p.add_argument("--batch", type=int, default=1, help="batch size to fix a dynamic batch dimension")
+    p.add_argument("--digital", action="append", metavar="LAYER",
+                   help="keep this analog layer off the crossbar (float, on the digital unit); repeatable; "
+                   "'cimc diagnose' says which layers to keep digital")
+    _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress")
+    _add_output_flags(p, json_help="print the compile report (report.json content) as one JSON document")
 
 
 # ------------------------------------------------------------------------------------ simulate / run
@@ -160,29 +233,77 @@ def _simulate(args: argparse.Namespace) -> int:
     import cimc.api as api
 
     out = args.output or str(Path(args.compiled) / "simulation")
+    times = api.parse_times(args.drift)  # bad times fail here, before any work
     result = api.simulate(
-        args.compiled, args.data, drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples,
-        batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=not args.quiet, out_dir=out,
-        force=args.force,
+        args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
+        batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
+        force=args.force, metric=args.metric,
     )
-    print(result.table())
-    print(f"\nwrote {out}/ (results.json, timings.json, drift.png)")
+    if args.json:
+        _print_json({**result.data, "output": out})
+    elif not args.quiet:
+        print(result.table())
+        print(f"\nwrote {out}/ (results.json, timings.json, drift.png)")
     return 0
 
 
 def _add_simulate(sub: Any) -> None:
-    p = sub.add_parser("simulate", help="Monte Carlo accuracy over time under PCM noise and drift, with cost counted")
+    from cimc.runtime.metrics import METRICS
+    from cimc.runtime.simulator import DURATION_HELP
+
+    p = sub.add_parser("simulate", help="Monte Carlo accuracy (or any metric) over time under PCM noise and drift")
     p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
-    p.add_argument("--data", required=True, help=".npz with x (inputs) and y (labels), or a builtin name (kws-test)")
-    p.add_argument("--drift", default="1s,1h,24h,30d,1y", help="times after programming (default 1s,1h,24h,30d,1y)")
+    p.add_argument("--data", required=True, help=".npz with x (inputs) and optionally y (labels), or a builtin "
+                   "name (kws-test)")
+    p.add_argument("--drift", default="1s,1h,24h,30d,1y",
+                   help=f"comma-separated times after programming (default 1s,1h,24h,30d,1y); {DURATION_HELP}")
+    p.add_argument("--metric", choices=METRICS,
+                   help="accuracy/top5 need labels; cosine, mse, snr, relerr compare with the float model's outputs "
+                   "(default: accuracy with labels, cosine without)")
     p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
-    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass, all instances together")
+    _add_batch_size(p, "inputs per forward pass, all instances together (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
     _add_force(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_output_flags(p, json_help="print results.json's content as one JSON document")
+
+
+# ------------------------------------------------------------------------------------------ diagnose
+@command("diagnose")
+def _diagnose(args: argparse.Namespace) -> int:
+    from cimc.diagnosis import diagnose
+
+    out = args.output or str(Path(args.compiled) / "diagnose")
+    result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
+                      samples=args.samples, batch_size=args.batch_size, metric=args.metric,
+                      progress=_progress_enabled(args), out_dir=out, force=args.force)
+    if args.json:
+        _print_json({**result.data, "output": out})
+    elif not args.quiet:
+        print(result.table())
+        print(f"\nwrote {out}/ (diagnose.json, diagnose.png)")
+    return 0
+
+
+def _add_diagnose(sub: Any) -> None:
+    from cimc.runtime.metrics import METRICS
+    from cimc.runtime.simulator import DURATION_HELP
+
+    p = sub.add_parser("diagnose", help="per-layer SNR by cause (DAC, ADC, programming, drift, read noise) and "
+                       "what to change")
+    p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
+    p.add_argument("--data", required=True, help=".npz with x (and optionally y), or a builtin name (kws-test)")
+    p.add_argument("--time", default="24h", help=f"time after programming to diagnose at (default 24h); {DURATION_HELP}")
+    p.add_argument("--instances", type=int, default=5, help="chip instances (Monte Carlo draws, default 5)")
+    p.add_argument("--metric", choices=METRICS, help="end metric (default: accuracy with labels, cosine without)")
+    p.add_argument("--samples", type=int, default=512, help="use the first N samples (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
+    _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
+    _add_force(p)
+    _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
 
 
 @command("run")
@@ -234,11 +355,16 @@ def _verify(args: argparse.Namespace) -> int:
     from cimc.export import verify_bundle
 
     report = verify_bundle(args.bundle, model=args.model, data=args.data)
+    if args.json:
+        _print_json({"bundle": report.bundle, "ok": report.ok, "problems": report.problems,
+                     "layers_checked": report.layers_checked, "output_rel_err": report.output_rel_err})
+        return 0 if report.ok else 1
     if report.ok:
-        print(report.summary())
+        if not args.quiet:
+            print(report.summary())
         return 0
     for problem in report.problems:
-        print(problem)
+        print(problem, file=sys.stderr if args.quiet else sys.stdout)
     return 1
 
 
@@ -247,6 +373,7 @@ def _add_verify(sub: Any) -> None:
     p.add_argument("bundle", help="bundle directory (from 'cimc export')")
     p.add_argument("--model", help="compiled-model directory or its model.onnx (default: the one recorded in the bundle)")
     p.add_argument("--data", help="inputs to compare on (.npz with x); default: seeded random inputs")
+    _add_output_flags(p, json_help="print the verification result as one JSON document")
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -266,7 +393,7 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
     p.add_argument("--samples", type=int, help="test clips to use (default: all 1,200 shipped)")
     p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
 # --- finetune ---
@@ -313,10 +440,11 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
 _PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
+_PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_simulate) + 1, _add_diagnose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,15 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     from cimc import __version__
 
     parser.add_argument("--version", action="version", version=f"cimc {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    _add_common(parser, top=True)
     budget_help = ("largest tensor or data array cimc will hold, e.g. 8G (default 4G, or CIMC_MEMORY_BUDGET); "
                    "bigger ones are refused before they are allocated")
     parser.add_argument("--memory-budget", metavar="SIZE", help=budget_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_BUILDERS:
         add(sub)
-    for p in sub.choices.values():  # also accepted after the command name
-        p.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
+    for subparser in sub.choices.values():  # also accepted after the command name
+        _add_common(subparser)
+        subparser.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
     return parser
 
 
@@ -356,28 +485,57 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    if getattr(args, "debug", False):
+        return logging.DEBUG
+    if getattr(args, "log_level", None):
+        return getattr(logging, args.log_level.upper())
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    verbose = getattr(args, "verbose", 0) or 0
+    return logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.debug and args.command not in _LIGHT_COMMANDS:
+    debug = getattr(args, "debug", False)
+    level = _log_level(args)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("cimc").setLevel(level)  # also when the host (a notebook, pytest) configured logging
+    if not debug and args.command not in _LIGHT_COMMANDS:
         _quiet_libraries()
     if not args.command:
-        parser.print_help()
-        return 0
+        parser.print_usage(sys.stderr)
+        print("cimc: error: give a command, e.g. 'cimc demo' or 'cimc compile MODEL.onnx'; 'cimc --help' lists "
+              "them", file=sys.stderr)
+        return 2
+    _STDOUT[0] = sys.stdout
+    redirect = None
+    if getattr(args, "json", False):
+        redirect = sys.stderr  # anything a command prints besides its JSON document goes to stderr
+    elif getattr(args, "quiet", False):
+        redirect = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    saved = sys.stdout
+    if redirect is not None:
+        sys.stdout = redirect
     try:
         from cimc.validate import set_memory_budget
 
         set_memory_budget(args.memory_budget)
         return _COMMANDS[args.command](args)
     except CimcError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"cimc {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cimc: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = saved
+        if redirect is not None and redirect is not sys.stderr:
+            redirect.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

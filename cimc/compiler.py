@@ -63,13 +63,16 @@ def compile_model(
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
+    digital: Sequence[str] = (),
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
     ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
-    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``).
+    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``digital``: names of analog
+    layers to keep off the crossbar (run in float, costed on the digital unit), e.g. a depthwise layer that
+    ``cimc diagnose`` flags.
     ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
     many were needed). When ``out_dir`` is given
     the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
@@ -89,7 +92,8 @@ def compile_model(
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
-    ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress)
+    ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
+                         digital=tuple(digital))
     spec = pipeline or default_pipeline(calib is not None, train is not None)
     passes = parse_pipeline(spec, ctx)
     names = [p.name for p in passes]

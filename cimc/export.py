@@ -416,6 +416,11 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
             "the compiled model has no analog layers, so there is nothing to program; "
             "compile a model with Conv, Gemm or MatMul layers"
         )
+    uncalibrated = [users[0].name for users in nodes if "cimc.quant" not in users[0].metadata_props]
+    if uncalibrated:
+        logger.warning("the DAC/ADC ranges of %d layer(s) are not calibrated (compiled without --calib): the bundle "
+                       "has no converter full scales for them; recompile with --calib DATA.npz before programming a "
+                       "chip", len(uncalibrated))
     layers = [_export_layer(compiled, users, i) for i, users in enumerate(nodes)]
     arrays = _fill_arrays(compiled, layers)
     dpw = compiled.target.array.devices_per_weight

@@ -32,6 +32,7 @@ from cimc.ops import OPS
 
 __all__ = [
     "ANALOG_OPS",
+    "DIGITAL_KEY",
     "AnalogMatrix",
     "RECURRENT_ACTIVATIONS",
     "RECURRENT_OPS",
@@ -104,8 +105,14 @@ def _matmul_weight_index(node: ir.Node) -> int | None:
     return None
 
 
+DIGITAL_KEY = "cimc.digital"
+
+
 def is_analog(node: ir.Node) -> bool:
-    """True when the node's weights can live on a crossbar: a constant weight, float data."""
+    """True when the node's weights live on a crossbar: a constant weight, float data, and not kept digital
+    by the user (``--digital NAME``: metadata ``cimc.digital``)."""
+    if node.metadata_props.get(DIGITAL_KEY):
+        return False
     if node.domain not in ("", "ai.onnx") or node.op_type not in ANALOG_OPS:
         return False
     if node.op_type == "MatMul":
@@ -200,7 +207,9 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
             out.append(NodeClass(name, node.op_type, "unsupported", f"custom domain {node.domain!r}"))
         elif node.op_type in OPS:
             why = (
-                "both operands are activations (no constant weight to program)"
+                "kept digital (--digital): runs in float on the digital unit"
+                if node.metadata_props.get(DIGITAL_KEY)
+                else "both operands are activations (no constant weight to program)"
                 if node.op_type in ANALOG_OPS
                 else "runs on the digital unit"
             )

@@ -73,6 +73,9 @@ KINDS: dict[str, OutputKind] = {
     "simulation": OutputKind(
         "simulation folder", "results.json", "cimc-simulation/", (r"results\.json", r"drift\.png", r"timings\.json"),
     ),
+    "diagnosis": OutputKind(
+        "diagnosis folder", "diagnose.json", "cimc-diagnose/", (r"diagnose\.json", r"diagnose\.png", r"timings\.json"),
+    ),
     "demo": OutputKind("demo folder", "manifest.json", "cimc-demo/", (r"manifest\.json",)),
 }
 

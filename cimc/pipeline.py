@@ -47,6 +47,7 @@ class CompileContext:
     validation: Any = None
     seed: int = 0
     progress: bool = True
+    digital: tuple[str, ...] = ()  # analog layers the user keeps off the crossbar (--digital NAME)
     results: dict[str, Any] = field(default_factory=dict)  # what passes report (packing, cost, ...)
 
 
@@ -134,19 +135,44 @@ def parse_pipeline(spec: str, ctx: CompileContext) -> list[CimcPass]:
     return passes
 
 
+def _stderr_is_tty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def run_pipeline(model: ir.Model, passes: list[CimcPass]) -> ir.Model:
-    """Run passes in order; a failure says which passes had already run."""
+    """Run passes in order; a failure says which passes had already run. With the context's ``progress``, a
+    bar on stderr names the pass running (calibration and packing take a while on large models)."""
+    import time
+
     done: list[str] = []
-    for p in passes:
-        try:
-            p(model)
-        except CimcError:
-            raise
-        except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
-            raise CimcError(
-                f"pass '{p.name}' failed its checks after {', '.join(done) or 'no passes'}: {exc}"
-            ) from exc
-        done.append(p.spec())
-        logger.info("ran pass %s", p.spec())
+    show = bool(passes) and passes[0].ctx.progress
+    bar = None
+    if show:
+        from cimc.report import progress_bar
+
+        bar = progress_bar(total=len(passes), desc="compiling", unit="pass")
+    try:
+        for p in passes:
+            started = time.perf_counter()
+            if bar is not None:
+                # Redraw now only on a terminal: in a log, a short compile prints nothing at all.
+                bar.set_description(f"compiling: {p.name}", refresh=_stderr_is_tty())
+            try:
+                p(model)
+            except CimcError:
+                raise
+            except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+                raise CimcError(
+                    f"pass '{p.name}' failed its checks after {', '.join(done) or 'no passes'}: {exc}"
+                ) from exc
+            done.append(p.spec())
+            logger.info("ran pass %s in %.1f s", p.spec(), time.perf_counter() - started)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     model.metadata_props["cimc.pipeline"] = ",".join(done)
     return model

@@ -9,7 +9,49 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic", "atomic_dir"]
+__all__ = ["progress_bar", "use_color", "format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+
+
+def use_color(stream: Any = None) -> bool:
+    """Colour only on a terminal and only when ``NO_COLOR`` is unset (https://no-color.org)."""
+    import sys
+
+    stream = sys.stderr if stream is None else stream
+    return not os.environ.get("NO_COLOR") and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", **kwargs: Any) -> Any:
+    """A tqdm bar on stderr. On a terminal it redraws in place; in a log (not a TTY) it stays silent for jobs
+    shorter than 30 s and then writes a plain line at most every 30 s instead of carriage-return updates; it
+    never colours when ``NO_COLOR`` is set."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    options: dict[str, Any] = {"leave": False, "dynamic_ncols": True} if tty else {
+        "mininterval": 30.0, "maxinterval": 60.0, "ncols": 80, "ascii": True, "leave": True, "delay": 30.0}
+    if not use_color():
+        options["colour"] = None
+    options.update(kwargs)
+    stream = sys.stderr if tty else _LineWriter(sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, **options)
+
+
+class _LineWriter:
+    """A stream for tqdm in logs: every status update becomes its own line, no carriage returns."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").replace("\x1b[A", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def human(n: float, unit: str = "") -> str:
@@ -58,43 +100,3 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-class atomic_dir:
-    """Context manager: build an output folder under a temporary name, move it into place on success.
-
-    This replaces the whole destination; the commands' ``-o`` folders use :class:`cimc.outputs.output_dir`,
-    which checks the destination first and keeps the user's files.
-
-    On an exception the temporary folder is removed and an existing folder at the destination is left
-    untouched; nothing half-written remains.
-    """
-
-    def __init__(self, dest: str | os.PathLike[str]):
-        self.dest = Path(dest)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        from cimc.outputs import TMP_PREFIX, clean_stale_temporaries
-
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(self.dest.parent)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.dest.name}.{os.getpid()}.", dir=self.dest.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        import shutil
-
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        os.chmod(self.tmp, 0o755)
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.dest, old)
-            os.replace(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.dest)

@@ -115,6 +115,9 @@ class FinetunePass(CimcPass):
             logger.info("finetune: BatchNormalization %s not folded; it stays digital and frozen", folded)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from cimc.passes.mapping import mark_digital
+
+        mark_digital(model, self.ctx.digital)  # layers kept digital are trained as float layers
         train = self.ctx.training
         if train is None:
             raise DataError("the 'finetune' pass needs training data: add --finetune TRAIN.npz (arrays x, y)")

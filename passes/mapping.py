@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from cimc.errors import FitError, UnsupportedOpError
-from cimc.ir import AnalogMatrix, analog_matrix, classify, constant_array, is_analog, node_attrs, weight_to_matrix
+from cimc.errors import FitError, InputError, UnsupportedOpError
+from cimc.ir import DIGITAL_KEY, AnalogMatrix, analog_matrix, classify, constant_array, is_analog, node_attrs, weight_to_matrix
 from cimc.ir import layer_of, placements_of, weight_value
 from cimc.passes.packing import ArrayGeometry, Block, Packing, Placement, pack_blocks
 from cimc.pipeline import CimcPass, CompileContext, register_pass
@@ -273,6 +273,26 @@ def _write(layers: list[SharedLayer], packing: Packing) -> None:
             user.metadata_props["cimc.placement"] = placement
 
 
+def mark_digital(model: ir.Model, names: tuple[str, ...] | list[str]) -> None:
+    """Keep the named analog layers off the crossbar: they run in float on the digital unit (and are costed
+    there). Names are the compiled model's layer names (as ``cimc inspect``/``diagnose`` show them)."""
+    if not names:
+        return
+    by_name = {n.name: n for n in model.graph}
+    analog = [n.name for n in model.graph if is_analog(n)]
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        shown = ", ".join(analog[:12]) + (" ..." if len(analog) > 12 else "")
+        raise InputError(f"--digital {', '.join(unknown)}: no such layer; analog layers are: {shown}")
+    not_analog = [name for name in names if name not in analog and not by_name[name].metadata_props.get(DIGITAL_KEY)]
+    if not_analog:
+        raise InputError(f"--digital {', '.join(not_analog)}: not an analog layer (it already runs digitally)")
+    for name in names:
+        by_name[name].metadata_props[DIGITAL_KEY] = "1"
+    model.metadata_props[DIGITAL_KEY] = json.dumps(sorted(set(names)))
+    logger.info("kept digital: %s", ", ".join(names))
+
+
 @register_pass("map")
 @dataclass
 class MapPass(CimcPass):
@@ -291,6 +311,7 @@ class MapPass(CimcPass):
         unsupported = [(c.name, c.op_type, c.reason) for c in classify(model) if c.kind == "unsupported"]
         if unsupported:  # every offending node at once, before any work
             raise UnsupportedOpError(unsupported)
+        mark_digital(model, self.ctx.digital)
         target = self.ctx.target
         geometry = ArrayGeometry.from_target(target)
         nodes = [n for n in model.graph if is_analog(n)]

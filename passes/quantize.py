@@ -289,8 +289,12 @@ def _qdq(graph: ir.Graph, x: ir.Value, x_max: np.ndarray, bits: int, signed: boo
                          num_outputs=1))
     nodes.append(ir.node("DequantizeLinear", [nodes[-1].outputs[0], sc, zp], attributes=attrs, name=f"{prefix}_dq",
                          num_outputs=1))
+    code_type = ir.TensorType(ir.DataType.INT8 if signed else ir.DataType.UINT8)
     for i, n in enumerate(nodes):
         n.outputs[0].name = f"{prefix}_{['min', 'max', 'q', 'dq'][i]}_out"
+        # Typed values: full_check shape inference and every downstream tool need them.
+        n.outputs[0].shape = x.shape
+        n.outputs[0].type = code_type if i == 2 else x.type
     graph.insert_before(before, nodes)
     return nodes[-1].outputs[0]
 
@@ -378,9 +382,18 @@ def build_qdq_twin(model: ir.Model) -> ir.Model:
             add.outputs[0].name = f"{prefix}_bias_out"
             graph.insert_before(node, [add])
             total = add.outputs[0]
+        total.shape, total.type = out.shape, out.type
         out.replace_all_uses_with(total, replace_graph_outputs=True)
         total_name = out.name
         out.name = f"{total_name}__analog"
         total.name = total_name
         graph.remove(node, safe=True)
+    # The analog nodes' own weights and biases were replaced by tile weights and bias constants.
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
+        graph.initializers.pop(name)
+    batch = int(model.graph.meta.get("cimc.batch", 1)) if hasattr(model.graph, "meta") else 1
+    first = graph.inputs[0].shape[0] if graph.inputs and graph.inputs[0].shape is not None else batch
+    twin.doc_string = ("cimc digital twin of the compiled model: DAC and per-tile ADC as QuantizeLinear/DequantizeLinear pairs; "
+                       f"batch dimension fixed at {first} (the compiled batch size; compile with --batch-size N "
+                       "for another)")
     return twin

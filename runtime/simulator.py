@@ -31,25 +31,41 @@ from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, laye
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
+from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
+                                  format_score, higher_is_better, is_percent)
 from cimc.runtime.workload import model_workload
 
-__all__ = ["Chip", "ChipState", "SimulationResult", "check_batch_axis", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
+__all__ = ["DURATION_HELP", "Chip", "ChipState", "SimulationResult", "check_batch_axis", "check_time",
+           "format_duration", "ideal_hook", "parse_duration", "run_outputs", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, "y": 31557600.0}
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
+          "mo": 2629800.0, "M": 2629800.0, "y": 31557600.0}
+DURATION_HELP = "units: s, min (or m), h, d, w, mo (or M: month = 1/12 year), y; a bare number is seconds"
 
 
 def parse_duration(text: str) -> float:
-    """'1s', '15min', '24h', '30d', '1y', '3600' → seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(s|m|min|h|d|w|y)?\s*", text.lower())
-    if not m:
-        raise InputError(f"cannot read time {text!r}; write e.g. 1s, 15min, 1h, 24h, 30d, 1y")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    """'1s', '15min', '24h', '30d', '6mo', '1y', '3600' → seconds (> 0). ``m`` is minutes, ``M``/``mo`` months."""
+    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]+)?\s*", str(text))
+    unit = None if not m else (m.group(2) or "s")
+    if unit is not None and unit not in _UNITS:
+        unit = unit.lower() if unit.lower() in _UNITS and unit.lower() != "m" else None
+    if not m or unit is None:
+        raise InputError(f"cannot read time {text!r}; write e.g. 1s, 15min, 24h, 30d, 6mo, 1y ({DURATION_HELP})")
+    return check_time(float(m.group(1)) * _UNITS[unit], text)
+
+
+def check_time(t_s: float, text: Any = None) -> float:
+    """``t_s`` itself if it is a finite time after programming (> 0 s); InputError otherwise."""
+    if not (math.isfinite(t_s) and t_s > 0):
+        shown = text if text is not None else t_s
+        raise InputError(f"time {shown!r} is not after programming; give a positive time, e.g. 1s or 24h")
+    return float(t_s)
 
 
 def format_duration(t_s: float) -> str:
-    for unit, size in (("y", _UNITS["y"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
+    for unit, size in (("y", _UNITS["y"]), ("mo", _UNITS["mo"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
         if t_s >= size and abs(t_s / size - round(t_s / size)) < 1e-9:
             return f"{round(t_s / size)}{unit}"
     return f"{t_s:g}s"
@@ -198,20 +214,36 @@ def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str
     chip.executor.direct_hook = chip.conv_hook(state) if state is not None else None
 
 
-def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
-                 tick: Callable[[int], None] | None = None) -> np.ndarray:
-    """Class predictions [instances, samples] (argmax of the first output)."""
-    preds = []
+def _finite(v: float) -> float | None:
+    """JSON has no infinity: an SNR with no error at all is written as null."""
+    return float(v) if math.isfinite(v) else None
+
+
+def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+                tick: Callable[[int], None] | None = None) -> Any:
+    """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch."""
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
             rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-            logits = executor(rep)[0]
-            check_batch_axis(logits, instances * len(xb), "the first output")
-            preds.append(logits.reshape(instances, len(xb), -1).argmax(-1).numpy())
+            out = executor(rep)[0]
+            check_batch_axis(out, instances * len(xb), "the first output")
+            yield start, out.reshape(instances, len(xb), *out.shape[1:])
             if tick:
                 tick(len(xb))
-    return np.concatenate(preds, axis=1)
+
+
+def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
+              y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
+              tick: Callable[[int], None] | None = None, extra: Sequence[str] = ()) -> dict[str, MetricAccumulator]:
+    """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data for every instance."""
+    accs = {m: MetricAccumulator(m, instances, classes) for m in (metric, *extra)}
+    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick)):
+        yb = None if y is None else y[start : start + out.shape[1]]
+        ref = None if reference is None else reference[i]
+        for acc in accs.values():
+            acc.add(out, yb, ref)
+    return accs
 
 
 def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
@@ -226,7 +258,7 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
 
 @dataclass
 class SimulationResult:
-    """Accuracy per time (mean, std, min, per instance), baselines, and the cost the run counted."""
+    """The metric per time (mean, std, min, per instance), baselines, and the cost the run counted."""
 
     data: dict[str, Any]
     # Wall-clock figures live apart from ``data`` so the same inputs and seed give the same results.json bytes.
@@ -235,47 +267,84 @@ class SimulationResult:
     def table(self) -> str:
         from cimc.report import format_table
 
-        rows = []
-        for series in self.data["series"]:
-            for p in series["points"]:
-                rows.append([series["label"], p["label"], f"{100 * p['mean']:.2f}", f"{100 * p['std']:.2f}",
-                             f"{100 * p['min']:.2f}", f"{100 * (p['mean'] - self.data['float_accuracy']):+.2f}"])
-        head = format_table(["drift compensation", "time", "mean %", "std %", "min %", "vs float"], rows,
-                            right=(2, 3, 4, 5))
         d = self.data
+        metric = d.get("metric", "accuracy")
+        pct = is_percent(metric)
+        scale = 100.0 if pct else 1.0
+        fmt = (lambda v: f"{scale * v:.2f}") if pct or metric == "snr" else (lambda v: f"{v:.4g}")
+        base = d.get("float_score")
+        rows = []
+        for series in d["series"]:
+            for p in series["points"]:
+                vs = "" if base is None or p["mean"] is None else f"{scale * (p['mean'] - base):+.2f}" if pct else ""
+                rows.append([series["label"], p["label"], *(fmt(p[k]) if p[k] is not None else "inf"
+                                                           for k in ("mean", "std", "min")), vs])
+        unit = " %" if pct else (" dB" if metric == "snr" else "")
+        head = format_table(["drift compensation", "time", f"{metric} mean{unit}", "std", "min", "vs float"], rows,
+                            right=(2, 3, 4, 5))
         c = d["cost"]
+        if pct:
+            baseline = (f"float model: {format_score(metric, d['float_score'])}   quantised, ideal devices: "
+                        f"{format_score(metric, d['quantized_score'])}")
+        else:
+            baseline = (f"{metric} against the float model's outputs; quantised, ideal devices: "
+                        f"{format_score(metric, d['quantized_score'])}")
         return (
-            f"{head}\n\nfloat model: {100 * d['float_accuracy']:.2f} %   quantised, ideal devices: "
-            f"{100 * d['quantized_accuracy']:.2f} %   ({d['samples']} samples, {d['instances']} instances, seed {d['seed']})\n"
+            f"{head}\n\n{baseline}   ({d['samples']} samples, {d['instances']} instances, seed {d['seed']}, "
+            f"target {d['target']})\n"
             f"cost counted on this data: {c['measured']['tops_per_w']:.3g} TOPS/W, "
             f"{c['measured']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['measured']['latency_s'] * 1e3:.3g} ms per inference "
             f"(compile's static estimate: {c['static']['tops_per_w']:.3g} TOPS/W, "
             f"{c['static']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['static']['latency_s'] * 1e3:.3g} ms)"
         )
 
+    def to_pandas(self) -> Any:
+        """One row per (series, time): the metric's mean, std, min, max (needs pandas)."""
+        pd = _pandas()
+        rows = [{"series": s["label"], "time": p["label"], "t_s": p["t_s"], "metric": self.data.get("metric"),
+                 **{k: p[k] for k in ("mean", "std", "min", "max")}}
+                for s in self.data["series"] for p in s["points"]]
+        return pd.DataFrame(rows)
+
+    def plot(self, path: Any = None) -> Any:
+        """The drift figure (a matplotlib Figure; also saved to ``path`` if given)."""
+        from cimc.plots import plot_drift
+
+        return plot_drift(self.data, path)
+
+
+def _pandas() -> Any:
+    try:
+        import pandas as pd
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("to_pandas() needs pandas: pip install pandas") from exc
+    return pd
+
 
 def simulate(
     compiled: Any,
     x: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     times_s: Sequence[float] = (1.0, 3600.0, 86400.0, 30 * 86400.0, _UNITS["y"]),
     instances: int = 25,
     seed: int = 0,
     batch_size: int = 64,
     compare_gdc: bool = True,
     progress: bool = False,
+    metric: str | None = None,
 ) -> SimulationResult:
-    """Monte Carlo accuracy of ``compiled`` on (x, y) at each time after programming."""
-    if y is None:
-        raise DataError("simulation needs labels: the data file must contain 'y' (integer class labels)")
+    """Monte Carlo ``metric`` of ``compiled`` on (x, y) at each time after programming.
+
+    ``metric`` (see :mod:`cimc.runtime.metrics`): accuracy by default when ``y`` holds labels, otherwise
+    cosine agreement with the float model's outputs; label-free runs also report the relative error.
+    """
+    metric = metric or default_metric(y)
+    check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
-    from cimc.data import check_labels
-
-    out_shape = compiled.model.graph.outputs[0].shape
-    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
-    check_labels(np.asarray(y), classes, "data")
+    for t in times_s:
+        check_time(t)
     from cimc.validate import samples_per_pass
 
     samples_per_pass(compiled.model, instances, 1)  # one sample on every instance must fit the memory budget
@@ -287,11 +356,21 @@ def simulate(
     total = len(x) * (2 + len(times_s) * len(gdc_modes))
     bar = _progress(total, progress)
     tick = bar.update if bar is not None else None
-    y = np.asarray(y)
     executor = chip.executor
-    float_pred = _predictions(executor, x, 1, batch_size, tick)[0]
+    # The float run first: its outputs are the reference of the agreement metrics and fix the class count.
+    reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
+    classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1]) if reference else 0
+    if metric in LABEL_METRICS:
+        y = check_labels(y, classes)
+    extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
+
+    def evaluate(n: int) -> dict[str, MetricAccumulator]:
+        return _evaluate(executor, x, n, per_run if n > 1 else per_run, metric, y, reference, classes, tick, extra)
+
+    use(chip, None)
+    float_acc = _evaluate(executor, x, 1, per_run, metric, y, reference, classes, None, extra)
     use(chip, ideal_hook(chip))
-    quant_pred = _predictions(executor, x, 1, batch_size, tick)[0]
+    quant_acc = evaluate(1)
     activity: dict[str, list[torch.Tensor]] = {}
     points: dict[bool, list[dict[str, Any]]] = {gdc: [] for gdc in gdc_modes}
     for t in times_s:
@@ -300,11 +379,15 @@ def simulate(
         for gdc in gdc_modes:
             state = compensated if gdc == gdc_modes[0] else ChipState(t, instances, compensated.weights)
             use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None, state)
-            pred = _predictions(executor, x, instances, per_run, tick)
-            acc = (pred == y[None, :]).mean(axis=1)
-            points[gdc].append({"label": format_duration(t), "t_s": t, "mean": float(acc.mean()),
-                                "std": float(acc.std()), "min": float(acc.min()), "max": float(acc.max()),
-                                "per_instance": [float(a) for a in acc]})
+            accs = evaluate(instances)
+            acc = accs[metric].values()
+            point = {"label": format_duration(t), "t_s": t, "mean": _finite(acc.mean()), "std": _finite(acc.std()),
+                     "min": _finite(acc.min()), "max": _finite(acc.max()), "per_instance": [_finite(a) for a in acc]}
+            if accs[metric].per_class() is not None:
+                point["per_class"] = accs[metric].per_class()
+            if extra:
+                point["relerr"] = float(accs["relerr"].values().mean())
+            points[gdc].append(point)
     series = [
         {"label": f"GDC ({chip.gdc_mode})" if gdc else "no compensation", "gdc": chip.gdc_mode if gdc else "none",
          "points": points[gdc]}
@@ -316,22 +399,34 @@ def simulate(
     measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}
     workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
-    data = {
+    float_score = _finite(float(float_acc[metric].values()[0]))
+    quant_score = _finite(float(quant_acc[metric].values()[0]))
+    data: dict[str, Any] = {
         "format": "cimc-simulation/1",
         "model": compiled.source,
         "target": compiled.target.name,
         "instances": instances,
         "seed": seed,
         "samples": len(x),
-        "float_accuracy": float((float_pred == y).mean()),
-        "quantized_accuracy": float((quant_pred == y).mean()),
+        "metric": metric,
+        "higher_is_better": higher_is_better(metric),
+        "float_score": float_score if metric in LABEL_METRICS else None,
+        "quantized_score": quant_score,
+    }
+    if metric == "accuracy":  # the names every earlier results.json used
+        data["float_accuracy"], data["quantized_accuracy"] = float_score, quant_score
+    if float_acc[metric].per_class() is not None:
+        data["per_class"] = {"float": float_acc[metric].per_class(), "quantized": quant_acc[metric].per_class()}
+    if extra:
+        data["quantized_relerr"] = float(quant_acc["relerr"].values()[0])
+    data.update({
         "dac_bits": compiled.target.converters.dac_bits,
         "adc_bits": compiled.target.converters.adc_bits,
         "series": series,
         "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
                  "activity": {k: vars(v) for k, v in measured.items()},
                  "ops_definition": "2 x MACs executed in the analog arrays"},
-    }
+    })
     return SimulationResult(data, {"format": "cimc-timings/1", "wall_time_s": time.perf_counter() - started})
 
 
@@ -340,9 +435,9 @@ def _cost_summary(cost: Any) -> dict[str, Any]:
             "cycles": cost.cycles, "inferences_per_s": cost.inferences_per_s, "energy_breakdown_j": cost.energy_j}
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, desc: str = "simulating") -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, unit="inf", desc="simulating", leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, unit="inf", desc=desc)

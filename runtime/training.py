@@ -471,6 +471,6 @@ def _train_step(executor: Executor, hook: NoiseHook, keys: list[str], xb: torch.
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, unit="step", desc="fine-tuning", leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, unit="step", desc="fine-tuning")

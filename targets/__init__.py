@@ -11,6 +11,7 @@ from .loader import (
     list_targets,
     load_target,
     preset_names,
+    preset_text,
     resolve_target,
     schema_json,
     target_json_schema,
@@ -27,6 +28,7 @@ from .schema import (
 )
 
 __all__ = [
+    "preset_text",
     "ActivityDefaults",
     "ArrayConfig",
     "ArrayReadConfig",

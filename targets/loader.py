@@ -19,7 +19,7 @@ from cimc.errors import TargetError
 
 from .schema import Target
 
-__all__ = ["list_targets", "load_target", "preset_names", "schema_json", "target_json_schema", "target_yaml"]
+__all__ = ["list_targets", "load_target", "preset_names", "preset_text", "schema_json", "target_json_schema", "target_yaml"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,20 @@ def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | Non
 
 
 def load_target(name_or_path: str | Path) -> Target:
-    """A validated :class:`Target` from a preset name (``aon-cim``) or a path to a YAML file."""
-    text, label = _read_source(str(name_or_path))
+    """A validated :class:`Target` from a preset name (``aon-cim``) or a path to a YAML file.
+
+    A file may derive from a preset or another file with ``base: aon-cim`` and give only what differs: the
+    two are merged key by key (nested sections too; a different ``device.model`` replaces the whole device
+    section), then validated. A file's target is named after the file (its stem) unless it sets ``name``;
+    it never takes the base's name.
+    """
+    data, label = _load_data(str(name_or_path), ())
+    return _validate(data, label)
+
+
+def _load_data(name_or_path: str, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    """The merged raw mapping of a target file or preset (``base:`` resolved), and its label for errors."""
+    text, label = _read_source(name_or_path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -65,7 +77,52 @@ def load_target(name_or_path: str | Path) -> Target:
         raise TargetError(
             f"{label}: expected a mapping of target fields at the top level, got {type(data).__name__}"
         )
-    return _validate(data, label)
+    is_file = _looks_like_path(name_or_path)
+    if is_file and "name" not in data:
+        data["name"] = Path(name_or_path).stem
+    base = data.pop("base", None)
+    if base is None:
+        return data, label
+    if not isinstance(base, str) or not base:
+        raise TargetError(f"{label}: base: give a preset name or a YAML path, e.g. 'base: aon-cim'")
+    if is_file and _looks_like_path(base) and not Path(base).is_absolute():
+        base = str(Path(name_or_path).parent / base)  # relative to the deriving file
+    key = str(Path(base).resolve()) if _looks_like_path(base) else base
+    if key in seen:
+        raise TargetError(f"{label}: base: '{base}' derives from itself; break the cycle")
+    parent, _ = _load_data(base, (*seen, key))
+    merged = _merge(parent, data)
+    if "description" not in data:
+        merged["description"] = f"{data['name']}: {parent.get('name', base)} with changes"
+    return merged, label
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, recursively for nested mappings; a device of another model replaces
+    the base's device section instead of mixing two parameter sets."""
+    out = dict(base)
+    for key, value in override.items():
+        old = out.get(key)
+        if key == "device" and isinstance(value, dict) and isinstance(old, dict) and \
+                value.get("model", old.get("model")) != old.get("model"):
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(old, dict):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    path = Path(name_or_path)
+    return path.suffix in {".yaml", ".yml"} or "/" in name_or_path or "\\" in name_or_path
+
+
+def preset_text(name: str) -> str | None:
+    """The shipped YAML text of a preset, comments (sources, assumptions) included; None if not a preset."""
+    if name not in preset_names():
+        return None
+    return resources.files(_PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text(encoding="utf-8")
 
 
 def list_targets() -> list[tuple[str, str]]:
@@ -89,8 +146,7 @@ def target_json_schema() -> dict[str, Any]:
 
 def _read_source(name_or_path: str) -> tuple[str, str]:
     path = Path(name_or_path)
-    looks_like_path = path.suffix in {".yaml", ".yml"} or "/" in name_or_path or "\\" in name_or_path
-    if looks_like_path:
+    if _looks_like_path(name_or_path):
         if not path.is_file():
             raise TargetError(
                 f"target file '{name_or_path}' does not exist; give a YAML path or a preset name"

@@ -58,7 +58,9 @@ def test_kws_on_aon_cim_golden(reference_models: dict[str, Path], tmp_path: Path
         assert (tmp_path / "kws" / name).is_file()
     trace = json.loads((tmp_path / "kws" / "schedule.trace.json").read_text())
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert len([e for e in spans if e["tid"] == 0]) == 8
+    assert len([e for e in spans if e["tid"] == 1]) == 8  # tid 0: digital unit, tid 1 + i: array i
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert names == {0: "digital unit", 1: "array 0"}
     assert all(a["ts"] + a["dur"] <= b["ts"] + 1e-6 for a, b in zip(spans, spans[1:]))  # layer-serial
 
 
@@ -100,6 +102,15 @@ def test_hermes_pipelined(reference_models: dict[str, Path]) -> None:
     r = c.report()
     assert r["execution"] == "pipelined" and r["arrays_used"] >= 10
     assert r["inferences_per_s"] > 1 / r["latency_s"]  # the pipeline overlaps inferences
+    # The trace has one track per core, named after it, and every layer sits on the cores that hold it.
+    trace = c.chrome_trace()
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] != 0]
+    assert len({e["tid"] for e in spans}) == r["arrays_used"]
+    assert all(names[e["tid"]] == f"core {e['args']['core']}" for e in spans)
+    for node in c.analog_nodes():
+        cores = {t["array"] for t in json.loads(node.metadata_props["cimc.placement"])}
+        assert {e["args"]["core"] for e in spans if e["name"] == node.name} == cores
 
 
 def test_pipeline_spec_errors() -> None:
@@ -143,6 +154,14 @@ def test_cli_compile(reference_models: dict[str, Path], tmp_path: Path, run_cli)
     res = run_cli("compile", reference_models["kws"], "--target", "aon-cim", "-o", tmp_path / "out")
     assert res.code == 0, res.err
     assert "TOPS/W" in res.out and "utilisation 68.9 %" in res.out
+    assert "converters NOT modelled" in res.out and "not modelled" in res.err  # no --calib: said plainly
+    assert "batch dimension fixed at 1" in res.out
+    res = run_cli("compile", reference_models["kws"], "-o", tmp_path / "out2", "--json")
+    doc = json.loads(res.out)  # exactly one JSON document on stdout
+    assert res.code == 0 and doc["target"] == "aon-cim" and doc["target_given"] == "aon-cim"
+    assert "model.onnx" in doc["files"] and doc["output"] == str(tmp_path / "out2")
+    res = run_cli("compile", reference_models["kws"], "-o", tmp_path / "out3", "-q", "--batch", "1")
+    assert res.code == 0 and res.out == "" and res.err == ""
     res = run_cli("compile", reference_models["kws"], "--target", "no-such-chip", "-o", tmp_path / "bad")
     assert res.code == 2 and "unknown target 'no-such-chip'" in res.err
     assert not (tmp_path / "bad").exists()  # nothing half-written

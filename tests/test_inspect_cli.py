@@ -99,9 +99,9 @@ def test_debug_reraises_the_error_in_process(tmp_path: Path) -> None:
         main(["--debug", "inspect", str(tmp_path / "missing.onnx")])
 
 
-def test_no_command_prints_help(run_cli) -> None:
+def test_no_command_prints_usage_and_exits_2(run_cli) -> None:
     result = run_cli()
-    assert result.code == 0 and "inspect" in result.out
+    assert result.code == 2 and "usage: cimc" in result.err and "COMMAND" in result.err and result.out == ""
 
 
 # ------------------------------------------------------------------------------------------ real processes

@@ -89,6 +89,19 @@ def test_twin_matches_simulator_and_onnxruntime(mnist_compiled, mnist: Dataset, 
     _assert_agree_up_to_ties(quant_out, ort_out)
     float_out = _ort_rows(builtin.mnist_model(), x)
     assert rel_l2(quant_out, float_out) > 1e-4  # the converters really quantise
+    _assert_checker_clean(path)
+
+
+def _assert_checker_clean(path: Path) -> None:
+    """Tools accept the twin: full ONNX check (typed outputs), no unused initializers, batch stated."""
+    import onnx
+
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in proto.graph.output)
+    used = {i for n in proto.graph.node for i in n.input}
+    assert [t.name for t in proto.graph.initializer if t.name not in used] == []
+    assert "batch dimension fixed at 1" in proto.doc_string
 
 
 def test_row_split_tiles_in_twin(tmp_path: Path) -> None:
@@ -106,6 +119,7 @@ def test_row_split_tiles_in_twin(tmp_path: Path) -> None:
     ort_out = _ort_rows(twin_path, x[:8])
     sim_out = cimc.run(compiled, x[:8], ideal=True)
     _assert_agree_up_to_ties(sim_out, ort_out)
+    _assert_checker_clean(twin_path)  # row-split tiles replace the layer's weight: it must not linger
 
 
 def test_program_once_then_drift_same_devices(mnist_compiled) -> None:  # type: ignore[no-untyped-def]
@@ -144,22 +158,28 @@ def test_simulation_deterministic_and_gdc_helps(mnist_compiled, mnist: Dataset, 
 def test_data_errors(mnist_compiled, mnist: Dataset) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(DataError, match="shape"):
         cimc.simulate(mnist_compiled, Dataset(np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int64), "bad"))
-    with pytest.raises(DataError, match="labels"):
-        cimc.simulate(mnist_compiled, Dataset(mnist.x[:4], None, "nolabels"))
+    with pytest.raises(DataError, match="needs integer labels"):
+        cimc.simulate(mnist_compiled, Dataset(mnist.x[:4], None, "nolabels"), metric="accuracy")
+    with pytest.raises(DataError, match="outside the model's 10 classes"):
+        cimc.simulate(mnist_compiled, Dataset(mnist.x[:4], np.array([0, 1, 2, 10]), "bad labels"), instances=1)
 
 
 def test_parse_duration() -> None:
     assert parse_duration("24h") == 86400 and parse_duration("1y") == 31557600 and parse_duration("15min") == 900
+    assert parse_duration("1M") == parse_duration("1mo") == 31557600 / 12 and parse_duration("1m") == 60
     with pytest.raises(cimc.CimcError, match="cannot read time"):
         parse_duration("soon")
+    for bad in ("0", "-1h", "0s"):
+        with pytest.raises(cimc.CimcError, match="positive time"):
+            parse_duration(bad)
 
 
 def test_cli_simulate_and_run(mnist_compiled, mnist: Dataset, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     mnist_compiled.save(tmp_path / "build")
     res = run_cli("simulate", tmp_path / "build", "--data", builtin.mnist_test(), "--drift", "1s,1h", "--instances", "2",
-                  "--samples", "64", "-q")
+                  "--samples", "64")
     assert res.code == 0, res.err
-    assert "GDC" in res.out and "TOPS/W" in res.out
+    assert "GDC" in res.out and "TOPS/W" in res.out and "target aon-cim" in res.out
     assert (tmp_path / "build" / "simulation" / "results.json").is_file()
     np.save(tmp_path / "x.npy", mnist.x[:5])
     res = run_cli("run", tmp_path / "build", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--time", "1h")

@@ -147,3 +147,50 @@ def test_user_device_model_registers(tmp_path):
     target = load_target(str(_write(tmp_path, data)))
     assert isinstance(target.device, TestRram) and target.device.g_max_us == 50.0
     assert "test-rram" in str(target_json_schema()["properties"]["device"])
+
+
+# ------------------------------------------------------------------------------------------ derived targets
+def test_base_merges_and_names_the_file(tmp_path):
+    path = tmp_path / "my-chip.yaml"
+    path.write_text("base: aon-cim\nconverters:\n  adc_bits: 6\ndevice:\n  g_max_us: 20.0\n")
+    t = load_target(str(path))
+    aon = load_target("aon-cim")
+    assert t.name == "my-chip"  # never the base's name
+    assert t.converters.adc_bits == 6 and t.converters.dac_bits == aon.converters.dac_bits
+    assert t.device.g_max_us == 20.0 and t.device.model == aon.device.model
+    assert t.array == aon.array and t.clock_hz == aon.clock_hz
+    # A file deriving from a file (relative path), with its own name.
+    child = tmp_path / "child.yaml"
+    child.write_text("base: my-chip.yaml\nname: chip-b\nclock_hz: 5.0e+7\n")
+    c = load_target(str(child))
+    assert c.name == "chip-b" and c.converters.adc_bits == 6 and c.clock_hz == 5e7
+    # Another device model replaces the device section instead of mixing parameter sets.
+    other = tmp_path / "exact.yaml"
+    other.write_text("base: aon-cim\ndevice:\n  model: ideal\n")
+    assert load_target(str(other)).device.model == "ideal"
+
+
+def test_base_errors_are_target_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: aon-cim\nconverters:\n  adc_bits: -3\n")
+    with pytest.raises(TargetError, match=r"bad.yaml: converters.adc_bits"):
+        load_target(str(bad))
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(TargetError, match="derives from itself"):
+        load_target(str(loop))
+    unknown = tmp_path / "u.yaml"
+    unknown.write_text("base: no-such-preset\n")
+    with pytest.raises(TargetError, match="unknown target 'no-such-preset'"):
+        load_target(str(unknown))
+
+
+def test_targets_show_keeps_preset_comments(run_cli, tmp_path):
+    res = run_cli("targets", "show", "aon-cim")
+    assert res.code == 0 and "# HARDWARE.md" in res.out and "assumed" in res.out
+    assert yaml.safe_load(res.out)["name"] == "aon-cim"
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: hermes\nconverters:\n  dac_bits: 4\n")
+    res = run_cli("targets", "show", path)
+    shown = yaml.safe_load(res.out)
+    assert res.code == 0 and shown["name"] == "mine" and shown["converters"]["dac_bits"] == 4

@@ -1,0 +1,147 @@
+"""What users of the command line and the API meet: JSON output, quiet/verbose, logs without carriage
+returns, metrics without labels, result objects, figures a hardware engineer can read."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cimc
+from cimc import builtin
+from cimc.data import Dataset, load_dataset
+from cimc.plots import _layer_style, plot_drift, plot_occupancy
+from tests.models import MatMulMlp, export_onnx
+
+
+@pytest.fixture(scope="module")
+def mnist_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
+    d = tmp_path_factory.mktemp("ux")
+    data = load_dataset(builtin.mnist_test())
+    calib = Dataset(data.x[-128:], data.y[-128:], "calib")
+    cimc.compile(builtin.mnist_model(), "aon-cim", calibration=calib, out_dir=d / "build")
+    return d / "build", data
+
+
+def test_api_exports_only_the_api() -> None:
+    assert set(cimc.__all__) == {"CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled",
+                                 "run", "simulate"}
+    assert all(callable(getattr(cimc, name)) for name in cimc.__all__)
+
+
+def test_no_command_exits_2_with_usage(run_cli) -> None:  # type: ignore[no-untyped-def]
+    res = run_cli()
+    assert res.code == 2 and "usage: cimc" in res.err and res.out == ""
+
+
+def test_flags_after_the_subcommand(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = export_onnx(MatMulMlp(), torch.randn(1, 20), tmp_path / "mlp.onnx")
+    res = run_cli("inspect", path, "--debug", "-v", "--json")
+    assert res.code == 0 and json.loads(res.out)["totals"]["analog_nodes"] >= 1
+    res = run_cli("inspect", path, "--log-level", "error", "-q")
+    assert res.code == 0 and res.out == ""
+    res = run_cli("inspect", tmp_path / "missing.onnx", "-q")
+    assert res.code == 2 and res.out == "" and "missing.onnx" in res.err  # errors still shown
+
+
+def test_simulate_json_metrics_and_per_class(mnist_build, run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    build, data = mnist_build
+    res = run_cli("simulate", build, "--data", builtin.mnist_test(), "--drift", "1h", "--instances", "2",
+                  "--samples", "48", "--json", "-o", tmp_path / "sim")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)  # stdout is exactly one JSON document
+    assert doc["metric"] == "accuracy" and doc["target"] == "aon-cim"
+    assert len(doc["per_class"]["float"]) == 10 and len(doc["series"][0]["points"][0]["per_class"]) == 10
+    # Unlabelled data: agreement with the float model.
+    np.savez(tmp_path / "x.npz", x=data.x[:32])
+    res = run_cli("simulate", build, "--data", tmp_path / "x.npz", "--drift", "1s,1M", "--instances", "2",
+                  "--json", "--metric", "snr", "--no-compare")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    pts = doc["series"][0]["points"]
+    assert doc["metric"] == "snr" and [p["label"] for p in pts] == ["1s", "1mo"]
+    assert 0 < pts[1]["mean"] < pts[0]["mean"] + 3  # dB; a month of drift is not better than a second
+    assert 0 < pts[0]["relerr"] < 1
+    res = run_cli("simulate", build, "--data", tmp_path / "x.npz", "--metric", "accuracy")
+    assert res.code == 2 and "needs integer labels" in res.err
+
+
+def test_cosine_on_unlabelled_embedding_model(tmp_path: Path) -> None:
+    """A conv embedding net without softmax (no classes at all): cosine agreement and relative error."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(4, 16, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv1d(16, 16, 3),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(16, 32)).eval()
+    path = export_onnx(net, torch.randn(1, 4, 40), tmp_path / "embed.onnx")
+    x = np.random.default_rng(0).standard_normal((40, 4, 40)).astype(np.float32)
+    c = cimc.compile(path, "aon-cim", calibration=Dataset(x, None, "calib"))
+    r = cimc.simulate(c, Dataset(x, None, "clips"), drift="1s,1y", instances=2, compare_gdc=False)
+    assert r.data["metric"] == "cosine" and "float_accuracy" not in r.data
+    a, b = (p["mean"] for p in r.data["series"][0]["points"])
+    assert 0.5 < b <= a <= 1.0
+    assert "cosine" in r.table()
+    df = r.to_pandas()
+    assert list(df["time"]) == ["1s", "1y"] and set(df.columns) >= {"mean", "std", "series"}
+    fig = r.plot()
+    assert "cosine" in fig.axes[0].get_ylabel()
+
+
+def test_progress_in_logs_has_no_carriage_returns(mnist_build, run_cimc_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    build, _ = mnist_build
+    res = run_cimc_process("simulate", build, "--data", builtin.mnist_test(), "--drift", "1s", "--instances", "1",
+                           "--samples", "32", "-o", tmp_path / "s")
+    assert res.code == 0, res.err
+    assert "\r" not in res.err and "\x1b" not in res.err + res.out  # not a TTY: plain lines, no colour
+
+
+def test_drift_figure_keeps_a_fixed_span(mnist_build) -> None:  # type: ignore[no-untyped-def]
+    results = {"metric": "accuracy", "float_accuracy": 0.95, "quantized_accuracy": 0.945, "instances": 3,
+               "samples": 100, "model": "m", "target": "t",
+               "series": [{"label": "GDC", "points": [{"label": "1s", "t_s": 1.0, "mean": 0.94, "std": 0.003},
+                                                      {"label": "1y", "t_s": 3.15e7, "mean": 0.93, "std": 0.004}]}]}
+    fig = plot_drift(results)
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo == pytest.approx(65.0) and hi == pytest.approx(97.0)  # float - 30 .. float + 2 points
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(t.startswith("float model (95.00") for t in labels)
+    assert any(t.startswith("quantised, ideal devices (94.50") for t in labels)
+
+
+def test_occupancy_one_legend_entry_and_style_per_layer(tmp_path: Path) -> None:
+    styles = {_layer_style(i) for i in range(140)}
+    assert len(styles) == 140  # distinct for up to 140 layers (then names are written in the tiles too)
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(24):
+        layers += [torch.nn.Linear(32, 32), torch.nn.ReLU()]
+    path = export_onnx(torch.nn.Sequential(*layers).eval(), torch.randn(1, 32), tmp_path / "deep.onnx")
+    c = cimc.compile(path, "hermes")
+    fig = plot_occupancy(c)
+    legend = fig.legends[0]
+    names = [t.get_text() for t in legend.get_texts()]
+    assert names == [n.name for n in c.analog_nodes()] and len(names) == 24
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == c.mapping["arrays_used"]
+    assert all(ax.get_title().startswith("core ") for ax in panels)
+    assert all(len(ax.get_xticks()) > 1 and len(ax.get_yticks()) > 1 for ax in panels)  # coordinates shown
+    assert "hermes" in fig._suptitle.get_text()
+    assert "occupancy" not in os.listdir(tmp_path)
+
+
+def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    build, _ = mnist_build
+    res = run_cli("export", build, "-o", tmp_path / "bundle", "-q")
+    assert res.code == 0 and res.out == ""
+    res = run_cli("verify", tmp_path / "bundle", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0 and doc["ok"] is True and doc["problems"] == [] and doc["layers_checked"] >= 1
+    plain = cimc.compile(builtin.mnist_model(), "aon-cim", out_dir=tmp_path / "plain")
+    from cimc.export import export_mapping
+
+    with caplog.at_level("WARNING", logger="cimc.export"):
+        export_mapping(plain, tmp_path / "plain-bundle")
+    assert "not calibrated" in caplog.text
