@@ -49,7 +49,7 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-__all__ = ["SEEDS", "MUTATORS", "DATA_BREAKERS", "Fuzzer", "main", "make_seed", "mutate_model", "mutate_bytes"]
+__all__ = ["SEEDS", "MUTATORS", "data_breakers", "Fuzzer", "main", "make_seed", "mutate_model", "mutate_bytes"]
 
 logger = logging.getLogger(__name__)
 

@@ -248,8 +248,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _add_simulate(sub: Any) -> None:
-    from cimc.runtime.metrics import METRICS
-    from cimc.runtime.simulator import DURATION_HELP
+    from cimc.vocabulary import DURATION_HELP, METRICS
 
     p = sub.add_parser("simulate", help="Monte Carlo accuracy (or any metric) over time under PCM noise and drift")
     p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
@@ -288,8 +287,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose(sub: Any) -> None:
-    from cimc.runtime.metrics import METRICS
-    from cimc.runtime.simulator import DURATION_HELP
+    from cimc.vocabulary import DURATION_HELP, METRICS
 
     p = sub.add_parser("diagnose", help="per-layer SNR by cause (DAC, ADC, programming, drift, read noise) and "
                        "what to change")

@@ -33,8 +33,7 @@ __all__ = ["LABEL_METRICS", "METRICS", "MetricAccumulator", "check_labels", "che
 
 logger = logging.getLogger(__name__)
 
-LABEL_METRICS = ("accuracy", "top5")
-METRICS = ("accuracy", "top5", "cosine", "mse", "snr", "relerr")
+from cimc.vocabulary import LABEL_METRICS, METRICS  # noqa: E402  (the CLI reads them without torch)
 
 
 def default_metric(y: np.ndarray | None) -> str:

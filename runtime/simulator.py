@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,41 +33,13 @@ from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
                                   format_score, higher_is_better, is_percent)
 from cimc.runtime.workload import model_workload
+from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "SimulationResult", "check_batch_axis", "check_time",
            "format_duration", "ideal_hook", "parse_duration", "run_outputs", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
-          "mo": 2629800.0, "M": 2629800.0, "y": 31557600.0}
-DURATION_HELP = "units: s, min (or m), h, d, w, mo (or M: month = 1/12 year), y; a bare number is seconds"
-
-
-def parse_duration(text: str) -> float:
-    """'1s', '15min', '24h', '30d', '6mo', '1y', '3600' → seconds (> 0). ``m`` is minutes, ``M``/``mo`` months."""
-    m = re.fullmatch(r"\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]+)?\s*", str(text))
-    unit = None if not m else (m.group(2) or "s")
-    if unit is not None and unit not in _UNITS:
-        unit = unit.lower() if unit.lower() in _UNITS and unit.lower() != "m" else None
-    if not m or unit is None:
-        raise InputError(f"cannot read time {text!r}; write e.g. 1s, 15min, 24h, 30d, 6mo, 1y ({DURATION_HELP})")
-    return check_time(float(m.group(1)) * _UNITS[unit], text)
-
-
-def check_time(t_s: float, text: Any = None) -> float:
-    """``t_s`` itself if it is a finite time after programming (> 0 s); InputError otherwise."""
-    if not (math.isfinite(t_s) and t_s > 0):
-        shown = text if text is not None else t_s
-        raise InputError(f"time {shown!r} is not after programming; give a positive time, e.g. 1s or 24h")
-    return float(t_s)
-
-
-def format_duration(t_s: float) -> str:
-    for unit, size in (("y", _UNITS["y"]), ("mo", _UNITS["mo"]), ("d", 86400.0), ("h", 3600.0), ("min", 60.0)):
-        if t_s >= size and abs(t_s / size - round(t_s / size)) < 1e-9:
-            return f"{round(t_s / size)}{unit}"
-    return f"{t_s:g}s"
 
 
 @dataclass

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import helper
 
 from cimc.outputs import TMP_PREFIX, clean_stale_temporaries
