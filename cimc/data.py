@@ -174,14 +174,28 @@ def check_input_array(array: Any, expected: tuple[int, ...] | None, name: str) -
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def check_labels(y: np.ndarray | None, classes: int | None, where: str) -> None:
-    """Labels must be class indices 0..classes-1 of the model's output."""
-    if y is None or classes is None or len(y) == 0:
-        return
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= classes:
-        raise DataError(f"{where}: labels span {low}..{high} but the model has {classes} classes (0..{classes - 1}); "
-                        "pass data made for this model")
+def check_labels(y: Any, classes: int | None, where: str = "data") -> np.ndarray | None:
+    """Labels as int64 class indices ``0 … classes-1`` of the model's output; a one-line DataError naming the
+    problem otherwise (one label per sample, integers, in range). None stays None (unlabelled data)."""
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{where}: labels 'y' must be one integer per sample, got shape {y.shape}; for other targets "
+                        "use --metric cosine|mse|snr (agreement with the float model)")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{where}: labels 'y' are not integers; give class indices, or use --metric "
+                            "cosine|mse|snr for regression or embedding outputs")
+    elif y.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels 'y' have dtype {y.dtype}; give integer class indices")
+    y = y.astype(np.int64)
+    if classes is not None and len(y):
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise DataError(f"{where}: labels span {low}..{high} but the model has {classes} classes "
+                            f"(0..{classes - 1}); pass data made for this model")
+    return y
 
 
 def load_dataset(path: str | Path, samples: int | None = None) -> Dataset:

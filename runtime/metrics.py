@@ -33,6 +33,7 @@ __all__ = ["LABEL_METRICS", "METRICS", "MetricAccumulator", "check_labels", "che
 
 logger = logging.getLogger(__name__)
 
+from cimc.data import check_labels  # noqa: F401  (re-exported: one label check for every data path)
 from cimc.vocabulary import LABEL_METRICS, METRICS  # noqa: E402  (the CLI reads them without torch)
 
 
@@ -67,26 +68,6 @@ def check_metric(metric: str, y: np.ndarray | None) -> None:
     if metric in LABEL_METRICS and y is None:
         raise DataError(f"--metric {metric} needs integer labels: the data file has no 'y'; "
                         "use --metric cosine (agreement with the float model) for unlabelled data")
-
-
-def check_labels(y: np.ndarray, classes: int) -> np.ndarray:
-    """Integer class labels in ``0 … classes-1`` (DataError naming the problem otherwise)."""
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise DataError(f"labels 'y' must be one integer per sample, got shape {y.shape}; "
-                        "for other targets use --metric cosine|mse|snr (agreement with the float model)")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DataError("labels 'y' are not integers; give class indices, or use --metric cosine|mse|snr "
-                            "for regression or embedding outputs")
-        y = y.astype(np.int64)
-    elif y.dtype.kind not in "iu":
-        raise DataError(f"labels 'y' have dtype {y.dtype}; give integer class indices")
-    bad = (y < 0) | (y >= classes)
-    if bad.any():
-        raise DataError(f"{int(bad.sum())} label(s) outside the model's {classes} classes (0..{classes - 1}), "
-                        f"e.g. {int(y[bad][0])}; check the data matches the model")
-    return y.astype(np.int64)
 
 
 @dataclass
