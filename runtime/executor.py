@@ -26,7 +26,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from cimc.errors import UnsupportedOpError
+from cimc.errors import ModelError, UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, node_attrs
 from cimc.ops import OPS, _conv_padding
 
@@ -295,17 +295,39 @@ class Executor(torch.nn.Module):
         for name, key in self._const_keys.items():
             env[name] = self.params[key] if key in self.params else getattr(self, key)
         for step in self.steps:
-            if step.analog is not None and self.hook is not None:
-                outs = [self._run_analog(step, env[step.inputs[step.analog.weight_input ^ 1 if step.analog.op_type == "MatMul" else 0]])]
-            else:
-                args = [None if n is None or n == "" else env[n] for n in step.inputs]
-                if step.attrs.get("_batch_leading") and args[0].shape[0] != int(args[1][0]):
-                    args[1] = torch.cat([torch.tensor([args[0].shape[0]]), args[1][1:]])
-                outs = step.fn(args, step.attrs)
+            try:
+                if step.analog is not None and self.hook is not None:
+                    outs = [self._run_analog(step, env[step.inputs[step.analog.weight_input ^ 1 if step.analog.op_type == "MatMul" else 0]])]
+                else:
+                    args = [None if n is None or n == "" else env[n] for n in step.inputs]
+                    if step.attrs.get("_batch_leading") and args[0].shape[0] != int(args[1][0]):
+                        args[1] = torch.cat([torch.tensor([args[0].shape[0]]), args[1][1:]])
+                    outs = step.fn(args, step.attrs)
+            except (RuntimeError, IndexError, ValueError) as exc:
+                self._batch_error(step, inputs, exc)
+                raise
             for name, value in zip(step.outputs, outs):
                 if name:
                     env[name] = value
         return [env[n] for n in self.output_names]
+
+    def _batch_error(self, step: _Step, inputs: Sequence[torch.Tensor], exc: Exception) -> None:
+        """An op that fails only because the batch differs from the compiled one is the model's doing.
+
+        cimc runs many samples (and Monte Carlo instances) in the first axis; a model that pins that axis
+        (an Expand, Tile or Reshape to a constant leading size) cannot be batched. Say so in one line.
+        """
+        shape = self.model.graph.inputs[0].shape if self.model.graph.inputs else None
+        compiled = shape[0] if shape is not None and len(shape) and isinstance(shape[0], int) else None
+        got = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+        if compiled is None or got is None or got == compiled or "alloc" in str(exc).lower():
+            return
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(
+            f"node '{step.node.name}' ({step.node.op_type}) fails on a batch of {got} ({first}): the model fixes "
+            f"its first axis to {compiled}, so cimc cannot run several samples or chip instances at once; re-export "
+            "it with the batch as the first axis throughout"
+        ) from exc
 
     def write_back(self) -> None:
         """Copy the (trained) parameters back into the onnx-ir model's initializers."""

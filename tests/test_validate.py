@@ -383,3 +383,14 @@ def test_compiled_folder_pointing_outside_is_refused(mlp_build: Path, tmp_path: 
     (folder / "manifest.json").write_text("{not json")
     res = run_cli("run", folder, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
     assert res.code == 2 and "manifest.json: not valid JSON" in res.err, res.err
+
+
+def test_a_model_pinning_the_batch_axis_is_refused_when_batched(tmp_path: Path, run_cli) -> None:
+    """Expand to a constant [1000, 8]: fine for one sample, but calibration runs many at once."""
+    nodes = [helper.make_node("Expand", ["x", "s"], ["e"], name="expand"),
+             helper.make_node("Gemm", ["e", "w"], ["y"], name="fc")]
+    onnx.save(_model(nodes, [1, 8], {"s": np.array([1000, 1], np.int64), "w": W_FC}), tmp_path / "m.onnx")
+    data = _npz(tmp_path / "d.npz", x=np.ones((4, 8), np.float32), y=np.zeros(4, np.int64))
+    res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "--calib", data, "-o", tmp_path / "b")
+    assert res.code == 2 and "node 'expand' (Expand) fails on a batch of 4" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1
