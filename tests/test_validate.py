@@ -394,3 +394,14 @@ def test_a_model_pinning_the_batch_axis_is_refused_when_batched(tmp_path: Path, 
     res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "--calib", data, "-o", tmp_path / "b")
     assert res.code == 2 and "node 'expand' (Expand) fails on a batch of 4" in res.err, res.err
     assert len(res.err.strip().splitlines()) == 1
+
+
+def test_inner_dimension_mismatch_is_refused(tmp_path: Path, run_cli) -> None:
+    """ReduceMean with keepdims leaves [1, 5, 1, 1]; a [5, 2] MatMul weight does not fit its last axis."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[2, 3], keepdims=1),
+             helper.make_node("MatMul", ["m", "w"], ["y"], name="mm")]
+    model = _model(nodes, [1, 5, 3, 3], {"w": RNG.normal(size=(5, 2)).astype(np.float32)})
+    onnx.save(model, tmp_path / "m.onnx")
+    res = run_cli("inspect", tmp_path / "m.onnx")
+    assert res.code == 2 and "node 'mm' (MatMul) multiplies an input with 1 columns by a weight 'w' [5, 2]" in res.err, \
+        res.err
