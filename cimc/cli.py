@@ -313,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    for name in ("onnxscript", "onnx_ir", "onnxruntime"):
+    # Library warnings (numpy's RuntimeWarning on odd data...) would add lines to a one-line error; they go to
+    # the logging system instead, shown with --debug.
+    logging.captureWarnings(True)
+    for name in ("onnxscript", "onnx_ir", "onnxruntime", "py.warnings"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="onnxscript")
     try:

@@ -405,3 +405,14 @@ def test_inner_dimension_mismatch_is_refused(tmp_path: Path, run_cli) -> None:
     res = run_cli("inspect", tmp_path / "m.onnx")
     assert res.code == 2 and "node 'mm' (MatMul) multiplies an input with 1 columns by a weight 'w' [5, 2]" in res.err, \
         res.err
+
+
+def test_calibration_refuses_non_finite_activations(tmp_path: Path, run_cli) -> None:
+    """Reciprocal of an input that is 0 gives inf before the Gemm: no DAC range fits, say so in one line."""
+    nodes = [helper.make_node("Reciprocal", ["x"], ["r"], name="recip"),
+             helper.make_node("Gemm", ["r", "w"], ["y"], name="fc")]
+    onnx.save(_model(nodes, [1, 8], {"w": W_FC}), tmp_path / "m.onnx")
+    data = _npz(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
+    res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "--calib", data, "-o", tmp_path / "b")
+    assert res.code == 2 and "the input of analog layer 'fc' is not finite" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1
