@@ -256,7 +256,7 @@ def run(
     """
     import torch
 
-    from cimc.errors import InputError
+    from cimc.errors import InputError, ModelError
     from cimc.runtime.simulator import Chip, ChipState, ideal_hook, parse_duration, use
     from cimc.validate import samples_per_pass
 
@@ -314,7 +314,7 @@ def run(
     if total % compiled_batch == 0 and compiled_batch * 2 <= step:
         try:
             results = forward(step // compiled_batch * compiled_batch)
-        except RuntimeError as exc:  # a shape baked in for the compiled batch
+        except (RuntimeError, ModelError) as exc:  # a shape baked in for the compiled batch
             logger.debug("batched run failed (%s); running at the compiled batch size", exc)
     if results is None:
         if total % compiled_batch:

@@ -472,7 +472,10 @@ _LIGHT_COMMANDS = frozenset({"targets"})
 
 
 def _quiet_libraries() -> None:
-    for name in ("onnxscript", "onnx_ir", "onnxruntime"):
+    # Library warnings (numpy's RuntimeWarning on odd data...) would add lines to a one-line error; they go to
+    # the logging system instead, shown with --debug.
+    logging.captureWarnings(True)
+    for name in ("onnxscript", "onnx_ir", "onnxruntime", "py.warnings"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module="onnxscript")
     try:

@@ -613,6 +613,18 @@ def _check_node(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], shapes
     elif op == "Gemm" and _int(node, "transA", 0) and node.input[0] not in inits:
         raise ModelError(f"{where}: {label} has transA=1 on a computed input; cimc keeps samples on the first axis: "
                          "re-export with transA=0 (a Transpose before the Gemm)")
+    elif op in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in inits:
+        w_dims = list(inits[node.input[1]].dims)
+        x = _spatial(shapes, node.input[0])
+        if len(w_dims) == 2 and x is not None and len(x) >= 1 and x[-1] is not None:
+            if op == "MatMul":
+                k_x, k_w = x[-1], w_dims[0]
+            else:
+                k_x = x[0] if _int(node, "transA", 0) else x[-1]
+                k_w = w_dims[1] if _int(node, "transB", 0) else w_dims[0]
+            if k_x is not None and k_x != k_w:
+                raise ModelError(f"{where}: {label} multiplies an input with {k_x} columns by a weight "
+                                 f"'{node.input[1]}' {w_dims} with {k_w} rows; re-export the model")
     elif op == "Flatten":
         axis = _int(node, "axis", 1)
         x = _spatial(shapes, node.input[0])

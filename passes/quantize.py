@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from cimc.errors import DataError, InputError
+from cimc.errors import DataError, InputError, ModelError
 from cimc.ir import constant_array, is_analog, node_attrs
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.analog import LayerPlan, QuantSpec, analog_mvm, dac, layer_plans, levels, probe_response
@@ -172,6 +172,11 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float,
 
     def input_hook(step, x):  # type: ignore[no-untyped-def]
         plan = plans[step.name]
+        if not bool(torch.isfinite(x).all()):  # a DAC range from inf/NaN is NaN: every later number would be too
+            raise ModelError(
+                f"calibration: the input of analog layer '{step.name}' is not finite (inf or NaN) on the calibration "
+                "data, so no DAC range fits it; the model overflows before this layer: check the model and the data"
+            )
         signed = bool((x < 0).any())
         x_max = float(full_scale(x.abs(), conv.dac_bits, signed, False))
         plan.quant = QuantSpec(conv.dac_bits, signed, x_max, conv.adc_bits, conv.adc_gain, [], percentile)

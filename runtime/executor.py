@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from cimc.errors import UnsupportedOpError
+from cimc.errors import ModelError, UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, layer_of, node_attrs, static_shape
 from cimc.ops import OPS, _auto_pad, _conv_padding, _same_pads
 
@@ -634,18 +634,40 @@ class Executor(torch.nn.Module):
         inplace_ok = not torch.is_grad_enabled()
         for step in self.steps:
             args = [None if s is None else vals[s] for s in step.in_slots]
-            if hooked and step.analog is not None:
-                outs = [self._run_analog(step, args[step.x_input])]
-            elif inplace_ok and step.inplace_run is not None and not (hooked and step.inplace_after_analog):
-                outs = step.inplace_run(args)
-            else:
-                outs = step.run(args)  # type: ignore[misc]
+            try:
+                if hooked and step.analog is not None:
+                    outs = [self._run_analog(step, args[step.x_input])]
+                elif inplace_ok and step.inplace_run is not None and not (hooked and step.inplace_after_analog):
+                    outs = step.inplace_run(args)
+                else:
+                    outs = step.run(args)  # type: ignore[misc]
+            except (RuntimeError, IndexError, ValueError) as exc:
+                self._batch_error(step, inputs, exc)
+                raise
             for s, value in zip(step.out_slots, outs):
                 if s >= 0:
                     vals[s] = value
             for s in step.free:
                 vals[s] = None
         return [vals[s].contiguous() if isinstance(vals[s], torch.Tensor) else vals[s] for s in self._output_slots]
+
+    def _batch_error(self, step: _Step, inputs: Sequence[torch.Tensor], exc: Exception) -> None:
+        """An op that fails only because the batch differs from the compiled one is the model's doing.
+
+        cimc runs many samples (and Monte Carlo instances) in the first axis; a model that pins that axis
+        (an Expand, Tile or Reshape to a constant leading size) cannot be batched. Say so in one line.
+        """
+        shape = self.model.graph.inputs[0].shape if self.model.graph.inputs else None
+        compiled = shape[0] if shape is not None and len(shape) and isinstance(shape[0], int) else None
+        got = inputs[0].shape[0] if inputs and inputs[0].dim() else None
+        if compiled is None or got is None or got == compiled or "alloc" in str(exc).lower():
+            return
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ModelError(
+            f"node '{step.node.name}' ({step.node.op_type}) fails on a batch of {got} ({first}): the model fixes "
+            f"its first axis to {compiled}, so cimc cannot run several samples or chip instances at once; re-export "
+            "it with the batch as the first axis throughout"
+        ) from exc
 
     def write_back(self) -> None:
         """Copy the (trained) parameters back into the onnx-ir model's initializers."""

@@ -391,3 +391,36 @@ def test_compiled_folder_pointing_outside_is_refused(mlp_build: Path, tmp_path: 
     (folder / "manifest.json").write_text("{not json")
     res = run_cli("run", folder, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
     assert res.code == 2 and "manifest.json: not valid JSON" in res.err, res.err
+
+
+def test_a_model_pinning_the_batch_axis_is_refused_when_batched(tmp_path: Path, run_cli) -> None:
+    """Expand to a constant [1000, 8]: fine for one sample, but calibration runs many at once."""
+    nodes = [helper.make_node("Expand", ["x", "s"], ["e"], name="expand"),
+             helper.make_node("Gemm", ["e", "w"], ["y"], name="fc")]
+    onnx.save(_model(nodes, [1, 8], {"s": np.array([1000, 1], np.int64), "w": W_FC}), tmp_path / "m.onnx")
+    data = _npz(tmp_path / "d.npz", x=np.ones((4, 8), np.float32), y=np.zeros(4, np.int64))
+    res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "--calib", data, "-o", tmp_path / "b")
+    assert res.code == 2 and "node 'expand' (Expand) fails on a batch of 4" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1
+
+
+def test_inner_dimension_mismatch_is_refused(tmp_path: Path, run_cli) -> None:
+    """ReduceMean with keepdims leaves [1, 5, 1, 1]; a [5, 2] MatMul weight does not fit its last axis."""
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[2, 3], keepdims=1),
+             helper.make_node("MatMul", ["m", "w"], ["y"], name="mm")]
+    model = _model(nodes, [1, 5, 3, 3], {"w": RNG.normal(size=(5, 2)).astype(np.float32)})
+    onnx.save(model, tmp_path / "m.onnx")
+    res = run_cli("inspect", tmp_path / "m.onnx")
+    assert res.code == 2 and "node 'mm' (MatMul) multiplies an input with 1 columns by a weight 'w' [5, 2]" in res.err, \
+        res.err
+
+
+def test_calibration_refuses_non_finite_activations(tmp_path: Path, run_cli) -> None:
+    """Reciprocal of an input that is 0 gives inf before the Gemm: no DAC range fits, say so in one line."""
+    nodes = [helper.make_node("Reciprocal", ["x"], ["r"], name="recip"),
+             helper.make_node("Gemm", ["r", "w"], ["y"], name="fc")]
+    onnx.save(_model(nodes, [1, 8], {"w": W_FC}), tmp_path / "m.onnx")
+    data = _npz(tmp_path / "d.npz", x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
+    res = run_cli("compile", tmp_path / "m.onnx", "-t", "aon-cim", "--calib", data, "-o", tmp_path / "b")
+    assert res.code == 2 and "the input of analog layer 'fc' is not finite" in res.err, res.err
+    assert len(res.err.strip().splitlines()) == 1
