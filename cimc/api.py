@@ -187,6 +187,11 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
     samples = None
     for name, shape, dtype, axis in specs:
         a = np.asarray(inputs[name])
+        if not shape:  # a scalar input (a sample rate, a threshold) has no sample axis: one value for every sample
+            if a.size != 1 or a.dtype.kind not in "biuf":
+                raise DataError(f"input {name!r} is a scalar in the model; give one number (got shape {list(a.shape)})")
+            arrays.append(np.asarray(a.reshape(()), dtype=dtype))
+            continue
         if axis == 0:  # the common case: one-line checks shared with every other data path
             a = check_input_array(a, None if -1 in shape else shape[1:], f"input {name!r}")
         else:
@@ -273,7 +278,7 @@ def run(
 
         check_output_file(out_path, out_path.suffix, [compiled, inputs])
     arrays = _read_inputs(inputs, c.model)
-    in_axes = [axis for _, _, _, axis in _input_specs(c.model)]
+    in_axes = [axis if shape else None for _, shape, _, axis in _input_specs(c.model)]  # None: a scalar input
     n = instances or instance + 1
     if not 0 <= instance < n:
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
@@ -288,22 +293,26 @@ def run(
                           {k: g[instance : instance + 1] for k, g in full.gdc.items()})
         use(chip, chip.hook(state), state=state)
     declared = [tuple(v.shape) if v.shape is not None else None for v in c.model.graph.outputs]
-    first = c.model.graph.inputs[0] if c.model.graph.inputs else None
-    compiled_batch = int(first.shape[in_axes[0]]) if first is not None and first.shape else 1
-    total = arrays[0].shape[in_axes[0]]
+    lead = next((i for i, ax in enumerate(in_axes) if ax is not None), None)  # the first input with samples
+    if lead is None:
+        raise InputError("the model has no input with a sample axis; cimc run needs at least one")
+    first, lead_axis = c.model.graph.inputs[lead], in_axes[lead]
+    compiled_batch = int(first.shape[lead_axis]) if first.shape else 1
+    total = arrays[lead].shape[lead_axis]
 
     def forward(chunk: int) -> list[np.ndarray] | None:
         parts: list[list[np.ndarray]] = [[] for _ in out_names]
         axes: list[int | None] = [0] * len(out_names)
         with torch.no_grad():
             for start in range(0, total, chunk):
-                batch = [torch.from_numpy(np.ascontiguousarray(np.take(a, range(start, min(start + chunk, total)), axis=ax)))
-                         for a, ax in zip(arrays, in_axes)]
+                batch = [torch.from_numpy(np.ascontiguousarray(
+                    a if ax is None else np.take(a, range(start, min(start + chunk, total)), axis=ax)))
+                    for a, ax in zip(arrays, in_axes)]
                 outs = chip.executor(*batch)
                 for i, y in enumerate(outs):
                     y_np = y.detach().numpy()
                     if start == 0 and chunk != compiled_batch:
-                        axes[i] = _batch_axis(y_np.shape, declared[i], batch[0].shape[in_axes[0]] // compiled_batch)
+                        axes[i] = _batch_axis(y_np.shape, declared[i], batch[lead].shape[lead_axis] // compiled_batch)
                         if axes[i] is None and total > 1:
                             return None  # the output does not follow the batch: run at the compiled batch size
                     parts[i].append(y_np)

@@ -237,6 +237,19 @@ def _set_input_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]
             shape.dim.add().dim_value = d
 
 
+def _clear_negative_dims(proto: onnx.ModelProto) -> None:
+    """Some exporters (Paddle's) write unknown dimensions as ``dim_value: -1`` in value_info and outputs: to strict
+    shape inference that is a fixed size that then "differs" from the inferred one. Make them unknown. Graph
+    inputs keep theirs: a negative input dimension is dynamic and handled like any other."""
+    for group in (proto.graph.value_info, proto.graph.output):
+        for v in group:
+            if not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+                continue
+            for d in v.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.Clear()
+
+
 def _batch_symbols(proto: onnx.ModelProto) -> set[str]:
     """Names of the symbolic dimensions that stand first in some input: the batch."""
     initializers = {t.name for t in proto.graph.initializer}
@@ -310,6 +323,7 @@ def load_model(
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
     proto.ir_version = max(proto.ir_version, 4)
+    _clear_negative_dims(proto)
     batch_symbols = _batch_symbols(proto)
     if input_values:
         _freeze_inputs(proto, input_values)

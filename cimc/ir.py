@@ -41,6 +41,7 @@ __all__ = [
     "classify",
     "constant_array",
     "is_analog",
+    "graph_inputs_upstream",
     "layer_of",
     "name_nodes",
     "node_attrs",
@@ -215,7 +216,7 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
             )
             out.append(NodeClass(name, node.op_type, "digital", why))
         elif node.op_type == "If":
-            inputs = _graph_inputs_upstream(node.inputs[0])
+            inputs = graph_inputs_upstream(node.inputs[0])
             why = (f"its condition depends on input(s) {', '.join(inputs)}: freeze them with --input-value NAME=VALUE "
                    "(input_values= in the API) so the branch is known at compile time") if inputs else (
                    "its condition is only known at run time; cimc compiles one fixed dataflow graph")
@@ -228,7 +229,7 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
     return out
 
 
-def _graph_inputs_upstream(value: ir.Value | None) -> list[str]:
+def graph_inputs_upstream(value: ir.Value | None) -> list[str]:
     """Names of the graph inputs a value depends on (through any chain of producers)."""
     found: list[str] = []
     seen: set[int] = set()

@@ -12,6 +12,8 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    takes) and ONNX shape inference (a folded shape makes the next shapes known, which makes more folding
    possible). One round is not enough for shape computations that depend on earlier folds.
    Then :class:`~cimc.passes.embedding.OneHotMatMulToGatherPass` — ``MatMul(OneHot(i), W)`` → ``Gather(W, i)``.
+   :class:`PredicateIfPass` — an ``If`` still there depends on data: both branches are computed and
+   ``Where`` selects per sample (if-conversion), then folding runs again.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
 3. :class:`~cimc.passes.recurrent.ExpandRecurrentPass` — ``LSTM``/``GRU``/``RNN`` become MatMuls with constant
    weights (analog: the input projection of all steps, and one recurrent product per step reading one shared
@@ -48,7 +50,7 @@ from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
-from cimc.ir import constant_array, name_nodes, node_attrs, static_shape
+from cimc.ir import constant_array, graph_inputs_upstream, name_nodes, node_attrs, static_shape
 from cimc.passes.conv_transpose import ConvTransposeToConvPass
 from cimc.passes.dequantize import DequantizePass
 from cimc.passes.embedding import OneHotMatMulToGatherPass
@@ -64,6 +66,7 @@ __all__ = [
     "FoldConstantsPass",
     "FoldToFixpointPass",
     "InlineConstantIfPass",
+    "PredicateIfPass",
     "MatMulAddToGemmPass",
     "RemoveNoOpsPass",
     "canonicalize",
@@ -166,41 +169,103 @@ class InlineConstantIfPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
-def _inline_branch(graph: ir.Graph, if_node: ir.Node, branch: ir.Graph) -> None:
+def _hoist_branch(graph: ir.Graph, if_node: ir.Node, branch: ir.Graph, tag: str) -> list[ir.Value]:
+    """Move a branch's nodes (named ``<if>/<tag>/<node>``) and initializers into ``graph`` before ``if_node``;
+    returns the branch's result values. Values the branch reads from the outer graph are the same objects."""
     taken_values = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
     for n in graph:
         taken_values.update(o.name for o in n.outputs if o.name)
+    prefix = f"{if_node.name}/{tag}"
     results = list(branch.outputs)
     branch.outputs.clear()
     inner_nodes = list(branch)
     branch.remove(inner_nodes)
     for inner in inner_nodes:
-        inner.name = f"{if_node.name}/{inner.name}" if inner.name else f"{if_node.name}/{inner.op_type}"
+        inner.name = f"{prefix}/{inner.name or inner.op_type}"
         for out in inner.outputs:
             if out.name in taken_values:  # names must stay unique in the enclosing graph
-                out.name = f"{if_node.name}/{out.name}"
+                out.name = f"{prefix}/{out.name}"
             taken_values.add(out.name)
     for name in list(branch.initializers):
         value = branch.initializers.pop(name)
         if value.name in graph.initializers or value.name in taken_values:
-            value.name = f"{if_node.name}/{value.name}"
+            value.name = f"{prefix}/{value.name}"
         graph.register_initializer(value)
     graph.insert_before(if_node, inner_nodes)
+    return results
+
+
+def _take_place(graph: ir.Graph, old: ir.Value, new: ir.Value, before: ir.Node) -> None:
+    """Every use of ``old`` reads ``new``; a graph output keeps its name (through an Identity if needed)."""
+    if old.is_graph_output():
+        ident = ir.node("Identity", [new], name=f"{before.name}/output_{old.name}")
+        graph.insert_before(before, ident)
+        old.replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
+        ident.outputs[0].name, ident.outputs[0].shape, ident.outputs[0].type = old.name, old.shape, old.type
+        old.name = f"{old.name}__replaced"
+        return
+    if new.shape is None and old.shape is not None:
+        new.shape = old.shape
+    if new.type is None and old.type is not None:
+        new.type = old.type
+    old.replace_all_uses_with(new)
+
+
+def _inline_branch(graph: ir.Graph, if_node: ir.Node, branch: ir.Graph) -> None:
+    results = _hoist_branch(graph, if_node, branch, "taken")
     for old, new in zip(if_node.outputs, results):
-        if old.is_graph_output():
-            # Keep the graph output's name and value: an Identity reads the branch result.
-            ident = ir.node("Identity", [new], name=f"{if_node.name}/output_{old.name}")
-            graph.insert_before(if_node, ident)
-            old.replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
-            ident.outputs[0].name, ident.outputs[0].shape, ident.outputs[0].type = old.name, old.shape, old.type
-            old.name = f"{old.name}__replaced"
-        else:
-            if new.shape is None and old.shape is not None:
-                new.shape = old.shape
-            if new.type is None and old.type is not None:
-                new.type = old.type
-            old.replace_all_uses_with(new)
+        _take_place(graph, old, new, if_node)
     graph.remove(if_node, safe=False)
+
+
+def _has_subgraphs(g: ir.Graph) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in g for a in n.attributes.values())
+
+
+class PredicateIfPass(ir.passes.InPlacePass):
+    """If-conversion: an ``If`` whose condition is only known at run time computes both branches and selects.
+
+    Rules:
+      1. ``If(c)`` whose branches have no nested control flow → the nodes of both branches move into the
+         enclosing graph (``<if>/then/…``, ``<if>/else/…``) and each output becomes ``Where(c, then, else)``.
+         Both branches' layers are mapped and both are costed (the chip computes both; a conservative cost).
+      2. The condition broadcasts against the outputs, so a batch of samples (and Monte Carlo instances) selects
+         per sample — what running each sample on its own would give.
+    A wake-word model that runs a verifier head only when the first score passes a threshold is the typical case.
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            then_attr, else_attr = node.attributes.get("then_branch"), node.attributes.get("else_branch")
+            if then_attr is None or else_attr is None:
+                continue
+            then_g, else_g = then_attr.as_graph(), else_attr.as_graph()
+            if _has_subgraphs(then_g) or _has_subgraphs(else_g) or len(then_g.outputs) != len(else_g.outputs):
+                continue
+            cond = node.inputs[0]
+            inputs = graph_inputs_upstream(cond)
+            logger.warning("If '%s': its condition depends on %s, so both branches are mapped and computed and the "
+                           "result is selected per sample%s", node.name,
+                           f"input(s) {', '.join(inputs)}" if inputs else "the data",
+                           "; freeze them with --input-value NAME=VALUE to map only the branch taken" if inputs else "")
+            if cond is not None and cond.dtype is not None and cond.dtype != ir.DataType.BOOL:
+                cast = ir.node("Cast", [cond], attributes={"to": ir.DataType.BOOL}, name=f"{node.name}/cond")
+                graph.insert_before(node, cast)
+                cond = cast.outputs[0]
+            then_out = _hoist_branch(graph, node, then_g, "then")
+            else_out = _hoist_branch(graph, node, else_g, "else")
+            for k, (old, a, b) in enumerate(zip(node.outputs, then_out, else_out)):
+                select = ir.node("Where", [cond, a, b], name=f"{node.name}/select{k}")
+                graph.insert_before(node, select)
+                select.outputs[0].name = f"{node.name}/selected{k}"
+                _take_place(graph, old, select.outputs[0], node)
+            graph.remove(node, safe=False)
+            modified = True
+        return ir.passes.PassResult(model, modified)
 
 
 class FoldToFixpointPass(ir.passes.InPlacePass):
@@ -360,6 +425,8 @@ class CleanupPass(ir.passes.InPlacePass):
 def _canonicalize_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
         DequantizePass(),  # quantised models: integer weights become float initializers (passes/dequantize.py)
+        FoldToFixpointPass(),
+        PredicateIfPass(),  # an If left after folding depends on data: compute both branches, select per sample
         FoldToFixpointPass(),
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),

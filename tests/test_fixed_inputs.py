@@ -203,8 +203,50 @@ def test_unnamed_nodes_compile_and_match(tmp_path: Path) -> None:
     assert rel_l2(cimc.run(compiled, x, ideal=True), run_ort(tmp_path / "ref.onnx", {"x": x})[0]) < 1e-5
 
 
-def test_if_on_a_live_input_is_refused_naming_the_input(tmp_path: Path, run_cli) -> None:
+def test_if_on_a_live_input_maps_both_branches_and_says_how_to_keep_one(tmp_path: Path, run_cli,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     path = _vad_like(tmp_path / "vad.onnx")
-    res = run_cli("compile", path, "--target", "ideal", "--input-shape", "input=1,512", "-o", tmp_path / "b", "-q")
-    assert res.code == 2 and "Traceback" not in res.err
-    assert "depends on input(s) sr" in res.err and "--input-value" in res.err
+    res = run_cli("compile", path, "--target", "ideal", "--input-shape", "input=1,512", "-o", tmp_path / "b")
+    assert res.code == 0, res.err
+    assert "depends on input(s) sr" in caplog.text and "--input-value" in caplog.text  # the warning says what to freeze
+    compiled = cimc.load_compiled(tmp_path / "b")
+    assert sum(1 for n in compiled.model.graph if n.op_type == "Conv") == 2  # both front ends are mapped
+    rng = np.random.default_rng(3)
+    for sr in (16000, 8000):
+        feeds = _vad_inputs(1, rng)
+        ours = cimc.run(compiled, {**feeds, "sr": np.array([sr], np.int64)}, all_outputs=True)
+        ref = run_ort(path, {**feeds, "sr": np.array(sr, np.int64)})
+        assert rel_l2(ours["output"], ref[0]) < 1e-5 and rel_l2(ours["stateN"], ref[1]) < 1e-5
+
+
+def _verifier_like(path: Path, seed: int = 0) -> Path:
+    """A first score; only when it passes 0.5 a verifier head (a Gemm inside the then-branch) replaces it:
+    control flow that depends on the data, as in openWakeWord's models with a verifier."""
+    rng = np.random.default_rng(seed)
+    then_nodes = [helper.make_node("Gemm", ["x", "wv", "bv"], ["v"]), helper.make_node("Sigmoid", ["v"], ["p2"])]
+    then_b = helper.make_graph(then_nodes, "verify", [], [helper.make_tensor_value_info("p2", TensorProto.FLOAT, None)],
+                               initializer=[numpy_helper.from_array(rng.normal(0, 1, (6, 1)).astype(np.float32), "wv"),
+                                            numpy_helper.from_array(np.zeros(1, np.float32), "bv")])
+    else_b = helper.make_graph([helper.make_node("Identity", ["p1"], ["p1_out"])], "pass", [],
+                               [helper.make_tensor_value_info("p1_out", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["s"]), helper.make_node("Sigmoid", ["s"], ["p1"]),
+             helper.make_node("GreaterOrEqual", ["p1", "half"], ["c"]),
+             helper.make_node("If", ["c"], ["score"], then_branch=then_b, else_branch=else_b)]
+    graph = helper.make_graph(nodes, "verifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1, 1])],
+                              initializer=[numpy_helper.from_array(rng.normal(0, 1, (6, 1)).astype(np.float32), "w1"),
+                                           numpy_helper.from_array(np.array([[0.5]], np.float32), "half")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_if_on_data_computes_both_branches_and_selects_per_sample(tmp_path: Path) -> None:
+    path = _verifier_like(tmp_path / "ww.onnx")
+    compiled = cimc.compile(path, "ideal")
+    ops = [n.op_type for n in compiled.model.graph]
+    assert "If" not in ops and "Where" in ops and ops.count("Gemm") == 2  # the verifier head is mapped too
+    x = np.random.default_rng(1).normal(0, 3, (16, 6)).astype(np.float32)
+    ref = np.concatenate([run_ort(path, {"x": x[i : i + 1]})[0] for i in range(len(x))])
+    first = 1 / (1 + np.exp(-(x @ numpy_helper.to_array(onnx.load(path).graph.initializer[0]))))
+    assert 0 < (first >= 0.5).sum() < len(x)  # both branches are taken in this batch
+    assert rel_l2(cimc.run(compiled, x), ref) < 1e-5

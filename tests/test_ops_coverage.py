@@ -472,8 +472,7 @@ def test_bitshift_and_legacy_forms(tmp_path: Path) -> None:
 
 def test_identity_of_an_outer_value_in_if_branches_imports(tmp_path: Path) -> None:
     """Both branches of an If return Identity(outer value) (as exported voice-activity models do): import
-    keeps those Identity nodes instead of crashing, and the If is then refused in one line."""
-    from cimc.errors import UnsupportedOpError
+    keeps those Identity nodes instead of crashing, and the If on a live input is if-converted (Where)."""
 
     then_g = helper.make_graph([helper.make_node("Identity", ["h"], ["t_out"], name="t_id")], "then", [],
                                [helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, [1, 4])])
@@ -490,8 +489,12 @@ def test_identity_of_an_outer_value_in_if_branches_imports(tmp_path: Path) -> No
     path = tmp_path / "if.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     model = cimc.load(path)
-    with pytest.raises(UnsupportedOpError, match="If"):
-        Executor(model)
+    assert "If" not in [n.op_type for n in model.graph]
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    for sr in (8000, 16000):
+        (y,) = Executor(model)(torch.from_numpy(x), torch.tensor(sr))
+        expected = run_ort(path, {"x": x, "sr": np.array(sr, np.int64)})[0]
+        np.testing.assert_allclose(y.numpy(), expected, rtol=1e-6)
 
 
 def test_cli_inspect_and_compile_a_detector_neck(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
