@@ -84,6 +84,17 @@ def _add_targets(sub: Any) -> None:
     p.add_argument("name", nargs="?", help="target name or YAML path (for 'show')")
 
 
+def _add_threads_option(p: Any) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: the cores this process may run on)")
+
+
+def _threads(args: argparse.Namespace) -> None:
+    from cimc.threads import set_torch_threads
+
+    set_torch_threads(args.threads)
+
+
 # ------------------------------------------------------------------------------------------ compile
 def _add_target_options(p: Any) -> None:
     p.add_argument("--target", "-t", default="aon-cim", help="target preset name or YAML file (default aon-cim)")
@@ -95,6 +106,7 @@ def _add_target_options(p: Any) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from cimc.compiler import compile_model
 
+    _threads(args)
     out = args.output or f"{Path(args.model).stem}.cimc"
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
@@ -119,6 +131,7 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("--val", help="validation data for fine-tuning (default: a split of the training data)")
     p.add_argument("--batch", type=int, default=1, help="batch size to fix a dynamic batch dimension")
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
+    _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress")
 
 
@@ -127,6 +140,7 @@ def _add_compile(sub: Any) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     import cimc.api as api
 
+    _threads(args)
     out = args.output or str(Path(args.compiled) / "simulation")
     result = api.simulate(
         args.compiled, args.data, drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples,
@@ -147,6 +161,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass, all instances together")
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -217,6 +232,7 @@ def _add_verify(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from cimc.demo import run_demo
 
+    _threads(args)
     run_demo(args.output, instances=args.instances, samples=args.samples, target=args.target, progress=not args.quiet)
     return 0
 
@@ -227,20 +243,20 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
     p.add_argument("--samples", type=int, help="test clips to use (default: all 1,200 shipped)")
     p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
+    _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 # --- finetune ---
 @command("finetune")
 def _finetune(args: argparse.Namespace) -> int:
-    import torch
-
     from cimc.passes.finetune import finetune, save_finetuned
 
     if not args.output.endswith(".onnx"):
         raise InputError(f"-o {args.output!r} must name an .onnx file, e.g. -o model.ft.onnx")
-    # One intra-op thread by default: on a shared 2-core machine torch's spinning workers slow im2col 10x+.
-    torch.set_num_threads(args.threads)
+    # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
+    # machine no longer calls for one thread.
+    _threads(args)
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
@@ -269,7 +285,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
