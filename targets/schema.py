@@ -127,6 +127,13 @@ class ConverterConfig(BaseModel):
     adc_gain: Literal["layer", "column"] = Field(
         "layer", description="ADC gain granularity: one fixed gain per layer (AON-CIM) or per column"
     )
+    output_noise: float = Field(
+        0.0,
+        ge=0,
+        description="Std of the additive analog noise on every column sum before its ADC, drawn per conversion, "
+        "in units of the output of one device at g_max driven at the DAC's full scale (aihwkit forward.out_noise "
+        "uses the same unit; its default is 0.06)",
+    )
     mvm_phases: int = Field(
         1,
         ge=1,
