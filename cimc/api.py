@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,44 @@ __all__ = ["load", "inspect", "compile", "simulate", "run", "load_compiled", "fi
 
 logger = logging.getLogger(__name__)
 
-def load(path: str | os.PathLike[str], *, batch: int = 1, canonicalize: bool = True) -> ir.Model:
+def load(
+    path: str | os.PathLike[str],
+    *,
+    batch: int = 1,
+    canonicalize: bool = True,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
+) -> ir.Model:
     """Import an ONNX file: validate, fix the batch size, infer shapes and (by default) canonicalise.
 
+    ``input_shapes`` fixes dynamic input dimensions (``{"audio": [1, 16000]}``); ``input_values`` freezes
+    inputs to constants (``{"sr": 16000}``), after which constant folding removes what depends on them.
     Raises a :class:`cimc.errors.CimcError` subclass with a one-line message on any bad input, including
     every unsupported node at once.
     """
     from cimc.passes.canonicalize import canonicalize as run_canonicalize
 
-    model = load_model(path, batch=batch)
+    model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
     model.graph.meta["cimc.source"] = str(path)
     if canonicalize:
         run_canonicalize(model)
     return model
 
 
-def inspect(model: str | os.PathLike[str] | ir.Model, *, batch: int = 1, canonicalize: bool = True) -> InspectReport:
+def inspect(
+    model: str | os.PathLike[str] | ir.Model,
+    *,
+    batch: int = 1,
+    canonicalize: bool = True,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
+) -> InspectReport:
     """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital."""
     name = ""
     if not isinstance(model, ir.Model):
         name = Path(model).name
-        model = load(model, batch=batch, canonicalize=canonicalize)
+        model = load(model, batch=batch, canonicalize=canonicalize, input_shapes=input_shapes,
+                     input_values=input_values)
     return inspect_model(model, name=name)
 
 
@@ -100,6 +117,87 @@ def simulate(
     return result
 
 
+def _input_specs(model: ir.Model) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
+    """(name, compiled shape, numpy dtype, batch axis) of every remaining graph input, in graph order."""
+    import json
+
+    axes = json.loads(model.metadata_props.get("cimc.batch_axes", "{}"))
+    specs = []
+    for v in model.graph.inputs:
+        shape = tuple(int(d) if isinstance(d, int) else -1 for d in (v.shape or ()))
+        dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
+        specs.append((v.name, shape, np.dtype(dtype), int(axes.get(v.name, 0))))
+    return specs
+
+
+def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
+    """One array per model input (first axis = samples) from an array, a {name: array} mapping, a .npy file
+    (one-input models) or a .npz file with one array per input name; checked against the model's inputs."""
+    from cimc.errors import DataError, InputError
+
+    specs = _input_specs(model)
+    names = [name for name, _, _, _ in specs]
+    if isinstance(inputs, (str, os.PathLike)):
+        p = Path(inputs)
+        if not p.is_file():
+            raise InputError(f"{p}: no such file; give a .npy array (one-input models) or a .npz with one array per "
+                             f"input ({', '.join(names)})")
+        try:
+            loaded = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{p}: not a .npy or .npz file ({str(exc).splitlines()[0]}); save inputs with "
+                             "numpy.save or numpy.savez") from exc
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
+            if len(names) == 1 and names[0] not in arrays:
+                if len(arrays) == 1 or "x" in arrays:
+                    arrays = {names[0]: arrays["x"] if "x" in arrays else next(iter(arrays.values()))}
+            inputs = arrays
+        else:
+            inputs = loaded
+    if not isinstance(inputs, Mapping):
+        if len(names) != 1:
+            raise InputError(f"the model has {len(names)} inputs ({', '.join(names)}); give a .npz (or a dict) "
+                             "with one array per input name")
+        inputs = {names[0]: inputs}
+    missing = [n for n in names if n not in inputs]
+    extra = sorted(set(inputs) - set(names))
+    if missing or extra:
+        detail = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and extra else "") + (
+            f"not inputs of the model: {', '.join(extra)}" if extra else "")
+        raise DataError(f"inputs do not match the model's inputs ({', '.join(names)}): {detail}")
+    arrays = []
+    samples = None
+    for name, shape, dtype, axis in specs:
+        a = np.asarray(inputs[name])
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"input {name!r} has dtype {a.dtype}; give numbers")
+        expected = [("N" if i == axis else str(d)) for i, d in enumerate(shape)]
+        if a.ndim != len(shape) or any(i != axis and d != -1 and d != s for i, (d, s) in enumerate(zip(shape, a.shape))):
+            where = "first axis" if axis == 0 else f"axis {axis}"
+            raise DataError(f"input {name!r} has shape {list(a.shape)}; the model takes [{', '.join(expected)}] "
+                            f"(N samples on the {where})")
+        if samples is None:
+            samples = a.shape[axis]
+        if a.shape[axis] != samples:
+            raise DataError(f"inputs have different numbers of samples ({samples} and {a.shape[axis]} for {name!r})")
+        arrays.append(np.ascontiguousarray(a, dtype=dtype))
+    if not samples:
+        raise DataError("the inputs hold no samples (the batch axis has length 0)")
+    return arrays
+
+
+def _batch_axis(out_shape: Sequence[int], declared: Sequence[int] | None, chunk: int) -> int | None:
+    """Which axis of an output grew with the number of samples in the chunk (None: cannot tell)."""
+    if declared is None or len(declared) != len(out_shape):
+        return None
+    grown = [a for a, (o, d) in enumerate(zip(out_shape, declared)) if o != d]
+    if len(grown) == 1 and isinstance(declared[grown[0]], int) and out_shape[grown[0]] == declared[grown[0]] * chunk:
+        return grown[0]
+    return None
+
+
 def run(
     compiled: Any,
     inputs: Any,
@@ -110,25 +208,32 @@ def run(
     instances: int | None = None,
     seed: int = 0,
     ideal: bool = False,
-) -> np.ndarray:
-    """Raw first output of the compiled model for ``inputs`` (array or .npy) on one chip instance at ``time``."""
+    all_outputs: bool = False,
+) -> Any:
+    """Raw outputs of the compiled model on one chip instance at ``time`` after programming.
+
+    ``inputs``: an array (one-input models), a ``{input name: array}`` mapping, a ``.npy`` file or a ``.npz``
+    file with one array per input name; first axis = samples. ``instance`` picks one of ``instances`` chips
+    drawn with ``seed`` (the same devices ``simulate`` draws). Returns the first output as an array, or with
+    ``all_outputs`` a ``{output name: array}`` dict. ``output``: ``.npy`` (the first output; several outputs
+    need ``.npz``) or ``.npz`` (every output, by name), written atomically.
+    """
     import torch
 
     from cimc.errors import InputError
-    from cimc.runtime.simulator import Chip, ideal_hook, parse_duration, use
+    from cimc.runtime.simulator import Chip, ChipState, ideal_hook, parse_duration, use
 
     c = load_compiled(compiled)
-    if isinstance(inputs, (str, os.PathLike)):
-        p = Path(inputs)
-        if not p.is_file():
-            raise InputError(f"{p}: no such file; give a .npy array of inputs (first axis = samples)")
-        try:
-            x = np.load(p, allow_pickle=False)
-        except ValueError as exc:
-            raise InputError(f"{p}: not a .npy array ({exc}); save inputs with numpy.save") from exc
-    else:
-        x = np.asarray(inputs)
-    n = (instances or instance + 1)
+    out_path = Path(output) if output is not None else None
+    out_names = [v.name for v in c.model.graph.outputs]
+    if out_path is not None and out_path.suffix not in (".npy", ".npz"):
+        raise InputError(f"-o {out_path}: write outputs to a .npy (first output) or .npz (every output) file")
+    if out_path is not None and out_path.suffix == ".npy" and len(out_names) > 1:
+        raise InputError(f"the model has {len(out_names)} outputs ({', '.join(out_names)}); use -o FILE.npz to "
+                         "save them all")
+    arrays = _read_inputs(inputs, c.model)
+    in_axes = [axis for _, _, _, axis in _input_specs(c.model)]
+    n = instances or instance + 1
     if not 0 <= instance < n:
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
     chip = Chip(c, n, seed)
@@ -136,24 +241,58 @@ def run(
     if ideal:
         use(chip, ideal_hook(chip))
     else:
-        state = chip.at(t_s)
+        full = chip.at(t_s)
+        # Only the requested chip runs: its slice of every instance-stacked tensor.
+        state = ChipState(t_s, 1, {k: w[instance : instance + 1] for k, w in full.weights.items()},
+                          {k: g[instance : instance + 1] for k, g in full.gdc.items()})
         use(chip, chip.hook(state), state=state)
-    outs = []
-    with torch.no_grad():
-        for start in range(0, len(x), 64):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + 64], dtype=np.float32))
-            reps = 1 if ideal else n
-            y = chip.executor(xb.repeat(reps, *([1] * (xb.dim() - 1))))[0]
-            outs.append(y.reshape(reps, len(xb), *y.shape[1:])[0 if ideal else instance].numpy())
-    result = np.concatenate(outs)
-    if output is not None:
-        from cimc.report import write_bytes_atomic
+    declared = [tuple(v.shape) if v.shape is not None else None for v in c.model.graph.outputs]
+    first = c.model.graph.inputs[0] if c.model.graph.inputs else None
+    compiled_batch = int(first.shape[in_axes[0]]) if first is not None and first.shape else 1
+    total = arrays[0].shape[in_axes[0]]
+
+    def forward(chunk: int) -> list[np.ndarray] | None:
+        parts: list[list[np.ndarray]] = [[] for _ in out_names]
+        axes: list[int | None] = [0] * len(out_names)
+        with torch.no_grad():
+            for start in range(0, total, chunk):
+                batch = [torch.from_numpy(np.ascontiguousarray(np.take(a, range(start, min(start + chunk, total)), axis=ax)))
+                         for a, ax in zip(arrays, in_axes)]
+                outs = chip.executor(*batch)
+                for i, y in enumerate(outs):
+                    y_np = y.detach().numpy()
+                    if start == 0 and chunk != compiled_batch:
+                        axes[i] = _batch_axis(y_np.shape, declared[i], batch[0].shape[in_axes[0]] // compiled_batch)
+                        if axes[i] is None and total > 1:
+                            return None  # the output does not follow the batch: run at the compiled batch size
+                    parts[i].append(y_np)
+        return [np.concatenate(p, axis=axes[i] or 0) if len(p) > 1 else p[0] for i, p in enumerate(parts)]
+
+    results = None
+    if total % compiled_batch == 0 and compiled_batch * 2 <= 64:
+        try:
+            results = forward(64 // compiled_batch * compiled_batch)
+        except RuntimeError as exc:  # a shape baked in for the compiled batch
+            logger.debug("batched run failed (%s); running at the compiled batch size", exc)
+    if results is None:
+        if total % compiled_batch:
+            raise InputError(f"the model was compiled for batches of {compiled_batch}; give a multiple of that "
+                             f"many samples (got {total})")
+        results = forward(compiled_batch)
+        assert results is not None
+    named = dict(zip(out_names, results))
+    if out_path is not None:
         import io
 
+        from cimc.report import write_bytes_atomic
+
         buf = io.BytesIO()
-        np.save(buf, result)
-        write_bytes_atomic(output, buf.getvalue())
-    return result
+        if out_path.suffix == ".npz":
+            np.savez(buf, **named)
+        else:
+            np.save(buf, results[0])
+        write_bytes_atomic(out_path, buf.getvalue())
+    return named if all_outputs else results[0]
 
 
 def finetune(

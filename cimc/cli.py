@@ -38,12 +38,32 @@ def command(name: str) -> Callable[[Command], Command]:
 def _inspect(args: argparse.Namespace) -> int:
     import cimc
 
-    report = cimc.inspect(args.model, batch=args.batch, canonicalize=not args.raw)
+    report = cimc.inspect(args.model, batch=args.batch, canonicalize=not args.raw, **_fixed_inputs(args))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.table())
     return 0
+
+
+def _add_input_options(p: Any) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="fix a dynamic input's shape, e.g. --input-shape audio=1,16000 (repeatable)")
+    p.add_argument("--input-value", action="append", default=[], metavar="NAME=VALUE|FILE.npy",
+                   help="freeze an input to a constant, e.g. --input-value sr=16000 (repeatable); what depends "
+                   "on it is folded away")
+
+
+def _fixed_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """``input_shapes``/``input_values`` keyword arguments from the repeatable command-line options."""
+    from cimc.frontend import parse_input_shape, parse_input_value
+
+    shapes = dict(parse_input_shape(t) for t in args.input_shape)
+    values = dict(parse_input_value(t) for t in args.input_value)
+    both = sorted(set(shapes) & set(values))
+    if both:
+        raise InputError(f"input {both[0]!r} has both --input-shape and --input-value; a frozen input needs no shape")
+    return {"input_shapes": shapes or None, "input_values": values or None}
 
 
 def _add_inspect(sub: Any) -> None:
@@ -52,6 +72,7 @@ def _add_inspect(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--batch", type=int, default=1, help="batch size to fix a dynamic batch dimension (default 1)")
     p.add_argument("--raw", action="store_true", help="inspect the imported graph without canonicalisation")
+    _add_input_options(p)
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -111,7 +132,7 @@ def _compile(args: argparse.Namespace) -> int:
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, batch=args.batch, seed=args.seed,
-        progress=not args.quiet, out_dir=out,
+        progress=not args.quiet, out_dir=out, **_fixed_inputs(args),
     )
     if not args.quiet:
         print(compiled.summary_table())
@@ -130,6 +151,7 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("--finetune", metavar="TRAIN_NPZ", help="noise-aware fine-tuning data (enables 'finetune')")
     p.add_argument("--val", help="validation data for fine-tuning (default: a split of the training data)")
     p.add_argument("--batch", type=int, default=1, help="batch size to fix a dynamic batch dimension")
+    _add_input_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
     _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no table, no progress")
@@ -170,17 +192,19 @@ def _add_simulate(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import cimc.api as api
 
-    api.run(args.compiled, args.input, args.output, time=args.time, instance=args.instance, instances=args.instances,
-            seed=args.seed, ideal=args.ideal)
-    print(f"wrote {args.output}")
+    outs = api.run(args.compiled, args.input, args.output, time=args.time, instance=args.instance,
+                   instances=args.instances, seed=args.seed, ideal=args.ideal, all_outputs=True)
+    shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in outs.items())
+    print(f"wrote {args.output} ({shapes})")
     return 0
 
 
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="raw outputs of a compiled model on one simulated chip instance")
     p.add_argument("compiled", help="compiled-model directory")
-    p.add_argument("--input", required=True, help=".npy with inputs (first axis = samples)")
-    p.add_argument("-o", "--output", required=True, help=".npy to write the first model output to")
+    p.add_argument("--input", required=True,
+                   help=".npy with inputs (one-input models) or .npz with one array per input name (first axis = samples)")
+    p.add_argument("-o", "--output", required=True, help=".npy (the first output) or .npz (every output, by name)")
     p.add_argument("--time", default="1s", help="time after programming (default 1s)")
     p.add_argument("--instance", type=int, default=0, help="which chip instance (0-based)")
     p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")
@@ -260,7 +284,7 @@ def _finetune(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
-        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, **options,
+        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, **_fixed_inputs(args), **options,
     )
     save_finetuned(model, args.output)
     first, best = history["history"][0], history["history"][history["best_epoch"]]
@@ -279,6 +303,7 @@ def _add_finetune(sub: Any) -> None:
     _add_target_options(p)
     p.add_argument("--data", required=True, help="training data (.npz with x, y) or a builtin name (kws-train)")
     p.add_argument("--val", help="validation data (default: a seeded 10 %% split of the training data)")
+    _add_input_options(p)
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD})")
     p.add_argument("--epochs", type=int, help="training epochs (default 8)")

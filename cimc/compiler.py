@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import InputError
 from cimc.frontend import load_model
 from cimc.pipeline import CompileContext, parse_pipeline, run_pipeline
+from cimc.targets import resolve_target
 
 __all__ = ["compile_model", "default_pipeline", "resolve_target"]
 
@@ -31,15 +33,6 @@ def _register_passes() -> None:
         import cimc.passes.finetune  # noqa: F401
     except ImportError:  # pragma: no cover
         pass
-
-
-def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Any:
-    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
-    from cimc.targets import Target, load_target
-
-    t = target if isinstance(target, Target) else load_target(str(target))
-    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
-    return t.with_overrides(**overrides) if overrides else t
 
 
 def default_pipeline(calibration: bool, finetune: bool) -> str:
@@ -63,6 +56,8 @@ def compile_model(
     dac_bits: int | None = None,
     adc_bits: int | None = None,
     batch: int = 1,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
@@ -71,7 +66,8 @@ def compile_model(
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
-    ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
+    ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
+    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
     the compiled-model directory is written there atomically.
     """
     from cimc.data import load_dataset
@@ -82,7 +78,7 @@ def compile_model(
     calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
-    ir_model = load_model(path, batch=batch)
+    ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress)
     spec = pipeline or default_pipeline(calib is not None, train is not None)
     passes = parse_pipeline(spec, ctx)

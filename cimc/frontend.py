@@ -6,25 +6,41 @@ The steps, each of which either succeeds or raises a one-line :class:`~cimc.erro
 2. external data is loaded only from inside the model's own folder (no absolute paths, no ``..``);
 3. the default-domain opset must be between 9 and the newest onnx knows; models older than opset 13 are
    converted to 13 so every op has one set of semantics;
-4. the batch dimension of every graph input is fixed (default 1); any other unknown dimension is an error
-   that names the input;
-5. ONNX shape inference (strict), then conversion to onnx-ir.
+4. inputs the user freezes (``input_values``, e.g. a sample-rate input) become constants, and shapes the user
+   fixes (``input_shapes``, as onnxruntime and TensorRT users do at load time) replace dynamic dimensions;
+5. the batch dimension of every remaining graph input is fixed (default 1); any other unknown dimension is an
+   error that names the input and the ``--input-shape`` that fixes it;
+6. ONNX shape inference (strict), then conversion to onnx-ir; every node gets a unique, non-empty name
+   (nodes are keyed by name in the compiled model's metadata, the schedule and the export).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
+import numpy as np
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx import shape_inference, version_converter
+from onnx import helper, numpy_helper, shape_inference, version_converter
 
 from cimc.errors import InputError, ModelError
+from cimc.ir import name_nodes
 
-__all__ = ["MIN_OPSET", "CANONICAL_OPSET", "load_onnx", "load_model", "save_model"]
+__all__ = [
+    "CANONICAL_OPSET",
+    "MIN_OPSET",
+    "load_model",
+    "load_onnx",
+    "parse_input_shape",
+    "parse_input_value",
+    "save_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,28 +105,179 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     return proto
 
 
-def _fix_input_shapes(proto: onnx.ModelProto, batch: int) -> None:
-    initializers = {t.name for t in proto.graph.initializer}
+def _dims_text(dims: Sequence[Any]) -> str:
+    return ",".join(str(d) for d in dims)
+
+
+def _declared_dims(inp: onnx.ValueInfoProto) -> list[int | str] | None:
+    """The input's declared dimensions (int when static, the symbol or '?' when dynamic), or None if unranked."""
+    t = inp.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _suggested_shape(inp: onnx.ValueInfoProto, batch: int) -> str:
+    dims = _declared_dims(inp) or []
+    shown = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+             for d in inp.type.tensor_type.shape.dim]  # the batch is already fixed here
+    shown = [batch if i == 0 and not isinstance(d, int) else d for i, d in enumerate(shown or dims)]
+    return f"--input-shape {inp.name}={_dims_text(shown)}"
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """``NAME=D0,D1,...`` (the command line's ``--input-shape``) → (name, dims)."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        values = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        values = []
+    if not sep or not name or not values or any(v < 1 for v in values):
+        raise InputError(f"--input-shape {text!r}: write NAME=D0,D1,... with positive integers, e.g. input=1,3,224,224")
+    return name, values
+
+
+def parse_input_value(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` or ``NAME=FILE.npy`` (the command line's ``--input-value``) → (name, value).
+
+    A value is a number or a comma-separated list of numbers; a ``.npy`` file is read without pickles.
+    """
+    name, sep, raw = text.rpartition("=")
+    if not sep or not name or not raw.strip():
+        raise InputError(f"--input-value {text!r}: write NAME=VALUE (a number or list a,b,c) or NAME=FILE.npy")
+    raw = raw.strip()
+    if raw.endswith(".npy"):
+        p = Path(raw)
+        if not p.is_file():
+            raise InputError(f"--input-value {name}: {p}: no such file")
+        try:
+            return name, np.load(p, allow_pickle=False)
+        except ValueError as exc:
+            raise InputError(f"--input-value {name}: {p} is not a .npy array ({exc})") from exc
+    try:
+        numbers = [float(v) for v in raw.split(",")]
+    except ValueError:
+        raise InputError(f"--input-value {text!r}: {raw!r} is not a number, a list a,b,c or a .npy file") from None
+    array = np.asarray(numbers if len(numbers) > 1 else numbers[0])
+    return name, array
+
+
+def _graph_input(proto: onnx.ModelProto, name: str, option: str) -> onnx.ValueInfoProto:
     for inp in proto.graph.input:
-        if inp.name in initializers or not inp.type.HasField("tensor_type"):
-            continue
+        if inp.name == name:
+            return inp
+    names = ", ".join(repr(i.name) for i in proto.graph.input) or "none"
+    raise InputError(f"{option} names input {name!r}, which the model does not have (its inputs: {names})")
+
+
+def _freeze_inputs(proto: onnx.ModelProto, values: Mapping[str, Any]) -> None:
+    """Replace the named graph inputs by initializers holding the given values (cast to the input's type)."""
+    for name, value in values.items():
+        inp = _graph_input(proto, name, "--input-value")
+        elem = inp.type.tensor_type.elem_type
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+        except (KeyError, ValueError):
+            raise InputError(f"--input-value {name}: the input's element type {elem} cannot hold a constant") from None
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise InputError(f"--input-value {name}: the value has dtype {array.dtype}; give numbers")
+        dims = _declared_dims(inp)
+        if dims is not None:
+            if array.size == 1 and len(dims) != array.ndim:
+                shape = [d if isinstance(d, int) else 1 for d in dims]
+                if any(d != 1 for d in shape):
+                    raise InputError(
+                        f"--input-value {name}: one number for an input of shape [{_dims_text(dims)}]; "
+                        "give a .npy file with the full array"
+                    )
+                array = array.reshape(shape)
+            elif len(dims) != array.ndim or any(isinstance(d, int) and d != s for d, s in zip(dims, array.shape)):
+                raise InputError(
+                    f"--input-value {name}: the value has shape [{_dims_text(array.shape)}] but the input is "
+                    f"[{_dims_text(dims)}]"
+                )
+        proto.graph.initializer.append(numpy_helper.from_array(array.astype(dtype), name=name))
+        proto.graph.input.remove(inp)
+        logger.info("input %s frozen to a constant of shape %s", name, list(array.shape))
+
+
+def _set_input_shapes(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Give the named graph inputs the user's static shapes (declared static dimensions must agree)."""
+    for name, given in shapes.items():
+        inp = _graph_input(proto, name, "--input-shape")
+        given = [int(d) for d in given]
+        if any(d < 1 for d in given):
+            raise InputError(f"--input-shape {name}: dimensions must be positive (got {_dims_text(given)})")
+        dims = _declared_dims(inp)
+        if dims is not None:
+            if len(dims) != len(given):
+                raise InputError(
+                    f"--input-shape {name}={_dims_text(given)} has {len(given)} dimensions but the input has "
+                    f"{len(dims)} ([{_dims_text(dims)}])"
+                )
+            clash = [(i, d, g) for i, (d, g) in enumerate(zip(dims, given)) if isinstance(d, int) and d != g]
+            if clash:
+                i, d, g = clash[0]
+                raise InputError(
+                    f"--input-shape {name}: dimension {i} is fixed to {d} in the model, not {g} "
+                    f"(the model's shape: [{_dims_text(dims)}])"
+                )
+        shape = inp.type.tensor_type.shape
+        shape.ClearField("dim")
+        for d in given:
+            shape.dim.add().dim_value = d
+
+
+def _batch_symbols(proto: onnx.ModelProto) -> set[str]:
+    """Names of the symbolic dimensions that stand first in some input: the batch."""
+    initializers = {t.name for t in proto.graph.initializer}
+    return {
+        i.type.tensor_type.shape.dim[0].dim_param
+        for i in proto.graph.input
+        if i.name not in initializers and i.type.HasField("tensor_type") and len(i.type.tensor_type.shape.dim)
+        and i.type.tensor_type.shape.dim[0].dim_param
+    }
+
+
+def _fix_input_shapes(proto: onnx.ModelProto, batch: int, batch_symbols: set[str]) -> dict[str, int]:
+    """Dimension 0 of every input, and any dimension named like one (a state input [layers, batch, hidden]),
+    is the batch; every other unknown dimension is an error naming the option that fixes it. Returns each
+    input's batch axis (0 unless the batch symbol stands elsewhere)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers and i.type.HasField("tensor_type")]
+    axes: dict[str, int] = {}
+    for inp in inputs:
         shape = inp.type.tensor_type.shape
         for i, dim in enumerate(shape.dim):
             if dim.HasField("dim_value") and dim.dim_value > 0:
                 continue
-            if i == 0:
+            if i == 0 or (dim.dim_param and dim.dim_param in batch_symbols):
+                axes.setdefault(inp.name, i)
                 dim.Clear()
                 dim.dim_value = batch
                 continue
             label = dim.dim_param or "?"
             raise ModelError(
                 f"input '{inp.name}' has a dynamic dimension {i} ({label!r}); cimc compiles for fixed shapes: "
-                "re-export the model with a fixed input size (only the batch dimension may be dynamic)"
+                f"fix it with {_suggested_shape(inp, batch)} (replace {label!r} by its size; input_shapes= in the API)"
             )
+    return {i.name: axes.get(i.name, 0) for i in inputs}
 
 
-def load_model(path: str | os.PathLike[str], batch: int = 1) -> ir.Model:
-    """Load an ONNX model as an onnx-ir model with fixed input shapes and inferred intermediate shapes."""
+def load_model(
+    path: str | os.PathLike[str],
+    batch: int = 1,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_values: Mapping[str, Any] | None = None,
+) -> ir.Model:
+    """Load an ONNX model as an onnx-ir model with fixed input shapes and inferred intermediate shapes.
+
+    ``input_shapes``: {input name: static shape} for inputs with dynamic dimensions (the batch dimension of the
+    others is fixed to ``batch``). ``input_values``: {input name: array or number} freezes inputs to constants
+    (constant folding then removes what depends on them, e.g. an ``If`` on a sample-rate input).
+    """
     if batch < 1:
         raise InputError(f"batch size must be at least 1 (got {batch})")
     proto = load_onnx(path)
@@ -135,7 +302,12 @@ def load_model(path: str | os.PathLike[str], batch: int = 1) -> ir.Model:
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
     proto.ir_version = max(proto.ir_version, 4)
-    _fix_input_shapes(proto, batch)
+    batch_symbols = _batch_symbols(proto)
+    if input_values:
+        _freeze_inputs(proto, input_values)
+    if input_shapes:
+        _set_input_shapes(proto, input_shapes)
+    batch_axes = _fix_input_shapes(proto, batch, batch_symbols)
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:
@@ -144,7 +316,17 @@ def load_model(path: str | os.PathLike[str], batch: int = 1) -> ir.Model:
             "the graph is inconsistent: re-export it"
         ) from exc
     model = ir.from_proto(proto)
+    renamed = name_nodes(model)
+    if renamed:
+        logger.info("named %d unnamed or duplicate-named nodes", renamed)
     model.graph.meta["cimc.batch"] = batch
+    if any(batch_axes.values()):
+        model.metadata_props["cimc.batch_axes"] = json.dumps(batch_axes)
+    if input_shapes or input_values:
+        model.metadata_props["cimc.fixed_inputs"] = json.dumps(
+            {"shapes": {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()},
+             "values": sorted(input_values or {})}
+        )
     return model
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "classify",
     "constant_array",
     "is_analog",
+    "name_nodes",
     "node_attrs",
     "static_shape",
     "to_networkx",
@@ -206,14 +207,58 @@ def weight_to_matrix(node: ir.Node, weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mat)[None]
 
 
+def name_nodes(model: ir.Model) -> int:
+    """Give every node of the model (subgraphs included) a unique, non-empty name; returns how many changed.
+
+    Legal ONNX allows empty and repeated node names (onnx's own model zoo has them), but the compiled model
+    keys its durable metadata (placement, schedule, export) by node name. Unnamed nodes become
+    ``<op_type>_<position>``; a repeated name gets ``_<k>`` appended. Deterministic: graph order decides.
+    """
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    taken = {n.name for n in nodes if n.name}
+    seen: set[str] = set()
+    changed = 0
+    for position, node in enumerate(nodes):
+        name = node.name
+        if name and name not in seen:
+            seen.add(name)
+            continue
+        base = name or f"{node.op_type}_{position}"
+        candidate, k = base, 1
+        while candidate in seen or (candidate != name and candidate in taken):
+            candidate = f"{base}_{k}"
+            k += 1
+        node.name = candidate
+        seen.add(candidate)
+        taken.add(candidate)
+        changed += 1
+    return changed
+
+
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:
-    """Data-dependency graph: one vertex per node (keyed by node name), an edge per producer→consumer."""
+    """Data-dependency graph: one vertex per node (keyed by node name, unique after :func:`name_nodes`),
+    an edge per producer→consumer, including values a node's subgraphs read from this graph."""
     g = nx.DiGraph()
+    names = set()
     for node in graph:
+        if node.name in names:
+            raise ValueError(f"two nodes are named {node.name!r}; run cimc.ir.name_nodes first")
+        names.add(node.name)
         g.add_node(node.name, op_type=node.op_type)
     for node in graph:
         for out in node.outputs:
             for user, _ in out.uses():
-                if user.graph is graph:
+                if user.graph is graph and user is not node:
                     g.add_edge(node.name, user.name, tensor=out.name)
+        # Values of this graph read inside the node's subgraphs (If/Loop branches) are dependencies too.
+        for attr in node.attributes.values():
+            if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                continue
+            subgraphs = attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]
+            for sub in subgraphs:
+                for inner in ir.traversal.RecursiveGraphIterator(sub):
+                    for v in inner.inputs:
+                        producer = v.producer() if v is not None else None
+                        if producer is not None and producer.graph is graph and producer is not node:
+                            g.add_edge(producer.name, node.name, tensor=v.name)
     return g

@@ -2,10 +2,13 @@
 
 Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
 
-1. :class:`FoldConstantsPass` — every node whose inputs are all constant is evaluated (by cimc's own op
-   table, the code the executor runs) and replaced by an initializer; ``Shape`` of a statically shaped value
-   becomes a constant. This turns ``Constant``, ``ConstantOfShape`` and shape-arithmetic subgraphs into
-   initializers.
+1. :class:`FoldToFixpointPass` — repeats, until nothing changes:
+   :class:`FoldConstantsPass` (every node whose inputs are all constant is evaluated by cimc's own op table,
+   the code the executor runs, and replaced by an initializer; ``Shape`` of a statically shaped value becomes
+   a constant: ``Constant``, ``ConstantOfShape`` and shape arithmetic become initializers),
+   :class:`InlineConstantIfPass` (an ``If`` whose condition is now a constant is replaced by the branch it
+   takes) and ONNX shape inference (a folded shape makes the next shapes known, which makes more folding
+   possible). One round is not enough for shape computations that depend on earlier folds.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
 3. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
    nothing else reads) is folded into its weights and bias (onnxscript's rewrite rules).
@@ -27,7 +30,6 @@ import numpy as np
 import onnx_ir as ir
 import torch
 from onnx_ir.passes.common import (
-    IdentityEliminationPass,
     RemoveUnusedNodesPass,
     RemoveUnusedOpsetsPass,
     ShapeInferencePass,
@@ -38,7 +40,7 @@ from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_gemm_rule
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
-from cimc.ir import constant_array, node_attrs, static_shape
+from cimc.ir import constant_array, name_nodes, node_attrs, static_shape
 from cimc.ops import OPS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
@@ -48,6 +50,8 @@ __all__ = [
     "CleanupPass",
     "FoldBatchNormPass",
     "FoldConstantsPass",
+    "FoldToFixpointPass",
+    "InlineConstantIfPass",
     "MatMulAddToGemmPass",
     "RemoveNoOpsPass",
     "canonicalize",
@@ -115,9 +119,100 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
     def ensures(self, model: ir.Model) -> None:
+        # ConstantOfShape may legitimately survive (its shape can depend on data); the executor runs it.
         for node in model.graph:
-            if node.op_type in ("Constant", "ConstantOfShape") and not any(o.is_graph_output() for o in node.outputs):
-                raise ir.passes.PostconditionError(f"{node.op_type} node {node.name!r} was not folded")
+            if node.op_type == "Constant" and not any(o.is_graph_output() for o in node.outputs):
+                raise ir.passes.PostconditionError(f"Constant node {node.name!r} was not folded")
+
+
+class InlineConstantIfPass(ir.passes.InPlacePass):
+    """Replace an ``If`` whose condition is a constant by the nodes of the branch it takes.
+
+    Rules:
+      1. ``If(cond)`` with a constant ``cond`` → the taken branch's nodes move into the enclosing graph before
+         the ``If`` (named ``<if>/<node>``), its initializers become the graph's, and every use of the ``If``'s
+         outputs reads the branch's outputs instead. Values the branch reads from the outer graph are the
+         same values, so nothing else changes.
+      2. A branch output that is a graph output stays one through an ``Identity`` (removed later where legal).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for node in list(graph):
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+                continue
+            cond = constant_array(node.inputs[0])
+            if cond is None or cond.size != 1:
+                continue
+            branch_attr = node.attributes.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if branch_attr is None:
+                continue
+            branch: ir.Graph = branch_attr.as_graph()
+            _inline_branch(graph, node, branch)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+def _inline_branch(graph: ir.Graph, if_node: ir.Node, branch: ir.Graph) -> None:
+    taken_values = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
+    for n in graph:
+        taken_values.update(o.name for o in n.outputs if o.name)
+    results = list(branch.outputs)
+    branch.outputs.clear()
+    inner_nodes = list(branch)
+    branch.remove(inner_nodes)
+    for inner in inner_nodes:
+        inner.name = f"{if_node.name}/{inner.name}" if inner.name else f"{if_node.name}/{inner.op_type}"
+        for out in inner.outputs:
+            if out.name in taken_values:  # names must stay unique in the enclosing graph
+                out.name = f"{if_node.name}/{out.name}"
+            taken_values.add(out.name)
+    for name in list(branch.initializers):
+        value = branch.initializers.pop(name)
+        if value.name in graph.initializers or value.name in taken_values:
+            value.name = f"{if_node.name}/{value.name}"
+        graph.register_initializer(value)
+    graph.insert_before(if_node, inner_nodes)
+    for old, new in zip(if_node.outputs, results):
+        if old.is_graph_output():
+            # Keep the graph output's name and value: an Identity reads the branch result.
+            ident = ir.node("Identity", [new], name=f"{if_node.name}/output_{old.name}")
+            graph.insert_before(if_node, ident)
+            old.replace_all_uses_with(ident.outputs[0], replace_graph_outputs=True)
+            ident.outputs[0].name, ident.outputs[0].shape, ident.outputs[0].type = old.name, old.shape, old.type
+            old.name = f"{old.name}__replaced"
+        else:
+            if new.shape is None and old.shape is not None:
+                new.shape = old.shape
+            if new.type is None and old.type is not None:
+                new.type = old.type
+            old.replace_all_uses_with(new)
+    graph.remove(if_node, safe=False)
+
+
+class FoldToFixpointPass(ir.passes.InPlacePass):
+    """Constant folding, constant-``If`` inlining and shape inference, repeated until nothing changes.
+
+    Shape computations often need several rounds: a ``Reshape`` target folded in round 1 gives a shape that
+    ONNX shape inference propagates in round 2, which makes a ``ConstantOfShape`` foldable in round 3.
+    Bounded by ``max_rounds`` (a model needing more keeps what is left for the executor to run).
+    """
+
+    def __init__(self, max_rounds: int = 8):
+        super().__init__()
+        self.max_rounds = max_rounds
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        any_change = False
+        for _ in range(self.max_rounds):
+            changed = FoldConstantsPass()(model).modified
+            changed |= InlineConstantIfPass()(model).modified
+            if not changed:
+                break
+            any_change = True
+            ShapeInferencePass()(model)
+        return ir.passes.PassResult(model, any_change)
 
 
 class RemoveNoOpsPass(ir.passes.InPlacePass):
@@ -126,7 +221,9 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
     Rules:
       1. ``Dropout(x)`` with an unused mask output → its uses read ``x`` (unless it feeds a graph output,
          in which case it becomes an ``Identity`` for rule 2 to handle).
-      2. ``Identity`` nodes are removed by onnx-ir's ``IdentityEliminationPass``.
+      2. ``Identity`` nodes of the main graph are removed (their uses read the input); one whose output is a
+         graph output hands that name to its input's value, unless the input is a graph input or constant. Subgraphs (branches of an ``If`` that could not be inlined) are left as they
+         are: their outputs belong to the subgraph, and rewiring them to outer values is not legal.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -146,8 +243,27 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
             y.replace_all_uses_with(x)
             graph.remove(node, safe=True)
             modified = True
-        result = IdentityEliminationPass()(model)
-        return ir.passes.PassResult(model, modified or result.modified)
+        for node in list(graph):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx"):
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if x is None:
+                continue
+            if y.is_graph_output():
+                producer = x.producer()
+                if producer is None or producer.graph is not graph or x.is_graph_output() or x.is_graph_input():
+                    continue  # an Identity between a graph input/constant and an output stays (the executor runs it)
+                # The producer's value takes the output's place and name.
+                name = y.name
+                y.replace_all_uses_with(x, replace_graph_outputs=True)
+                graph.remove(node, safe=True)
+                y.name = f"{name}__removed"
+                x.name = name
+            else:
+                y.replace_all_uses_with(x)
+                graph.remove(node, safe=True)
+            modified = True
+        return ir.passes.PassResult(model, modified)
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
@@ -195,6 +311,18 @@ class MatMulAddToGemmPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(count))
 
 
+class NameNodesPass(ir.passes.InPlacePass):
+    """Every node gets a unique, non-empty name (rewrites and inlining may add unnamed or clashing ones)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, bool(name_nodes(model)))
+
+    def ensures(self, model: ir.Model) -> None:
+        names = [n.name for n in model.graph]
+        if len(set(names)) != len(names) or not all(names):
+            raise ir.passes.PostconditionError("node names are not unique and non-empty")
+
+
 class CleanupPass(ir.passes.InPlacePass):
     """Remove unused nodes and opsets; drop initializers nothing reads; sort nodes topologically."""
 
@@ -212,7 +340,7 @@ class CleanupPass(ir.passes.InPlacePass):
 
 def _canonicalize_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
-        FoldConstantsPass(),
+        FoldToFixpointPass(),
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
         RemoveNoOpsPass(),
@@ -220,6 +348,7 @@ def _canonicalize_passes() -> ir.passes.Sequential:
         MatMulAddToGemmPass(),
         FoldConstantsPass(),
         CleanupPass(),
+        NameNodesPass(),
     )
 
 

@@ -242,6 +242,8 @@ def finetune(
     progress: bool = False,
     dac_bits: int | None = None,
     adc_bits: int | None = None,
+    input_shapes: dict[str, Any] | None = None,
+    input_values: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Fine-tune a model for a target; returns ``(fine-tuned onnx-ir model, history)``.
@@ -251,8 +253,10 @@ def finetune(
     ``options``: any :class:`FinetunePass` option (``lr``, ``eta``, ``zeta``, ``beta``, ...).
     ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use).
     """
-    from cimc.compiler import resolve_target
     from cimc.data import load_dataset
+    from cimc.frontend import load_model
+    from cimc.passes.canonicalize import canonicalize
+    from cimc.targets import resolve_target
 
     if train is None:
         raise DataError("fine-tuning needs training data: pass train= a .npz path or a Dataset (arrays x, y)")
@@ -262,9 +266,7 @@ def finetune(
     if isinstance(model, ir.Model):
         work = ir.from_proto(ir.to_proto(model))
     else:
-        import cimc.api
-
-        work = cimc.api.load(model)
+        work = canonicalize(load_model(model, input_shapes=input_shapes, input_values=input_values))
     ds_train = load_dataset(train) if isinstance(train, (str, os.PathLike)) else train
     ds_val = load_dataset(val) if isinstance(val, (str, os.PathLike)) else val
     t = resolve_target(target, dac_bits, adc_bits)

@@ -169,7 +169,11 @@ def analog_mvm(
             return y
         y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])  # [G, 1|N]
         return fake_quant(y, y_max, q.adc_bits, True, ste)
-    out = torch.zeros(*cols.shape[:2], plan.groups, plan.cols, dtype=cols.dtype)
+    # cols and weights each carry either one entry or one per instance on their first axis and broadcast
+    # against each other (a shared probe against every instance's weights; every instance's inputs against
+    # one ideal matrix): the sum has the broadcast instance count.
+    instances = max(cols.shape[0], weights.shape[0])
+    out = torch.zeros(instances, cols.shape[1], plan.groups, plan.cols, dtype=torch.result_type(cols, weights))
     for i, t in enumerate(plan.tiles):
         part = torch.matmul(cols[:, :, t.group, t.r0 : t.r1], weights[:, t.group, t.r0 : t.r1, t.c0 : t.c1])
         if out_noise is not None:  # each tile's partial sums are separate conversions, each with its own noise

@@ -207,7 +207,7 @@ class Executor(torch.nn.Module):
             if tensor.is_floating_point():
                 tensor = tensor.float()
             key = _key(name)
-            while key in self._const_keys.values():
+            while key in self._const_keys.values() or hasattr(self, key):  # e.g. a tensor named 'half' or 'eval'
                 key += "_"
             self._const_keys[name] = key
             if name in param_names:

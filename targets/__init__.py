@@ -7,7 +7,15 @@
 from __future__ import annotations
 
 from .devices import DeviceParamsBase, IdealDevice, PcmIbmDevice, device_models, register_device
-from .loader import list_targets, load_target, preset_names, schema_json, target_json_schema, target_yaml
+from .loader import (
+    list_targets,
+    load_target,
+    preset_names,
+    resolve_target,
+    schema_json,
+    target_json_schema,
+    target_yaml,
+)
 from .schema import (
     ActivityDefaults,
     ArrayConfig,
@@ -34,6 +42,7 @@ __all__ = [
     "load_target",
     "preset_names",
     "register_device",
+    "resolve_target",
     "schema_json",
     "target_json_schema",
     "target_yaml",

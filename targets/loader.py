@@ -32,6 +32,13 @@ def preset_names() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
+def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Target:
+    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
+    t = target if isinstance(target, Target) else load_target(str(target))
+    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    return t.with_overrides(**overrides) if overrides else t
+
+
 def load_target(name_or_path: str | Path) -> Target:
     """A validated :class:`Target` from a preset name (``aon-cim``) or a path to a YAML file."""
     text, label = _read_source(str(name_or_path))

@@ -1,0 +1,203 @@
+"""Models as users bring them: dynamic dimensions fixed at compile time, inputs frozen to constants, ``If`` on
+a known condition inlined, several inputs and outputs through ``run``, outputs that are not batch-first,
+unnamed and duplicate-named nodes. onnxruntime on the original model is the reference throughout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import cimc
+from cimc.errors import InputError, ModelError
+from tests.models import light_model_path, rel_l2, run_ort
+
+
+def _vad_like(path: Path, seed: int = 0) -> Path:
+    """A voice-activity-detector-shaped graph: audio of dynamic length, a sample-rate input that selects a
+    front end through ``If``, a state input passed through, two outputs (probability and new state)."""
+    rng = np.random.default_rng(seed)
+
+    def branch(name: str, kernel: int, stride: int) -> onnx.GraphProto:
+        w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, kernel)).astype(np.float32), f"{name}_w")
+        b = numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), f"{name}_b")
+        nodes = [
+            helper.make_node("Conv", ["x3", f"{name}_w", f"{name}_b"], [f"{name}_c"], strides=[stride]),
+            helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]),
+            helper.make_node("ReduceMean", [f"{name}_r"], [f"{name}_feat"], axes=[2], keepdims=0),
+        ]
+        out = helper.make_tensor_value_info(f"{name}_feat", TensorProto.FLOAT, None)
+        return helper.make_graph(nodes, name, [], [out], initializer=[w, b])
+
+    wg = rng.normal(0, 0.5, (8, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Unsqueeze", ["input", "axis1"], ["x3"]),
+        helper.make_node("Equal", ["sr", "sr16k"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["feat"], then_branch=branch("k16", 16, 8), else_branch=branch("k8", 8, 4)),
+        helper.make_node("Gemm", ["feat", "wg"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["output"]),
+        helper.make_node("Mul", ["state", "half"], ["stateN"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "vad",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "samples"]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 16]),
+        ],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 16]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array(16000, np.int64), "sr16k"),
+            numpy_helper.from_array(wg, "wg"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def _seq_first(path: Path, seed: int = 0) -> Path:
+    """A CRNN-shaped tail: Conv1d features, then time-major [T, B, C] logits (the batch is axis 1)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[2, 0, 1]),
+        helper.make_node("MatMul", ["t", "wo"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "crnn_tail",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 20])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [20, "batch", 37])],
+        initializer=[
+            numpy_helper.from_array(rng.normal(0, 0.3, (12, 4, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.normal(0, 0.1, (12,)).astype(np.float32), "b"),
+            numpy_helper.from_array(rng.normal(0, 0.3, (12, 37)).astype(np.float32), "wo"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def _vad_inputs(samples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "input": rng.normal(0, 0.1, (samples, 512)).astype(np.float32),
+        "state": rng.normal(0, 1, (2, samples, 16)).astype(np.float32),
+    }
+
+
+def test_dynamic_dimension_error_names_the_flag(tmp_path: Path, run_cli) -> None:
+    path = _vad_like(tmp_path / "vad.onnx")
+    with pytest.raises(ModelError, match=r"--input-shape input=1,samples"):
+        cimc.load(path, input_values={"sr": 16000})
+    res = run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "b", "-q")
+    assert res.code == 2 and "Traceback" not in res.err and "--input-shape" in res.err
+    assert len(res.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sr", [16000, 8000])
+def test_if_on_a_frozen_input_is_inlined_and_matches_onnxruntime(tmp_path: Path, sr: int) -> None:
+    path = _vad_like(tmp_path / "vad.onnx")
+    model = cimc.load(path, input_shapes={"input": [1, 512]}, input_values={"sr": sr})
+    ops = [n.op_type for n in model.graph]
+    assert "If" not in ops and "Equal" not in ops
+    assert [v.name for v in model.graph.inputs] == ["input", "state"]
+    report = cimc.inspect(path, input_shapes={"input": [1, 512]}, input_values={"sr": sr})
+    assert report.totals["analog_nodes"] == 2  # the taken branch's Conv and the Gemm head, none left in a subgraph
+    compiled = cimc.compile(path, "ideal", input_shapes={"input": [1, 512]}, input_values={"sr": sr})
+    rng = np.random.default_rng(1)
+    feeds = _vad_inputs(1, rng)
+    ours = cimc.run(compiled, feeds, all_outputs=True)
+    ref = run_ort(path, {**feeds, "sr": np.array(sr, np.int64)})
+    assert set(ours) == {"output", "stateN"}
+    assert rel_l2(ours["output"], ref[0]) < 1e-5
+    assert rel_l2(ours["stateN"], ref[1]) < 1e-5
+
+
+def test_run_cli_takes_an_npz_per_input_and_writes_every_output(tmp_path: Path, run_cli) -> None:
+    path = _vad_like(tmp_path / "vad.onnx")
+    out = tmp_path / "b"
+    res = run_cli("compile", path, "--target", "ideal", "--input-shape", "input=1,512", "--input-value", "sr=16000",
+                  "-o", out, "-q")
+    assert res.code == 0, res.err
+    rng = np.random.default_rng(2)
+    feeds = _vad_inputs(1, rng)
+    np.savez(tmp_path / "in.npz", **feeds)
+    res = run_cli("run", out, "--input", tmp_path / "in.npz", "-o", tmp_path / "y.npz")
+    assert res.code == 0, res.err
+    with np.load(tmp_path / "y.npz") as y:
+        ref = run_ort(path, {**feeds, "sr": np.array(16000, np.int64)})
+        assert rel_l2(y["output"], ref[0]) < 1e-5 and rel_l2(y["stateN"], ref[1]) < 1e-5
+    # A .npy cannot hold two outputs; a missing input is named.
+    res = run_cli("run", out, "--input", tmp_path / "in.npz", "-o", tmp_path / "y.npy")
+    assert res.code == 2 and ".npz" in res.err
+    np.savez(tmp_path / "half.npz", input=feeds["input"])
+    res = run_cli("run", out, "--input", tmp_path / "half.npz", "-o", tmp_path / "y.npz")
+    assert res.code == 2 and "missing state" in res.err and "Traceback" not in res.err
+
+
+def test_bad_input_options_are_one_line_errors(tmp_path: Path, run_cli) -> None:
+    path = _vad_like(tmp_path / "vad.onnx")
+    for args, needle in [
+        (["--input-shape", "nosuch=1,2"], "does not have"),
+        (["--input-shape", "input=1"], "has 1 dimensions"),
+        (["--input-shape", "input=1,abc"], "positive integers"),
+        (["--input-shape", "input=1,512", "--input-value", "sr=fast"], "is not a number"),
+        (["--input-shape", "input=1,512", "--input-value", "state=1"], "one number for an input"),
+    ]:
+        res = run_cli("inspect", path, *args)
+        assert res.code == 2 and needle in res.err and "Traceback" not in res.err, (args, res.err)
+    with pytest.raises(InputError):
+        cimc.load(path, input_shapes={"input": [1, 0]}, input_values={"sr": 1})
+
+
+def test_outputs_that_are_not_batch_first_run_through_the_cli(tmp_path: Path, run_cli) -> None:
+    path = _seq_first(tmp_path / "crnn.onnx")
+    out = tmp_path / "b"
+    assert run_cli("compile", path, "--target", "ideal", "-o", out, "-q").code == 0
+    x = np.random.default_rng(3).normal(size=(5, 4, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    res = run_cli("run", out, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert res.code == 0, res.err
+    y = np.load(tmp_path / "y.npy")
+    ref = run_ort(path, {"x": x})[0]
+    assert y.shape == (20, 5, 37) and rel_l2(y, ref) < 1e-5
+    # On a noisy target, one chip instance: finite, and the right shape.
+    noisy = cimc.compile(path, "aon-cim")
+    y_chip = cimc.run(noisy, x, time="24h", instances=3, instance=1)
+    assert y_chip.shape == (20, 5, 37) and np.isfinite(y_chip).all()
+
+
+def test_unnamed_nodes_compile_and_match(tmp_path: Path) -> None:
+    """onnx's light_squeezenet has empty node names (and duplicates are legal ONNX)."""
+    compiled = cimc.compile(light_model_path("squeezenet"), "ideal")
+    names = [n.name for n in compiled.model.graph]
+    assert all(names) and len(set(names)) == len(names)
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="same"), helper.make_node("Gemm", ["a", "w"], ["b"], name="same"),
+             helper.make_node("Relu", ["b"], ["y"], name="")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+                              initializer=[numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float32), "w")])
+    path = tmp_path / "dup.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    compiled = cimc.compile(path, "aon-cim")
+    # onnxruntime refuses repeated node names; the same graph with distinct names is the reference.
+    ref_model = onnx.load(path)
+    for i, node in enumerate(ref_model.graph.node):
+        node.name = f"n{i}"
+    onnx.save(ref_model, tmp_path / "ref.onnx")
+    x = rng.normal(size=(1, 6)).astype(np.float32)
+    assert rel_l2(cimc.run(compiled, x, ideal=True), run_ort(tmp_path / "ref.onnx", {"x": x})[0]) < 1e-5
