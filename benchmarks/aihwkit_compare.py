@@ -87,7 +87,7 @@ def mnist() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return mnist_split(seed=0)
 
 
-def trained_model(cache: Path, seed: int = 0, epochs: int = 8) -> tuple[MnistCnn, Path]:
+def trained_model(cache: Path, seed: int = 0, epochs: int = 15) -> tuple[MnistCnn, Path]:
     """The CNN trained on the 4,000 training digits (cached with its ONNX export); deterministic per seed."""
     cache.mkdir(parents=True, exist_ok=True)
     weights, onnx_path = cache / f"mnist_cnn_s{seed}_e{epochs}.pt", cache / f"mnist_cnn_s{seed}_e{epochs}.onnx"
