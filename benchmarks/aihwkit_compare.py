@@ -350,9 +350,14 @@ def speed(model: MnistCnn, onnx_path: Path, target: Any, choices: dict[str, Any]
 
     out = {"cimc": len(xt) * chips / _best(run_cimc, repeats)}
     for label, torch_tile in (("aihwkit C++ tile", False), ("aihwkit TorchInferenceRPUConfig", True)):
-        analog = convert_to_analog(model, aihwkit_config(target, choices, True, torch_tile)).eval()
-        analog.program_analog_weights()
-        analog.drift_analog_weights(86400.0)
+        try:
+            analog = convert_to_analog(model, aihwkit_config(target, choices, True, torch_tile)).eval()
+            analog.program_analog_weights()
+            analog.drift_analog_weights(86400.0)
+        except RuntimeError as exc:  # an aihwkit without its C++ extension runs only the torch tile
+            logger.warning("%s unavailable: %s", label, exc)
+            out[label] = float("nan")
+            continue
 
         def run(analog: Any = analog) -> None:
             with torch.no_grad():
@@ -443,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("speed", "all"):
         r = speed(model, onnx_path, target, VARIANTS["aihwkit-default"]["aihwkit"], test[0], args.chips, threads)
         results["speed"] = r
-        fastest = max(r["aihwkit C++ tile"], r["aihwkit TorchInferenceRPUConfig"])
+        fastest = max(v for k, v in r.items() if k != "cimc" and v == v)
         print(f"\n(c) simulated inferences/s, {threads} thread(s), {len(test[0])} digits, cimc with {args.chips} chips "
               f"batched, aihwkit one chip: cimc {r['cimc']:,.0f}, aihwkit C++ {r['aihwkit C++ tile']:,.0f}, "
               f"aihwkit torch tile {r['aihwkit TorchInferenceRPUConfig']:,.0f}; cimc / fastest aihwkit "
