@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "aligned": {"aihwkit": {"out_noise": 0.04, "tile_rows": 1024, "io": "fixed"}, "cimc": {}},
     # The same with 512-row tiles on both sides.
     "aligned-512": {"aihwkit": {"out_noise": 0.04, "tile_rows": 512, "io": "fixed"}, "cimc": {"array.rows": 512}},
+    # Every layer in one tile on both sides (2048 rows): no row splits, so one ADC range per layer on both.
+    "aligned-2048": {"aihwkit": {"out_noise": 0.04, "tile_rows": 2048, "io": "fixed"}, "cimc": {"array.rows": 2048}},
 }
 
 

@@ -56,13 +56,17 @@ def inspect(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_values: Mapping[str, Any] | None = None,
 ) -> InspectReport:
-    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital."""
+    """Per-node report of a model: shapes, parameters, MACs, and whether it runs analog or digital.
+
+    ``canonicalize=False`` reports the graph as imported (for an :class:`onnx_ir.Model`: says it was loaded
+    with ``canonicalize=False``).
+    """
     name = ""
     if not isinstance(model, ir.Model):
         name = Path(model).name
         model = load(model, batch=batch, canonicalize=canonicalize, input_shapes=input_shapes,
                      input_values=input_values)
-    return inspect_model(model, name=name)
+    return inspect_model(model, name=name, canonical=canonicalize)
 
 
 def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: Any) -> Any:  # noqa: A001
@@ -91,6 +95,7 @@ def simulate(
     compare_gdc: bool = True,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> Any:
     """Accuracy over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
@@ -99,20 +104,25 @@ def simulate(
     """
     from cimc.data import Dataset, load_dataset
     from cimc.plots import plot_drift
-    from cimc.report import atomic_dir, write_json_atomic
+    from cimc.outputs import check_output_dir, output_dir
+    from cimc.report import write_json_atomic
     from cimc.runtime.simulator import parse_duration
     from cimc.runtime.simulator import simulate as run_simulation
 
+    inputs = [compiled, data]
+    if out_dir is not None:  # refuse a destructive -o before the simulation runs
+        check_output_dir(out_dir, "simulation", inputs, force=force)
     c = load_compiled(compiled)
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    ds = data if isinstance(data, Dataset) else load_dataset(data, samples=samples)
     times = [parse_duration(t) for t in drift.split(",")] if isinstance(drift, str) else list(drift)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
     result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
                             compare_gdc=compare_gdc, progress=progress)
     result.data["data"] = ds.name
     if out_dir is not None:
-        with atomic_dir(out_dir) as tmp:
+        with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
             write_json_atomic(tmp / "results.json", result.data)
+            write_json_atomic(tmp / "timings.json", result.timings)
             plot_drift(result.data, tmp / "drift.png")
     return result
 
@@ -133,6 +143,7 @@ def _input_specs(model: ir.Model) -> list[tuple[str, tuple[int, ...], np.dtype, 
 def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
     """One array per model input (first axis = samples) from an array, a {name: array} mapping, a .npy file
     (one-input models) or a .npz file with one array per input name; checked against the model's inputs."""
+    from cimc.data import _check_finite, load_npy
     from cimc.errors import DataError, InputError
 
     specs = _input_specs(model)
@@ -142,11 +153,16 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
         if not p.is_file():
             raise InputError(f"{p}: no such file; give a .npy array (one-input models) or a .npz with one array per "
                              f"input ({', '.join(names)})")
-        try:
-            loaded = np.load(p, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{p}: not a .npy or .npz file ({str(exc).splitlines()[0]}); save inputs with "
-                             "numpy.save or numpy.savez") from exc
+        with open(p, "rb") as handle:
+            is_npz = handle.read(4) == b"PK\x03\x04"
+        if not is_npz:
+            loaded: Any = load_npy(p)  # header checked (type, memory budget) before reading
+        else:
+            try:
+                loaded = np.load(p, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise InputError(f"{p}: not a readable .npz file ({str(exc).splitlines()[0]}); save inputs with "
+                                 "numpy.savez") from exc
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 arrays = {k: loaded[k] for k in loaded.files}
@@ -182,6 +198,8 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
             samples = a.shape[axis]
         if a.shape[axis] != samples:
             raise DataError(f"inputs have different numbers of samples ({samples} and {a.shape[axis]} for {name!r})")
+        if a.dtype.kind == "f":
+            _check_finite(a, f"input {name!r}")
         arrays.append(np.ascontiguousarray(a, dtype=dtype))
     if not samples:
         raise DataError("the inputs hold no samples (the batch axis has length 0)")
@@ -220,9 +238,15 @@ def run(
     """
     import torch
 
+    from cimc.data import check_input_array, load_npy
     from cimc.errors import InputError
     from cimc.runtime.simulator import Chip, ChipState, ideal_hook, parse_duration, use
+    from cimc.validate import samples_per_pass
 
+    if output is not None:
+        from cimc.outputs import check_output_file
+
+        check_output_file(output, ".npy", [compiled, inputs])
     c = load_compiled(compiled)
     out_path = Path(output) if output is not None else None
     out_names = [v.name for v in c.model.graph.outputs]
@@ -231,6 +255,10 @@ def run(
     if out_path is not None and out_path.suffix == ".npy" and len(out_names) > 1:
         raise InputError(f"the model has {len(out_names)} outputs ({', '.join(out_names)}); use -o FILE.npz to "
                          "save them all")
+    if out_path is not None:
+        from cimc.outputs import check_output_file
+
+        check_output_file(out_path, out_path.suffix, [compiled, inputs])
     arrays = _read_inputs(inputs, c.model)
     in_axes = [axis for _, _, _, axis in _input_specs(c.model)]
     n = instances or instance + 1
@@ -269,9 +297,10 @@ def run(
         return [np.concatenate(p, axis=axes[i] or 0) if len(p) > 1 else p[0] for i, p in enumerate(parts)]
 
     results = None
-    if total % compiled_batch == 0 and compiled_batch * 2 <= 64:
+    step = samples_per_pass(c.model, 1, 64)  # within the memory budget
+    if total % compiled_batch == 0 and compiled_batch * 2 <= step:
         try:
-            results = forward(64 // compiled_batch * compiled_batch)
+            results = forward(step // compiled_batch * compiled_batch)
         except RuntimeError as exc:  # a shape baked in for the compiled batch
             logger.debug("batched run failed (%s); running at the compiled batch size", exc)
     if results is None:
@@ -312,13 +341,17 @@ def finetune(
 
     See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
     """
+    from cimc.outputs import check_output_file
     from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
     from cimc.passes.finetune import finetune as run_finetune
 
+    sources = [model, train, val]
+    if output is not None:  # refuse a bad -o before the training, not after it
+        check_output_file(output, ".onnx", sources)
     tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
                                   seed=seed, progress=progress, **options)
     if output is not None:
-        save_finetuned(tuned, output)
+        save_finetuned(tuned, output, sources)
     return tuned, history
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import onnx_ir as ir
 
 from cimc.errors import InputError
-from cimc.report import atomic_dir, format_table, human, write_json_atomic, write_text_atomic
+from cimc.report import format_table, human, write_json_atomic, write_text_atomic
 
 __all__ = ["ARTIFACT_FORMAT", "CompiledModel", "sha256_file"]
 
@@ -106,8 +106,16 @@ class CompiledModel:
             "macs": cost["macs"],
             "utilization": mapping.get("utilization"),
             "arrays_used": mapping.get("arrays_used"),
+            "arrays_available": mapping.get("arrays_available", self.target.array.count),
+            "weights_placed": mapping.get("weights_placed"),
+            "crossbar_layers": mapping.get("layers", len(self.analog_nodes())),
+            "analog_uses": mapping.get("analog_nodes", len(self.analog_nodes())),
+            "shared_weights": mapping.get("shared_weights", {}),
             "sram_peak_bytes": self.schedule.get("sram_peak_bytes"),
-            "execution": self.target.execution,
+            "execution": self.cost.execution,
+            "execution_requested": mapping.get("execution_requested", self.target.execution),
+            "shared_cores": cost.get("shared_cores", {}),
+            "execution_choices": mapping.get("choices", {}),
             "settings": cost["settings"],
             "layers": layers,
         }
@@ -116,6 +124,7 @@ class CompiledModel:
         """Per-layer terminal table (analog layers and the digital ops between them) and the totals."""
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
         rows = []
+        seen_layers: set[str] = set()
         for node in self.model.graph:
             c = cost_by_name.get(node.name)
             if c is None:
@@ -124,11 +133,18 @@ class CompiledModel:
                 m = json.loads(node.metadata_props["cimc.matrix"])
                 tiles = json.loads(node.metadata_props["cimc.placement"])
                 arrays = sorted({t["array"] for t in tiles})
-                where = (
-                    f"r{tiles[0]['row0']}:{tiles[0]['row0'] + tiles[0]['rows']} c{tiles[0]['col0']}:{tiles[0]['col0'] + tiles[0]['cols']}"
-                    if len(tiles) == 1
-                    else f"{len(tiles)} tiles on {'array' if len(arrays) == 1 else 'arrays'} {_ranges(arrays)}"
-                )
+                layer = node.metadata_props.get("cimc.layer") or node.name
+                if layer in seen_layers:  # a further use of a shared weight: same devices, placed once
+                    where = f"= block {layer}"
+                else:
+                    seen_layers.add(layer)
+                    where = (
+                        f"r{tiles[0]['row0']}:{tiles[0]['row0'] + tiles[0]['rows']} c{tiles[0]['col0']}:{tiles[0]['col0'] + tiles[0]['cols']}"
+                        if len(tiles) == 1
+                        else f"{len(tiles)} tiles on {'array' if len(arrays) == 1 else 'arrays'} {_ranges(arrays)}"
+                    )
+                    if len(arrays) == 1 and (self.target.array.count or 0) > 1:
+                        where = f"core {arrays[0]} " + where
                 shape = f"{m['rows']}x{m['cols']}" + (f" x{m['groups']}g" if m["groups"] > 1 else "")
                 rows.append([node.name, node.op_type, shape, where, m["mvms"], c.cycles, human(c.total_energy_j, "J")])
             elif c.total_energy_j > 0 and c.cycles > 0:
@@ -137,10 +153,25 @@ class CompiledModel:
         r = self.report()
         e = r["energy_breakdown_j"]
         parts = ", ".join(f"{k} {100 * v / r['energy_per_inference_j']:.0f}%" for k, v in e.items() if v > 0)
+        available = r["arrays_available"]
+        of = f" of {available}" if available is not None else ""
+        blocks = ""
+        if r["shared_weights"]:
+            blocks = f"; {r['crossbar_layers']} crossbar blocks for {r['analog_uses']} analog ops (shared weights placed once)"
+        lines = [f"target {self.target.name} ({r['execution']}): {r['arrays_used']}{of} array(s) used, utilisation "
+                 f"{100 * (r['utilization'] or 0):.1f} %, SRAM peak {human(r['sram_peak_bytes'] or 0, 'B')}{blocks}"]
+        if r["shared_cores"] and r["execution"] == "pipelined":
+            k, users = max(r["shared_cores"].items(), key=lambda kv: self.cost.core_busy_s.get(int(kv[0]), 0.0))
+            lines.append(f"serialised: {len(r['shared_cores'])} core(s) run several ops in turn (busiest: core {k}, "
+                         f"{len(users)} ops: {', '.join(users[:3])}{', ...' if len(users) > 3 else ''})")
+        choices = r["execution_choices"]
+        if len(choices) > 1:
+            lines.append("execution choices: " + "; ".join(
+                f"{mode}{' (chosen)' if mode == r['execution'] else ''}: {ch['arrays_used']} cores, latency "
+                f"{human(ch['latency_s'], 's')}, {ch['inferences_per_s']:.4g} inferences/s"
+                for mode, ch in sorted(choices.items())))
         return (
-            f"{table}\n\n"
-            f"target {self.target.name} ({r['execution']}): {r['arrays_used']} array(s), utilisation "
-            f"{100 * (r['utilization'] or 0):.1f} %, SRAM peak {human(r['sram_peak_bytes'] or 0, 'B')}\n"
+            f"{table}\n\n" + "\n".join(lines) + "\n"
             f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
             f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
             f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
@@ -148,12 +179,18 @@ class CompiledModel:
         )
 
     # ------------------------------------------------------------------------------------ save/load
-    def save(self, out_dir: str | Path, plots: bool = True) -> Path:
-        """Write the directory atomically (built under a temporary name, renamed into place)."""
+    def save(self, out_dir: str | Path, plots: bool = True, *, inputs: Any = (), force: bool = False) -> Path:
+        """Write the directory atomically (built under a temporary name, moved into place).
+
+        ``out_dir`` must be new, empty or an earlier compiled-model folder (``force=True`` also accepts
+        another folder); it may not be or contain one of ``inputs`` (:mod:`cimc.outputs`). Only cimc's own
+        files in it are replaced.
+        """
+        from cimc.outputs import output_dir
         from cimc.targets import target_yaml
 
         out = Path(out_dir)
-        with atomic_dir(out) as tmp:
+        with output_dir(out, "compiled", inputs, force=force) as tmp:
             ir.save(self.model, tmp / "model.onnx")
             write_text_atomic(tmp / "target.yaml", target_yaml(self.target))
             write_json_atomic(tmp / "report.json", self.report())
@@ -182,8 +219,8 @@ class CompiledModel:
     @classmethod
     def load(cls, path: str | Path) -> CompiledModel:
         """Read a compiled-model directory (or its model.onnx) back."""
-        from cimc.passes.schedule import build_workload, execution_order
         from cimc.runtime.cost import estimate_cost
+        from cimc.runtime.workload import model_workload
         from cimc.targets import load_target
 
         p = Path(path)
@@ -193,12 +230,16 @@ class CompiledModel:
             raise InputError(
                 f"{p}: not a compiled-model directory (no manifest.json); run 'cimc compile MODEL.onnx -o DIR' first"
             )
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != ARTIFACT_FORMAT:
-            raise InputError(f"{folder}: compiled with an unknown format {manifest.get('format')!r}; recompile it")
-        model = ir.load(folder / "model.onnx")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise InputError(f"{manifest_path}: not valid JSON ({type(exc).__name__}); recompile the model") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+            fmt = manifest.get("format") if isinstance(manifest, dict) else None
+            raise InputError(f"{folder}: compiled with an unknown format {fmt!r}; recompile it")
+        model = _load_compiled_onnx(folder / "model.onnx")
         target = load_target(folder / "target.yaml")
-        cost = estimate_cost(target, build_workload(execution_order(model.graph)))
+        cost = estimate_cost(target, model_workload(model))
         extra = {k: v for k, v in manifest.items() if k not in
                  ("format", "cimc_version", "source", "source_sha256", "target", "pipeline", "files")}
         return cls(model, target, cost, manifest.get("source", ""), manifest.get("source_sha256", ""), extra)
@@ -227,6 +268,27 @@ class CompiledModel:
                          "energy_j": c.total_energy_j if c else 0.0, "mvms": c.mvms if c else 0},
             })
         return {"traceEvents": events, "displayTimeUnit": "ns"}
+
+
+def _load_compiled_onnx(path: Path) -> ir.Model:
+    """The compiled folder's model.onnx; external data only from inside the folder, like any imported model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from cimc.frontend import _check_external_data
+
+    if not path.is_file():
+        raise InputError(f"{path}: missing; the compiled-model folder is incomplete: recompile the model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeWarning) as exc:
+        raise InputError(f"{path}: not a readable ONNX file ({type(exc).__name__}); recompile the model") from None
+    _check_external_data(proto, path.parent)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: its external data cannot be read ({type(exc).__name__}); recompile the model") from None
+    return ir.from_proto(proto)
 
 
 def _ranges(values: list[int]) -> str:

@@ -117,10 +117,18 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ compile
+def _add_force(p: Any) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing folder that is not a cimc output of this kind (its other files are "
+                        "kept; never an input or the current folder)")
+
+
 def _add_target_options(p: Any) -> None:
     p.add_argument("--target", "-t", default="aon-cim", help="target preset name or YAML file (default aon-cim)")
     p.add_argument("--dac-bits", type=int, help="override the target's DAC (input) bits; 0 = no quantisation")
     p.add_argument("--adc-bits", type=int, help="override the target's ADC (output) bits; 0 = no quantisation")
+    p.add_argument("--arrays", type=int, metavar="N",
+                   help="override the target's number of arrays/cores (same geometry): a larger chip of the same kind")
 
 
 @command("compile")
@@ -131,8 +139,9 @@ def _compile(args: argparse.Namespace) -> int:
     out = args.output or f"{Path(args.model).stem}.cimc"
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
-        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, batch=args.batch, seed=args.seed,
-        progress=not args.quiet, out_dir=out, **_fixed_inputs(args),
+        validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, batch=args.batch,
+        seed=args.seed,
+        progress=not args.quiet, out_dir=out, force=args.force, **_fixed_inputs(args),
     )
     if not args.quiet:
         print(compiled.summary_table())
@@ -146,6 +155,7 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("model", help="path to an .onnx file")
     _add_target_options(p)
     p.add_argument("-o", "--output", help="output directory (default: MODEL.cimc next to where you run)")
+    _add_force(p)
     p.add_argument("--pipeline", help="pass list, e.g. 'canonicalize,quantize{percentile=99.9},map,schedule'")
     p.add_argument("--calib", help="calibration data (.npz with x, y) for DAC/ADC ranges (enables 'quantize')")
     p.add_argument("--finetune", metavar="TRAIN_NPZ", help="noise-aware fine-tuning data (enables 'finetune')")
@@ -167,9 +177,10 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=not args.quiet, out_dir=out,
+        force=args.force,
     )
     print(result.table())
-    print(f"\nwrote {out}/ (results.json, drift.png)")
+    print(f"\nwrote {out}/ (results.json, timings.json, drift.png)")
     return 0
 
 
@@ -185,6 +196,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
     _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
+    _add_force(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -218,7 +230,7 @@ def _export(args: argparse.Namespace) -> int:
     from cimc.export import export_mapping
 
     out = args.output or f"{Path(args.compiled).name}.mapping"
-    export_mapping(args.compiled, out, csv=args.csv)
+    export_mapping(args.compiled, out, csv=args.csv, force=args.force)
     files = "manifest.json, array_<i>.npz" + (", array_<i>.csv" if args.csv else "") + ", biases.npz, gdc.npz, schema.json"
     print(f"wrote {out}/ ({files}); check it with 'cimc verify {out}'")
     return 0
@@ -229,6 +241,7 @@ def _add_export(sub: Any) -> None:
     p.add_argument("compiled", help="compiled-model directory (from 'cimc compile')")
     p.add_argument("-o", "--output", help="bundle directory (default: DIR.mapping next to where you run)")
     p.add_argument("--csv", action="store_true", help="also write one CSV of conductances per crossbar")
+    _add_force(p)
 
 
 @command("verify")
@@ -257,13 +270,15 @@ def _demo(args: argparse.Namespace) -> int:
     from cimc.demo import run_demo
 
     _threads(args)
-    run_demo(args.output, instances=args.instances, samples=args.samples, target=args.target, progress=not args.quiet)
+    run_demo(args.output, instances=args.instances, samples=args.samples, target=args.target, progress=not args.quiet,
+             force=args.force)
     return 0
 
 
 def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="the whole story on the built-in keyword-spotting model (no data needed)")
     p.add_argument("-o", "--output", default="cimc-demo", help="output folder (default ./cimc-demo)")
+    _add_force(p)
     p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
     p.add_argument("--samples", type=int, help="test clips to use (default: all 1,200 shipped)")
     p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
@@ -276,17 +291,19 @@ def _add_demo(sub: Any) -> None:
 def _finetune(args: argparse.Namespace) -> int:
     from cimc.passes.finetune import finetune, save_finetuned
 
-    if not args.output.endswith(".onnx"):
-        raise InputError(f"-o {args.output!r} must name an .onnx file, e.g. -o model.ft.onnx")
+    from cimc.outputs import check_output_file
+
+    sources = [args.model, args.data, args.val]
+    check_output_file(args.output, ".onnx", sources)  # before the training, not after it
     # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
     # machine no longer calls for one thread.
     _threads(args)
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
-        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, **_fixed_inputs(args), **options,
+        progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
-    save_finetuned(model, args.output)
+    save_finetuned(model, args.output, sources)
     first, best = history["history"][0], history["history"][history["best_epoch"]]
     print(f"method {history['method']}: noisy validation accuracy ({history['validation']}) "
           f"{100 * first['val_noisy_acc']:.2f} % -> {100 * best['val_noisy_acc']:.2f} % (epoch {history['best_epoch']}), "
@@ -328,9 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cimc {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    budget_help = ("largest tensor or data array cimc will hold, e.g. 8G (default 4G, or CIMC_MEMORY_BUDGET); "
+                   "bigger ones are refused before they are allocated")
+    parser.add_argument("--memory-budget", metavar="SIZE", help=budget_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_BUILDERS:
         add(sub)
+    for p in sub.choices.values():  # also accepted after the command name
+        p.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
     return parser
 
 
@@ -356,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        from cimc.validate import set_memory_budget
+
+        set_memory_budget(args.memory_budget)
         return _COMMANDS[args.command](args)
     except CimcError as exc:
         if args.debug:

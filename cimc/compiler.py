@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cimc.artifact import CompiledModel, sha256_file
-from cimc.errors import InputError
+from cimc.errors import InputError, ModelError
 from cimc.frontend import load_model
 from cimc.pipeline import CompileContext, parse_pipeline, run_pipeline
 from cimc.targets import resolve_target
@@ -55,26 +55,36 @@ def compile_model(
     validation: Any = None,
     dac_bits: int | None = None,
     adc_bits: int | None = None,
+    arrays: int | None = None,
     batch: int = 1,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     input_values: Mapping[str, Any] | None = None,
     seed: int = 0,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
     ``calibration``/``training``: a :class:`cimc.data.Dataset` or a path/builtin name of an ``.npz``; with
     calibration data the ``quantize`` pass sets DAC/ADC ranges, with training data ``finetune`` runs first.
     ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
-    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). When ``out_dir`` is given
-    the compiled-model directory is written there atomically.
+    :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``).
+    ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
+    many were needed). When ``out_dir`` is given
+    the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
+    folder (``force=True`` accepts any other folder, keeping its files), and never an input (:mod:`cimc.outputs`).
     """
     from cimc.data import load_dataset
 
     _register_passes()
     path = Path(model)
-    t = resolve_target(target, dac_bits, adc_bits)
+    inputs = [model, calibration, training, validation]
+    if out_dir is not None:  # refuse a destructive -o before minutes of work
+        from cimc.outputs import check_output_dir
+
+        check_output_dir(out_dir, "compiled", inputs, force=force)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     calib = load_dataset(calibration) if isinstance(calibration, (str, os.PathLike)) else calibration
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
@@ -90,10 +100,15 @@ def compile_model(
     if "finetune" in names and train is None:
         raise InputError("the 'finetune' pass needs training data: add --finetune TRAIN.npz (arrays x, y)")
     run_pipeline(ir_model, passes)
+    if not any("cimc.placement" in n.metadata_props for n in ir_model.graph):
+        raise ModelError(
+            f"{path.name}: no layer maps onto the crossbars (no Conv, Gemm or MatMul with constant weights), so there "
+            "is nothing to compile for a CIM chip; 'cimc inspect' shows how each node is classified"
+        )
     compiled = CompiledModel(
         model=ir_model, target=t, cost=ctx.results["cost"], source=path.name, source_sha256=sha256_file(path),
         extra={"seed": seed},
     )
     if out_dir is not None:
-        compiled.save(out_dir)
+        compiled.save(out_dir, inputs=inputs, force=force)
     return compiled

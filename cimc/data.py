@@ -20,12 +20,13 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cimc.errors import DataError, InputError
 
-__all__ = ["Dataset", "batches", "load_dataset", "save_dataset"]
+__all__ = ["Dataset", "batches", "check_input_array", "check_labels", "load_dataset", "load_npy", "save_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
         raise DataError(f"{where}: 'x' has dtype {x.dtype}; store the inputs as a float32 array")
     if x.ndim < 2:
         raise DataError(f"{where}: 'x' has shape {tuple(x.shape)}; it needs a sample axis first, then the input shape")
+    if x.shape[0] == 0:
+        raise DataError(f"{where}: 'x' has no samples (shape {tuple(x.shape)}); give at least one")
+    _check_finite(x, f"{where}: 'x'")
     if y is None:
         return
     if not np.issubdtype(y.dtype, np.integer):
@@ -78,11 +82,126 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
         )
 
 
-def load_dataset(path: str | Path) -> Dataset:
-    """Load an ``.npz`` dataset (or a built-in one by name); ``x`` comes back float32, ``y`` int64."""
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """Refuse NaN/inf inputs: calibration on them sets every range to NaN and the accuracy silently collapses."""
+    if not np.issubdtype(x.dtype, np.floating):
+        return
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0, 0]) if x.ndim >= 1 and len(x) else 0
+        raise DataError(f"{what} has {int(bad.sum()):,} non-finite value(s) (NaN or inf), first in sample {first}; "
+                        "clean the data (e.g. np.nan_to_num) and save it again")
+
+
+def _read_member(archive: Any, name: str, file: Path, limit: int | None) -> np.ndarray:
+    """One array of an .npz, its header checked against the memory budget before any data is read.
+
+    With ``limit``, only the first ``limit`` samples are read (C-order arrays), so ``--samples 64`` on a
+    huge file reads 64 samples, not the whole file.
+    """
+    from cimc.validate import check_array_size
+
+    member = f"{name}.npy" if f"{name}.npy" in archive.zip.namelist() else name
+    with archive.zip.open(member) as handle:
+        version = np.lib.format.read_magic(handle)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = reader(handle)
+        if dtype.hasobject:
+            raise InputError(f"dataset '{file}': '{name}' holds Python objects; store numbers (float32 inputs, "
+                             "integer labels)")
+        rows = shape[0] if shape else 1
+        keep = rows if limit is None or not shape else min(rows, max(limit, 0))
+        kept_shape = (keep, *shape[1:]) if shape else shape
+        check_array_size(kept_shape, max(dtype.itemsize, 4), f"dataset '{file}': '{name}' {list(kept_shape)}",
+                         "use a smaller file or fewer --samples")
+        if fortran or not shape:
+            return np.lib.format.read_array(archive.zip.open(member), allow_pickle=False)[:keep]
+        array = np.empty(kept_shape, dtype=dtype)
+        view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+        done = 0
+        while done < len(view):  # read straight into the array: no second copy of a large file
+            got = handle.readinto(view[done:])
+            if not got:
+                raise InputError(f"dataset '{file}': '{name}' is truncated; write it again")
+            done += got
+        return array
+
+
+def load_npy(path: str | os.PathLike[str], what: str = "--input") -> np.ndarray:
+    """A single ``.npy`` array, its header checked (type, memory budget) before the data is read."""
+    from cimc.validate import check_array_size
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} {p}: no such file; give a .npy array of inputs (first axis = samples)")
+    try:
+        with open(p, "rb") as handle:
+            if handle.read(4) == b"PK\x03\x04":
+                raise InputError(f"{what} {p} is an .npz archive; give a .npy array (numpy.save), or the .npz to "
+                                 "a command that takes one")
+            handle.seek(0)
+            version = np.lib.format.read_magic(handle)
+            reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = reader(handle)
+            if dtype.hasobject:
+                raise InputError(f"{what} {p} holds Python objects; save numbers with numpy.save")
+            check_array_size(shape, max(dtype.itemsize, 4), f"{what} {p} {list(shape)}", "give fewer samples")
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{what} {p}: not a readable .npy array ({type(exc).__name__}); save it with numpy.save") \
+            from None
+
+
+def check_input_array(array: Any, expected: tuple[int, ...] | None, name: str) -> np.ndarray:
+    """An array of model inputs checked against one input's shape: ``[N, *expected]`` numbers, N ≥ 1, finite.
+
+    ``expected`` is the input's shape without the sample axis (None: not checked). A single sample without
+    the sample axis is refused rather than guessed. Returns the array as float32.
+    """
+    x = np.asarray(array)
+    if x.dtype.kind not in "fiub":
+        raise DataError(f"{name}: dtype {x.dtype} is not numeric; save float32 inputs")
+    if x.ndim == 0:
+        raise DataError(f"{name}: a scalar; give an array [samples, ...] with the model's input shape")
+    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+        shown = ", ".join(map(str, expected))
+        raise DataError(f"{name}: shape {tuple(x.shape)} does not match the model's input [N, {shown}]; reshape it "
+                        f"to that (e.g. x.reshape(-1, {shown}))")
+    if x.shape[0] == 0:
+        raise DataError(f"{name}: no samples (shape {tuple(x.shape)}); give at least one")
+    _check_finite(x, name)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_labels(y: np.ndarray | None, classes: int | None, where: str) -> None:
+    """Labels must be class indices 0..classes-1 of the model's output."""
+    if y is None or classes is None or len(y) == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        raise DataError(f"{where}: labels span {low}..{high} but the model has {classes} classes (0..{classes - 1}); "
+                        "pass data made for this model")
+
+
+def load_dataset(path: str | Path, samples: int | None = None) -> Dataset:
+    """Load an ``.npz`` dataset (or a built-in one by name); ``x`` comes back float32, ``y`` int64.
+
+    ``samples``: read only the first N samples (the file's header and size are checked first either way).
+    """
     file = _resolve(path)
     if file.is_dir():
         raise InputError(f"dataset '{file}' is a folder: give the path of an .npz file with arrays 'x' and 'y'")
+    try:
+        with open(file, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as exc:
+        raise InputError(f"dataset '{file}' cannot be read ({type(exc).__name__}); check the path") from None
+    if magic == b"\x93NUMPY":  # a lone .npy: say so without reading it (its header may claim terabytes)
+        raise InputError(
+            f"dataset '{file}' is a single .npy array, not an .npz archive: "
+            "save it with numpy.savez(path, x=..., y=...)"
+        )
     try:
         loaded = np.load(file, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
@@ -102,9 +221,9 @@ def load_dataset(path: str | Path) -> Dataset:
                 "save the inputs under the name 'x'"
             )
         try:
-            x = archive["x"]
-            y = archive["y"] if "y" in archive.files else None
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            x = _read_member(archive, "x", file, samples)
+            y = _read_member(archive, "y", file, samples) if "y" in archive.files else None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
             raise InputError(
                 f"dataset '{file}' is truncated or corrupt ({type(exc).__name__}); write it again"
             ) from exc

@@ -26,15 +26,20 @@ def _say(text: str) -> None:
 
 
 def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int | None = None,
-             target: str = "aon-cim", progress: bool = True) -> Path:
-    """Run the demo into ``out_dir``; returns the folder."""
+             target: str = "aon-cim", progress: bool = True, force: bool = False) -> Path:
+    """Run the demo into ``out_dir`` (new, empty or an earlier demo folder; ``force`` for any other); returns it."""
     import cimc
     from cimc import builtin
     from cimc.data import load_dataset
+    from cimc.outputs import check_output_dir
+    from cimc.report import write_json_atomic
 
     started = time.perf_counter()
     out = Path(out_dir)
+    check_output_dir(out, "demo", force=force)
     out.mkdir(parents=True, exist_ok=True)
+    # The marker that lets the next 'cimc demo -o' recognise (and update) this folder.
+    write_json_atomic(out / "manifest.json", {"format": "cimc-demo/1", "folders": ["build", "simulation", "mapping"]})
     model = builtin.kws_model()
     test = load_dataset(builtin.kws_test())
     calib = load_dataset(builtin.kws_val())
@@ -46,13 +51,13 @@ def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int
          f"{t['digital_nodes']} digital; {t['parameters']:,} parameters; {t['macs']:,} MACs per inference")
 
     _say(f"\n== 2. compile onto {target} (calibrating DAC/ADC ranges on {len(calib.x)} validation clips) ==")
-    compiled = cimc.compile(model, target, calibration=calib, out_dir=out / "build")
+    compiled = cimc.compile(model, target, calibration=calib, out_dir=out / "build", force=force)
     _say(compiled.summary_table())
 
     n = len(test.x) if samples is None else min(samples, len(test.x))
     _say(f"\n== 3. simulate the chip: program, then drift to 1s ... 1y; {instances} chip instances, {n} test clips ==")
     result = cimc.simulate(out / "build", test, drift="1s,1h,24h,30d,1y", instances=instances, samples=samples,
-                           progress=progress, out_dir=out / "simulation")
+                           progress=progress, out_dir=out / "simulation", force=force)
     _say(result.table())
 
     _say("\n== 4. export the mapping for the hardware team, then verify it re-imports ==")
@@ -61,7 +66,7 @@ def run_demo(out_dir: str | Path = "cimc-demo", instances: int = 5, samples: int
     except ImportError:  # pragma: no cover - shipped with cimc
         _say("(export not available in this build)")
     else:
-        bundle = export_mapping(out / "build", out / "mapping")
+        bundle = export_mapping(out / "build", out / "mapping", force=force)
         check = verify_bundle(bundle, model=out / "build")
         _say(f"wrote {bundle}/ (manifest.json, schema.json, conductance targets per array in uS); "
              f"verify: {'OK' if check.ok else 'FAILED: ' + '; '.join(check.problems)}")

@@ -18,6 +18,7 @@ __all__ = [
     "TargetError",
     "FitError",
     "DataError",
+    "ResourceError",
 ]
 
 
@@ -58,3 +59,7 @@ class FitError(CimcError):
 
 class DataError(CimcError):
     """A dataset file that is missing arrays, has wrong shapes or types."""
+
+
+class ResourceError(CimcError):
+    """A tensor or data array larger than the memory budget (``--memory-budget`` / ``CIMC_MEMORY_BUDGET``)."""

@@ -1,7 +1,7 @@
 """Mapping export for hardware teams (``cimc export``) and its verifier (``cimc verify``).
 
 A *mapping bundle* is a folder a chip team can program from without reading cimc's code
-(format ``cimc-mapping`` 1.0, described field by field in ``docs/mapping-format.md``):
+(format ``cimc-mapping`` 1.1, described field by field in ``docs/mapping-format.md``):
 
 ==================  ====================================================================================
 ``manifest.json``   format and versions, source model SHA-256, the resolved target, every analog layer
@@ -9,7 +9,8 @@ A *mapping bundle* is a folder a chip team can program from without reading cimc
                     unit, DAC/ADC range and bits, digital bias and post-processing, GDC reference), schedule
 ``array_<i>.npz``   conductance targets of crossbar ``i``: key ``g_us``, float32 µS, [rows, device cols],
                     0 where nothing is programmed; ``array_<i>.csv`` the same as text (with ``--csv``)
-``biases.npz``      the biases the digital unit adds (key ``L<id>`` per layer), float32, output units
+``biases.npz``      the biases the digital unit adds (key ``L<id>`` per layer, ``L<id>_u<j>`` for the
+                    further users of a shared layer), float32, output units
 ``gdc.npz``         per layer the drift-compensation probe (``L<id>_probe``, [count, rows], input units)
 ``schema.json``     the JSON Schema the manifest validates against (:mod:`cimc.mapping_schema`)
 ==================  ====================================================================================
@@ -21,12 +22,19 @@ on G+ (device column ``2c`` of weight column ``c``), a negative one on G- (``2c 
 :func:`verify_bundle` re-imports a bundle: schema, crossbar overlaps, window sizes, conductance range, then it
 rebuilds every layer's weights from the conductances and scales, runs the compiled model with them on ideal
 devices and compares the outputs with the compiled model's (1e-6 relative).
+
+A *layer* is a crossbar block: a weight tensor programmed once. When several nodes use it (an unrolled
+recurrent layer, a weight-tied model) the layer is listed once, its ``users`` name every node with that
+node's converters, bias and time slot; the layer-level ``dac``/``adc``/``bias``/``post_processing``/
+``schedule`` repeat its first user's (format 1.0 readers keep working) and ``gdc`` is probed through the first
+user's DAC.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +48,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import FitError, InputError
 from cimc.ir import analog_matrix, constant_array, node_attrs, static_shape, weight_to_matrix
 from cimc.mapping_schema import MAPPING_FORMAT, MAPPING_FORMAT_VERSION, mapping_schema
-from cimc.report import atomic_dir, write_json_atomic
+from cimc.report import write_json_atomic
 
 __all__ = [
     "OUTPUT_RTOL",
@@ -188,7 +196,7 @@ def _converters(compiled: CompiledModel, node: ir.Node) -> tuple[dict[str, Any],
     return dac, adc
 
 
-def _bias(node: ir.Node, layer_id: int) -> tuple[dict[str, Any], np.ndarray | None]:
+def _bias(node: ir.Node, key: str) -> tuple[dict[str, Any], np.ndarray | None]:
     attrs = node_attrs(node)
     beta = float(attrs.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
     value = node.inputs[2] if node.op_type in ("Conv", "Gemm") and len(node.inputs) > 2 else None
@@ -196,7 +204,7 @@ def _bias(node: ir.Node, layer_id: int) -> tuple[dict[str, Any], np.ndarray | No
     if arr is None:
         return {"present": False, "file": None, "key": None, "shape": None, "beta": beta}, None
     arr = np.asarray(arr, dtype=np.float32)
-    return {"present": True, "file": "biases.npz", "key": f"L{layer_id}", "shape": list(arr.shape), "beta": beta}, arr
+    return {"present": True, "file": "biases.npz", "key": key, "shape": list(arr.shape), "beta": beta}, arr
 
 
 def _post_processing(node: ir.Node, tiles: list[dict[str, Any]], bias: dict[str, Any]) -> dict[str, Any]:
@@ -221,11 +229,36 @@ class _Exported:
     entry: dict[str, Any]
     g_pos_us: np.ndarray  # [G, K, N]
     g_neg_us: np.ndarray
-    bias: np.ndarray | None
+    biases: dict[str, np.ndarray]  # biases.npz key -> values, one per user that has a bias
     probe: np.ndarray
 
 
-def _export_layer(compiled: CompiledModel, node: ir.Node, layer_id: int) -> _Exported:
+def _user_entry(compiled: CompiledModel, node: ir.Node, bias_key: str, tiles: list[dict[str, Any]]
+                ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One node that computes with a layer's devices: its converters, bias, post-processing and time slot."""
+    dac, adc = _converters(compiled, node)
+    bias, bias_values = _bias(node, bias_key)
+    slot = _meta(node, "cimc.schedule") or {}
+    entry = {
+        "node": node.name,
+        "op_type": node.op_type,
+        "dac": dac,
+        "adc": adc,
+        "bias": bias,
+        "post_processing": _post_processing(node, tiles, bias),
+        "schedule": {
+            "step": slot.get("step", 0),
+            "stage": slot.get("stage", 0),
+            "start_cycle": slot.get("start_cycle", 0),
+            "end_cycle": slot.get("end_cycle", 0),
+            "mvms": _meta(node, "cimc.matrix")["mvms"],
+        },
+    }
+    return entry, bias_values
+
+
+def _export_layer(compiled: CompiledModel, users: list[ir.Node], layer_id: int) -> _Exported:
+    node = users[0]
     target = compiled.target
     dpw = target.array.devices_per_weight
     g_max_us = float(target.device.g_max_us)
@@ -242,8 +275,15 @@ def _export_layer(compiled: CompiledModel, node: ir.Node, layer_id: int) -> _Exp
             "weight; use a target with devices_per_weight: 2 (differential pairs)"
         )
     tiles = [_tile_entry(t, dpw) for t in _meta(node, "cimc.placement")]
-    dac, adc = _converters(compiled, node)
-    bias, bias_values = _bias(node, layer_id)
+    user_entries, biases = [], {}
+    for j, user in enumerate(users):
+        key = f"L{layer_id}" if j == 0 else f"L{layer_id}_u{j}"
+        entry_u, values = _user_entry(compiled, user, key, tiles)
+        user_entries.append(entry_u)
+        if values is not None:
+            biases[key] = values
+    first = user_entries[0]
+    dac, adc, bias = first["dac"], first["adc"], first["bias"]
     probe, probe_info = _probe(m["rows"], float(dac["x_max"] or 1.0))
     if dac["calibrated"]:  # the chip's DAC quantises the probe: store exactly what it can apply
         from cimc.runtime.analog import dac as dac_quantise
@@ -253,10 +293,9 @@ def _export_layer(compiled: CompiledModel, node: ir.Node, layer_id: int) -> _Exp
         probe_info["distribution"] += ", then quantised to the layer's DAC levels"
     probe_info.update({"file": "gdc.npz", "key": f"L{layer_id}_probe"})
     ref_per_column = gdc_method == "column"
-    slot = _meta(node, "cimc.schedule") or {}
     entry = {
         "id": layer_id,
-        "name": node.name,
+        "name": node.metadata_props.get("cimc.layer") or node.name,
         "source_node": node.name,
         "op_type": node.op_type,
         "weight": {"initializer": value.name, "shape": list(constant_array(value).shape), "layout": layout},
@@ -271,22 +310,17 @@ def _export_layer(compiled: CompiledModel, node: ir.Node, layer_id: int) -> _Exp
         "dac": dac,
         "adc": adc,
         "bias": bias,
-        "post_processing": _post_processing(node, tiles, bias),
+        "post_processing": first["post_processing"],
         "gdc": {
             "method": gdc_method,
             "probe": probe_info,
             "reference_granularity": "column" if ref_per_column else "layer",
             "reference_mean_abs_output": gdc_reference(probe, matrix, ref_per_column),
         },
-        "schedule": {
-            "step": slot.get("step", 0),
-            "stage": slot.get("stage", 0),
-            "start_cycle": slot.get("start_cycle", 0),
-            "end_cycle": slot.get("end_cycle", 0),
-            "mvms": m["mvms"],
-        },
+        "schedule": first["schedule"],
+        "users": user_entries,
     }
-    return _Exported(entry, np.clip(g, 0, None), np.clip(-g, 0, None), bias_values, probe)
+    return _Exported(entry, np.clip(g, 0, None), np.clip(-g, 0, None), biases, probe)
 
 
 def _fill_arrays(compiled: CompiledModel, layers: list[_Exported]) -> dict[int, np.ndarray]:
@@ -350,33 +384,46 @@ def _schedule_section(compiled: CompiledModel, layer_ids: dict[str, int]) -> dic
         "sram_peak_bytes": sched.get("sram_peak_bytes"),
         "order": sched.get("order", [s["node"] for s in steps]),
         "steps": steps,
+        "shared_cores": sched.get("shared_cores", {}),
     }
 
 
-def _ordered_analog_nodes(compiled: CompiledModel) -> list[ir.Node]:
-    nodes = compiled.analog_nodes()
-    return sorted(nodes, key=lambda n: (_meta(n, "cimc.schedule") or {}).get("step", 0))
+def _ordered_layers(compiled: CompiledModel) -> list[list[ir.Node]]:
+    """Analog nodes grouped by the crossbar block they read, blocks in order of their first use."""
+    nodes = sorted(compiled.analog_nodes(), key=lambda n: (_meta(n, "cimc.schedule") or {}).get("step", 0))
+    groups: dict[str, list[ir.Node]] = {}
+    for node in nodes:
+        groups.setdefault(node.metadata_props.get("cimc.layer") or node.name, []).append(node)
+    return list(groups.values())
 
 
-def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False) -> Path:
+def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False, *, force: bool = False) -> Path:
     """Write the mapping bundle of a compiled model (a :class:`CompiledModel` or its directory) to ``out_dir``.
 
-    The folder is built under a temporary name and renamed into place. Returns ``out_dir``.
+    The folder is built under a temporary name and moved into place. ``out_dir`` must be new, empty or an
+    earlier bundle (``force=True`` accepts another folder, keeping its files) and never the compiled
+    folder itself (:mod:`cimc.outputs`). Returns ``out_dir``.
     """
     from cimc import __version__
+    from cimc.outputs import check_output_dir, output_dir
 
+    inputs = [] if isinstance(compiled_or_dir, CompiledModel) else [compiled_or_dir]
+    check_output_dir(out_dir, "bundle", inputs, force=force)
     compiled, compiled_dir, model_sha = _load_compiled(compiled_or_dir)
-    nodes = _ordered_analog_nodes(compiled)
+    nodes = _ordered_layers(compiled)
     if not nodes:
         raise InputError(
             "the compiled model has no analog layers, so there is nothing to program; "
             "compile a model with Conv, Gemm or MatMul layers"
         )
-    layers = [_export_layer(compiled, node, i) for i, node in enumerate(nodes)]
+    layers = [_export_layer(compiled, users, i) for i, users in enumerate(nodes)]
     arrays = _fill_arrays(compiled, layers)
     dpw = compiled.target.array.devices_per_weight
     out = Path(out_dir)
-    with atomic_dir(out) as tmp:
+    if compiled_dir is not None:
+        # Relative to the bundle, so the same export gives the same bytes wherever the two folders live.
+        compiled_dir = Path(os.path.relpath(compiled_dir, os.path.abspath(out))).as_posix()
+    with output_dir(out, "bundle", inputs, force=force) as tmp:
         array_entries = []
         for index, g_us in arrays.items():
             np.savez(tmp / f"array_{index}.npz", g_us=g_us)
@@ -397,7 +444,7 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
                     "layers": names,
                 }
             )
-        np.savez(tmp / "biases.npz", **{lay.entry["bias"]["key"]: lay.bias for lay in layers if lay.bias is not None})
+        np.savez(tmp / "biases.npz", **{k: v for lay in layers for k, v in lay.biases.items()})
         np.savez(tmp / "gdc.npz", **{lay.entry["gdc"]["probe"]["key"]: lay.probe for lay in layers})
         schema = mapping_schema()
         write_json_atomic(tmp / "schema.json", schema)
@@ -425,11 +472,11 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False)
             "files": {"biases": "biases.npz", "gdc": "gdc.npz", "schema": "schema.json"},
             "arrays": array_entries,
             "layers": [lay.entry for lay in layers],
-            "schedule": _schedule_section(compiled, {lay.entry["name"]: lay.entry["id"] for lay in layers}),
+            "schedule": _schedule_section(
+                compiled, {u["node"]: lay.entry["id"] for lay in layers for u in lay.entry["users"]}
+            ),
         }
         write_json_atomic(tmp / "manifest.json", manifest)
-        for path in tmp.iterdir():  # temp-file writers create 0600 files; a bundle is meant to be shared
-            path.chmod(0o644)
     logger.info("exported %d layer(s) on %d crossbar(s) to %s", len(layers), len(arrays), out)
     return out
 
@@ -675,16 +722,18 @@ def _bundle_checks(manifest: dict[str, Any], bundle: Path, report: VerifyReport)
     return rebuilt
 
 
-def _resolve_model(manifest: dict[str, Any], model: Any) -> tuple[ir.Model, Path | None]:
+def _resolve_model(manifest: dict[str, Any], model: Any, bundle: Path) -> tuple[ir.Model, Path | None]:
     if isinstance(model, CompiledModel):
         return ir.from_proto(ir.to_proto(model.model)), None
     if model is None:
         recorded = manifest["source"].get("compiled_dir")
-        if not recorded or not Path(recorded).is_dir():
+        # Recorded relative to the bundle; an absolute path (an older bundle, or an edited one) is not followed.
+        where = bundle / recorded if recorded and not os.path.isabs(recorded) else None
+        if where is None or not (where / "model.onnx").is_file():
             raise InputError(
                 "the bundle does not record a compiled model that still exists; pass it with --model DIR|MODEL.onnx"
             )
-        model = recorded
+        model = where
     path = Path(model)
     onnx_path = path / "model.onnx" if path.is_dir() else path
     if not onnx_path.is_file():
@@ -765,21 +814,43 @@ def _compare_layer(layer: dict[str, Any], node: ir.Node, rebuilt: np.ndarray, pr
     return "ok"
 
 
-def _check_bias(layer: dict[str, Any], node: ir.Node, bundle: Path, problems: list[str]) -> None:
-    _, expected = _bias(node, layer["id"])
-    info = layer["bias"]
+def _check_bias(where: str, info: dict[str, Any], node: ir.Node, bundle: Path, problems: list[str]) -> None:
+    _, expected = _bias(node, str(info.get("key")))
     if expected is None:
         if info["present"]:
-            problems.append(f"layer '{layer['name']}': bias.present is true but the compiled node has no bias")
+            problems.append(f"{where}: bias.present is true but the compiled node has no bias")
         return
     try:
         with np.load(bundle / (info["file"] or "biases.npz")) as npz:
             got = np.asarray(npz[info["key"]])
     except (OSError, KeyError, ValueError, TypeError):
-        problems.append(f"layer '{layer['name']}': bias: values missing from the bundle")
+        problems.append(f"{where}: bias: values missing from the bundle")
         return
-    if got.shape != expected.shape or not np.array_equal(got, expected):
-        problems.append(f"layer '{layer['name']}': bias: values differ from the compiled model's")
+    if got.shape != expected.shape or not np.array_equal(got, expected, equal_nan=True):
+        problems.append(f"{where}: bias: values differ from the compiled model's")
+
+
+def _check_users(layer: dict[str, Any], nodes: dict[str, ir.Node], bundle: Path, problems: list[str]) -> list[ir.Node]:
+    """Each listed user must be an analog node of the compiled model that reads this layer's tiles, with the
+    bias the bundle holds for it; returns the users found (first = the layer's source node)."""
+    found = []
+    name = layer["name"]
+    tiles = None
+    for user in layer["users"]:
+        node = nodes.get(user["node"])
+        if node is None:
+            problems.append(f"layer '{name}': user '{user['node']}' is not an analog node of the compiled model")
+            continue
+        if (node.metadata_props.get("cimc.layer") or node.name) != name:
+            problems.append(f"layer '{name}': user '{user['node']}' reads crossbar block "
+                            f"'{node.metadata_props.get('cimc.layer') or node.name}' in the compiled model")
+        placement = _meta(node, "cimc.placement")
+        if tiles is not None and placement != tiles:
+            problems.append(f"layer '{name}': user '{user['node']}' has other tiles than the layer's first user")
+        tiles = placement if tiles is None else tiles
+        _check_bias(f"layer '{name}' user '{user['node']}'", user["bias"], node, bundle, problems)
+        found.append(node)
+    return found
 
 
 def _run_and_compare(
@@ -795,7 +866,7 @@ def _run_and_compare(
     copy = ir.load(onnx_path) if onnx_path is not None else ir.from_proto(ir.to_proto(model))
     by_name = {n.name: n for n in copy.graph}
     for layer in manifest["layers"]:
-        node = by_name.get(layer["name"])
+        node = by_name.get(layer["source_node"])
         if node is None or layer["name"] not in rebuilt:
             continue
         value, layout = _weight_value(node)
@@ -833,7 +904,7 @@ def verify_bundle(bundle_dir: str | Path, model: Any = None, data: Any = None) -
     if any(p.startswith("manifest:") for p in report.problems):
         return report  # the rest reads fields the schema guarantees
     rebuilt = _bundle_checks(manifest, bundle, report)
-    ir_model, onnx_path = _resolve_model(manifest, model)
+    ir_model, onnx_path = _resolve_model(manifest, model, bundle)
     recorded_sha = manifest["source"].get("compiled_model_sha256")
     if onnx_path is not None and recorded_sha and sha256_file(onnx_path) != recorded_sha:
         report.problems.append(
@@ -841,18 +912,19 @@ def verify_bundle(bundle_dir: str | Path, model: Any = None, data: Any = None) -
             "(SHA-256 differs); pass the right one with --model"
         )
     nodes = {n.name: n for n in ir_model.graph if "cimc.placement" in n.metadata_props}
-    listed = {layer["name"] for layer in manifest["layers"]}
+    listed = {user["node"] for layer in manifest["layers"] for user in layer["users"]}
     for name in nodes:
         if name not in listed:
             report.problems.append(f"layer '{name}': analog layer of the compiled model is missing from the manifest")
     usable: dict[str, np.ndarray] = {}  # rebuilt weights that fit their node (written into the model copy)
     for layer in manifest["layers"]:
         name = layer["name"]
-        node = nodes.get(name)
-        if node is None:
-            report.problems.append(f"layer '{name}': not an analog layer of the compiled model")
+        users = _check_users(layer, nodes, bundle, report.problems)
+        node = nodes.get(layer["source_node"])
+        if node is None or not users or users[0] is not node:
+            report.problems.append(f"layer '{name}': source_node '{layer['source_node']}' is not its first user "
+                                   "or not an analog layer of the compiled model")
             continue
-        _check_bias(layer, node, bundle, report.problems)
         if name not in rebuilt:
             continue
         status = _compare_layer(layer, node, rebuilt[name], report.problems)

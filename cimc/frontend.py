@@ -29,6 +29,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper, shape_inference, version_converter
 
+from cimc import validate
 from cimc.errors import InputError, ModelError
 from cimc.ir import name_nodes
 
@@ -95,13 +96,15 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
         ) from exc
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise InputError(f"{p}: not an ONNX model (no graph); the file is truncated or of another format")
+    validate.check_container(proto, p.parent, p.name)  # UTF-8 names, external data fields: before they are used
     _check_external_data(proto, p.parent)
     onnx.external_data_helper.load_external_data_for_model(proto, str(p.parent))
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
+    except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{p}: the ONNX checker rejects the model ({first}); the file is truncated or corrupt") from exc
+    validate.validate_model(proto, p.name)
     return proto
 
 

@@ -7,6 +7,8 @@ the compiler needs to ask of it:
 * :func:`constant_array` — the constant value of a tensor (initializer or folded), if it has one;
 * :func:`classify` — for every node: ``analog`` (Conv, Gemm, MatMul with a constant operand), ``digital``
   (any other op the executor implements) or ``unsupported``, with the reason;
+* :func:`recurrent_refusal` — why a recurrent layer (``LSTM``/``GRU``/``RNN``) cannot be expanded into
+  primitive ops by canonicalisation (:mod:`cimc.passes.recurrent`), or None when it can;
 * :class:`AnalogMatrix` — the matrix view of an analog op: a weight matrix of ``rows`` (K = C_in·kh·kw per
   group) × ``cols`` (N = outputs per group), ``groups`` of them, and ``mvms`` matrix-vector products per
   inference;
@@ -31,19 +33,32 @@ from cimc.ops import OPS
 __all__ = [
     "ANALOG_OPS",
     "AnalogMatrix",
+    "RECURRENT_ACTIVATIONS",
+    "RECURRENT_OPS",
     "NodeClass",
     "analog_matrix",
     "classify",
     "constant_array",
     "is_analog",
+    "layer_of",
     "name_nodes",
     "node_attrs",
+    "placements_of",
+    "recurrent_refusal",
     "static_shape",
     "to_networkx",
     "weight_to_matrix",
+    "weight_value",
 ]
 
 ANALOG_OPS = ("Conv", "Gemm", "MatMul")
+# Recurrent layers: canonicalisation expands them into MatMuls (analog) and element-wise gates (digital).
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+# Activation functions the ONNX recurrent ops name (spec spelling), all expressible with primitive ops.
+RECURRENT_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
+                         "HardSigmoid", "Elu", "Softsign", "Softplus")
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_ACTIVATIONS_PER_DIRECTION = {"LSTM": 3, "GRU": 2, "RNN": 1}
 
 
 def node_attrs(node: ir.Node) -> dict[str, Any]:
@@ -109,12 +124,77 @@ class NodeClass:
     reason: str
 
 
-def classify(model: ir.Model) -> list[NodeClass]:
-    """Classify every node of the main graph, in graph order."""
+def recurrent_refusal(node: ir.Node) -> str | None:
+    """Why canonicalisation cannot expand this ``LSTM``/``GRU``/``RNN`` node into primitive ops (None: it can).
+
+    Expandable: static input shape; constant ``W``, ``R`` (and ``B``, ``P`` when given); ``sequence_lens``
+    absent or a constant equal to the full sequence length for every batch entry; known ``direction`` and
+    ``layout``; every activation one of :data:`RECURRENT_ACTIVATIONS`, one list entry per gate function and
+    direction.
+    """
+    a = node_attrs(node)
+    op = node.op_type
+    direction = a.get("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        return f"direction {direction!r} is not forward, reverse or bidirectional"
+    layout = int(a.get("layout", 0))
+    if layout not in (0, 1):
+        return f"layout {layout} is not 0 or 1"
+    ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+    names = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+    for idx in (1, 2, 3, 7):
+        if ins[idx] is not None and constant_array(ins[idx]) is None:
+            return f"input {names[idx]} is not a constant (weights must be initializers to be programmed)"
+    x_shape = static_shape(ins[0])
+    if x_shape is None or len(x_shape) != 3:
+        return "input X has no static [seq, batch, input] shape; fix the input shapes at import"
+    seq = x_shape[1] if layout == 1 else x_shape[0]
+    if ins[4] is not None:
+        lens = constant_array(ins[4])
+        if lens is None:
+            return ("sequence_lens is not a constant: variable-length sequences are not supported; export with "
+                    "full-length sequences and no sequence_lens")
+        if lens.size == 0 or np.any(lens.reshape(-1) != seq):
+            return (f"sequence_lens {lens.reshape(-1).tolist()} differs from the full length {seq}: only "
+                    "full-length sequences are supported; export without sequence_lens")
+    dtype = ins[0].dtype
+    if dtype is not None and dtype != ir.DataType.FLOAT:
+        return f"input X is {dtype}, not float32"
+    if op == "GRU" and int(a.get("linear_before_reset", 0)) not in (0, 1):
+        return f"linear_before_reset {a['linear_before_reset']} is not 0 or 1"
+    acts = a.get("activations")
+    if acts is not None:
+        known = {n.lower() for n in RECURRENT_ACTIVATIONS}
+        unknown = sorted({f for f in acts if f.lower() not in known})
+        if unknown:
+            return (f"activation(s) {', '.join(unknown)} not supported (supported: "
+                    f"{', '.join(RECURRENT_ACTIVATIONS)})")
+        expected = _ACTIVATIONS_PER_DIRECTION[op] * (2 if direction == "bidirectional" else 1)
+        if len(acts) != expected:
+            return f"activations lists {len(acts)} functions, expected {expected} (one per gate function and direction)"
+    return None
+
+
+def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
+    """Classify every node of the main graph, in graph order.
+
+    ``canonical=False`` classifies a graph as imported, before canonicalisation: a recurrent layer that
+    canonicalisation will expand is then reported as supported (``digital``, with what it becomes). In a
+    canonical graph (the default) any recurrent layer left is unsupported: the executor cannot run it.
+    """
     out = []
     for node in model.graph:
         name = node.name or f"<{node.op_type}>"
-        if is_analog(node):
+        if node.op_type in RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+            refusal = recurrent_refusal(node)
+            if refusal is not None:
+                out.append(NodeClass(name, node.op_type, "unsupported", refusal))
+            elif canonical:
+                out.append(NodeClass(name, node.op_type, "unsupported",
+                                     "not expanded into primitive ops: canonicalise the model first"))
+            else:
+                out.append(NodeClass(name, node.op_type, "digital", _recurrent_summary(node)))
+        elif is_analog(node):
             out.append(NodeClass(name, node.op_type, "analog", "constant weight maps onto the crossbar"))
         elif node.domain not in ("", "ai.onnx"):
             out.append(NodeClass(name, node.op_type, "unsupported", f"custom domain {node.domain!r}"))
@@ -125,9 +205,48 @@ def classify(model: ir.Model) -> list[NodeClass]:
                 else "runs on the digital unit"
             )
             out.append(NodeClass(name, node.op_type, "digital", why))
+        elif node.op_type == "If":
+            inputs = _graph_inputs_upstream(node.inputs[0])
+            why = (f"its condition depends on input(s) {', '.join(inputs)}: freeze them with --input-value NAME=VALUE "
+                   "(input_values= in the API) so the branch is known at compile time") if inputs else (
+                   "its condition is only known at run time; cimc compiles one fixed dataflow graph")
+            out.append(NodeClass(name, node.op_type, "unsupported", why))
+        elif node.op_type in ("Loop", "Scan"):
+            out.append(NodeClass(name, node.op_type, "unsupported",
+                                 "loops with a data-dependent trip count cannot be mapped; export the model unrolled"))
         else:
             out.append(NodeClass(name, node.op_type, "unsupported", "no implementation in cimc's digital unit"))
     return out
+
+
+def _graph_inputs_upstream(value: ir.Value | None) -> list[str]:
+    """Names of the graph inputs a value depends on (through any chain of producers)."""
+    found: list[str] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.is_graph_input():
+            found.append(v.name)
+        producer = v.producer()
+        if producer is not None:
+            stack.extend(producer.inputs)
+    return sorted(found)
+
+
+def _recurrent_summary(node: ir.Node) -> str:
+    """What canonicalisation turns an expandable recurrent layer into (for ``inspect --raw``)."""
+    a = node_attrs(node)
+    x_shape = static_shape(node.inputs[0]) or (0, 0, 0)
+    seq = x_shape[1] if int(a.get("layout", 0)) == 1 else x_shape[0]
+    w = node.inputs[1].const_value.shape  # [directions, gates·H, I]
+    dirs, gh, k = int(w[0]), int(w[1]), int(w[2])
+    hidden = gh // _GATES[node.op_type]
+    return (f"expanded at canonicalisation into analog MatMuls per direction ({dirs}): W {k}x{gh} "
+            f"({seq} MVMs), R {hidden}x{gh} (one MVM per step); gates on the digital unit")
 
 
 @dataclass(frozen=True)
@@ -233,6 +352,32 @@ def name_nodes(model: ir.Model) -> int:
         taken.add(candidate)
         changed += 1
     return changed
+
+
+def weight_value(node: ir.Node) -> ir.Value:
+    """The constant input of an analog node that holds its crossbar weight."""
+    if node.op_type == "MatMul":
+        idx = _matmul_weight_index(node)
+        assert idx is not None, f"{node.name} is not an analog MatMul"
+        return node.inputs[idx]  # type: ignore[return-value]
+    return node.inputs[1]  # type: ignore[return-value]
+
+
+def layer_of(node: ir.Node) -> str:
+    """The crossbar block (layer) a mapped analog node reads: ``cimc.layer``, else the node's own name.
+
+    Several nodes that use one weight tensor with the same crossbar matrix share one block (programmed once);
+    a model compiled before blocks could be shared has no ``cimc.layer`` and every node is its own block.
+    """
+    return node.metadata_props.get("cimc.layer") or node.name
+
+
+def placements_of(node: ir.Node) -> list[dict[str, int]]:
+    """The tiles of the block a mapped node reads (empty when it was not mapped)."""
+    import json
+
+    raw = node.metadata_props.get("cimc.placement")
+    return json.loads(raw) if raw else []
 
 
 def to_networkx(graph: ir.Graph) -> nx.DiGraph:

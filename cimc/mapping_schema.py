@@ -1,4 +1,4 @@
-"""JSON Schema of the mapping bundle's ``manifest.json`` (format ``cimc-mapping``, version 1).
+"""JSON Schema of the mapping bundle's ``manifest.json`` (format ``cimc-mapping``, version 1.1).
 
 The schema is built in Python (so it ships with the package without package data) and written as
 ``schema.json`` into every bundle, so a hardware team can validate a manifest with any JSON Schema tool
@@ -13,13 +13,14 @@ from typing import Any
 __all__ = ["MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "mapping_schema"]
 
 MAPPING_FORMAT = "cimc-mapping"
-MAPPING_FORMAT_VERSION = "1.0"
+MAPPING_FORMAT_VERSION = "1.1"  # 1.1: layers are crossbar blocks with a list of users (shared weights)
 
 _NAT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
 _NUM = {"type": "number"}
 _NONNEG = {"type": "number", "minimum": 0}
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_FILE = {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"}  # a plain name inside the bundle, no folders
 _BITS = {"type": ["integer", "null"], "minimum": 1, "maximum": 16}
 _WINDOW = {"type": "array", "items": _NAT, "minItems": 2, "maxItems": 2, "description": "half-open [start, stop)"}
 # A float per layer, or one float per output channel (group-major: channel = group * cols + column).
@@ -89,7 +90,7 @@ def _layer() -> dict[str, Any]:
     bias = _obj(
         {
             "present": {"type": "boolean"},
-            "file": {"type": ["string", "null"]},
+            "file": {"oneOf": [_FILE, {"type": "null"}]},
             "key": {"type": ["string", "null"]},
             "shape": {"type": ["array", "null"], "items": _NAT},
             "beta": _NUM,
@@ -103,7 +104,7 @@ def _layer() -> dict[str, Any]:
             "method": {"enum": ["layer", "column", "none"]},
             "probe": _obj(
                 {
-                    "file": {"type": "string"},
+                    "file": _FILE,
                     "key": {"type": "string"},
                     "seed": {"type": "integer"},
                     "count": _POS,
@@ -117,6 +118,18 @@ def _layer() -> dict[str, Any]:
         }
     )
     schedule = _obj({"step": _NAT, "stage": _NAT, "start_cycle": _NAT, "end_cycle": _NAT, "mvms": _POS})
+    user = _obj(
+        {
+            "node": {"type": "string", "minLength": 1},
+            "op_type": {"enum": ["Conv", "Gemm", "MatMul"]},
+            "dac": dac,
+            "adc": adc,
+            "bias": bias,
+            "post_processing": post,
+            "schedule": schedule,
+        },
+        description="One node that computes with this layer's devices (its own converters, bias and time slot)",
+    )
     return _obj(
         {
             "id": _NAT,
@@ -140,6 +153,7 @@ def _layer() -> dict[str, Any]:
             "post_processing": post,
             "gdc": gdc,
             "schedule": schedule,
+            "users": {"type": "array", "items": user, "minItems": 1},
         }
     )
 
@@ -150,7 +164,7 @@ def _array() -> dict[str, Any]:
             "index": _NAT,
             "file": {"type": "string", "pattern": r"^array_[0-9]+\.npz$"},
             "key": {"type": "string"},
-            "csv": {"type": ["string", "null"]},
+            "csv": {"oneOf": [{"type": "string", "pattern": r"^array_[0-9]+\.csv$"}, {"type": "null"}]},
             "rows": _POS,
             "device_cols": _POS,
             "programmed_devices": _NAT,
@@ -180,7 +194,13 @@ def _schedule() -> dict[str, Any]:
             "sram_peak_bytes": {"type": ["integer", "null"]},
             "order": {"type": "array", "items": {"type": "string"}},
             "steps": {"type": "array", "items": step},
-        }
+            "shared_cores": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                "description": "pipelined: core index -> the analog nodes that take turns on it (several per core)",
+            },
+        },
+        optional=("shared_cores",),
     )
 
 
@@ -227,7 +247,7 @@ def mapping_schema() -> dict[str, Any]:
             "source": source,
             "target": {"$ref": "#/$defs/Target"},
             "conventions": conventions,
-            "files": _obj({"biases": {"type": "string"}, "gdc": {"type": "string"}, "schema": {"type": "string"}}),
+            "files": _obj({"biases": _FILE, "gdc": _FILE, "schema": _FILE}),
             "arrays": {"type": "array", "items": {"$ref": "#/$defs/mapping_array"}},
             "layers": {"type": "array", "items": {"$ref": "#/$defs/mapping_layer"}, "minItems": 1},
             "schedule": {"$ref": "#/$defs/mapping_schedule"},

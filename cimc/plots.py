@@ -39,7 +39,13 @@ def plot_occupancy(compiled: Any, path: str | os.PathLike[str]) -> None:
                                                            grid_rows * scale * rows / max(rows, cols) + 0.8),
                              squeeze=False)
     cmap = plt.get_cmap("tab20")
-    layers = compiled.analog_nodes()
+    layers = []  # one entry per crossbar block: the uses of a shared weight sit on the same devices
+    seen: set[str] = set()
+    for node in compiled.analog_nodes():
+        block = node.metadata_props.get("cimc.layer") or node.name
+        if block not in seen:
+            seen.add(block)
+            layers.append(node)
     for ax in axes.flat:
         ax.set_xlim(0, cols)
         ax.set_ylim(rows, 0)
@@ -55,7 +61,8 @@ def plot_occupancy(compiled: Any, path: str | os.PathLike[str]) -> None:
             ax.add_patch(Rectangle((t["col0"], t["row0"]), t["cols"], t["rows"], facecolor=colour, edgecolor="black",
                                    linewidth=0.4))
             if n_arrays == 1 and t["rows"] * t["cols"] > rows * cols / 80:
-                ax.text(t["col0"] + t["cols"] / 2, t["row0"] + t["rows"] / 2, node.name, ha="center", va="center",
+                ax.text(t["col0"] + t["cols"] / 2, t["row0"] + t["rows"] / 2,
+                        node.metadata_props.get("cimc.layer") or node.name, ha="center", va="center",
                         fontsize=7, rotation=90 if t["rows"] > 2 * t["cols"] else 0)
     for i in range(n_arrays):
         axes.flat[i].set_title(f"array {i}", fontsize=7 if n_arrays > 1 else 10)

@@ -35,8 +35,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: S
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file so readers never see half of it (temp file in the same folder, then rename)."""
+    from cimc.outputs import temporary_file
+
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    fd, tmp = temporary_file(p)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
@@ -44,8 +46,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    from cimc.outputs import temporary_file
+
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent if str(p.parent) else ".")
+    fd, tmp = temporary_file(p)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, 0o644)
@@ -59,6 +63,9 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 class atomic_dir:
     """Context manager: build an output folder under a temporary name, move it into place on success.
 
+    This replaces the whole destination; the commands' ``-o`` folders use :class:`cimc.outputs.output_dir`,
+    which checks the destination first and keeps the user's files.
+
     On an exception the temporary folder is removed and an existing folder at the destination is left
     untouched; nothing half-written remains.
     """
@@ -68,8 +75,11 @@ class atomic_dir:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
+        from cimc.outputs import TMP_PREFIX, clean_stale_temporaries
+
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        clean_stale_temporaries(self.dest.parent)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{self.dest.name}.{os.getpid()}.", dir=self.dest.parent))
         return self.tmp
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

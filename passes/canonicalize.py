@@ -10,11 +10,16 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    takes) and ONNX shape inference (a folded shape makes the next shapes known, which makes more folding
    possible). One round is not enough for shape computations that depend on earlier folds.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
-3. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
+3. :class:`~cimc.passes.recurrent.ExpandRecurrentPass` — ``LSTM``/``GRU``/``RNN`` become MatMuls with constant
+   weights (analog: the input projection of all steps, and one recurrent product per step reading one shared
+   weight) and element-wise gates (digital);
+   :class:`~cimc.passes.conv_transpose.ConvTransposeToConvPass` — a ``ConvTranspose`` with a constant weight
+   becomes zero insertion + ``Conv`` (analog).
+4. :class:`FoldBatchNormPass` — ``BatchNormalization`` directly after a ``Conv`` or ``Gemm`` (whose output
    nothing else reads) is folded into its weights and bias (onnxscript's rewrite rules).
-4. :class:`MatMulAddToGemmPass` — ``Add(MatMul(x, W), b)`` with constant 2-D ``W`` and constant ``b`` becomes
+5. :class:`MatMulAddToGemmPass` — ``Add(MatMul(x, W), b)`` with constant 2-D ``W`` and constant ``b`` becomes
    one ``Gemm`` (onnxscript's rule, restricted to constant operands).
-5. :class:`CleanupPass` — unused nodes, initializers and opsets are removed; nodes are sorted topologically.
+6. :class:`CleanupPass` — unused nodes, initializers and opsets are removed; nodes are sorted topologically.
 
 1-D convolutions need no rewrite: they map like 2-D ones (K = C_in·k rows) and the executor runs them
 natively.
@@ -41,7 +46,9 @@ from onnxscript.rewriter.rules.common import fuse_batchnorm_into_conv_rule, fuse
 from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, name_nodes, node_attrs, static_shape
+from cimc.passes.conv_transpose import ConvTransposeToConvPass
 from cimc.ops import OPS
+from cimc.passes.recurrent import ExpandRecurrentPass
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
 __all__ = [
@@ -215,6 +222,12 @@ class FoldToFixpointPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, any_change)
 
 
+def _mask_needed(dropout: ir.Node) -> bool:
+    """True when a Dropout's mask output is read by a node or is itself a graph output."""
+    mask = dropout.outputs[1] if len(dropout.outputs) > 1 else None
+    return mask is not None and (bool(mask.uses()) or mask.is_graph_output())
+
+
 class RemoveNoOpsPass(ir.passes.InPlacePass):
     """Remove ``Identity`` nodes and inference-mode ``Dropout`` (whose mask output nobody reads).
 
@@ -232,7 +245,7 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx"):
                 continue
-            if len(node.outputs) > 1 and node.outputs[1].uses():
+            if _mask_needed(node):
                 continue
             x, y = node.inputs[0], node.outputs[0]
             if y.is_graph_output():
@@ -267,7 +280,7 @@ class RemoveNoOpsPass(ir.passes.InPlacePass):
 
     def ensures(self, model: ir.Model) -> None:
         for node in model.graph:
-            if node.op_type == "Dropout" and not (len(node.outputs) > 1 and node.outputs[1].uses()):
+            if node.op_type == "Dropout" and not _mask_needed(node):
                 raise ir.passes.PostconditionError(f"Dropout {node.name!r} survived")
 
 
@@ -344,6 +357,10 @@ def _canonicalize_passes() -> ir.passes.Sequential:
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
         RemoveNoOpsPass(),
+        ConvTransposeToConvPass(),  # before BN folding: a BN after the ConvTranspose then follows a Conv
+        # After folding (initial states and sequence_lens built from Shape become constants), before the
+        # rewrites that look at MatMuls and the final fold/cleanup.
+        ExpandRecurrentPass(),
         FoldBatchNormPass(),
         MatMulAddToGemmPass(),
         FoldConstantsPass(),

@@ -133,6 +133,11 @@ def _check_data(model: ir.Model, data: Any, role: str) -> None:
     if tuple(data.x.shape[1:]) != expected:
         raise DataError(f"{role} inputs have shape {tuple(data.x.shape[1:])} per sample but the model takes "
                         f"{expected}; pass data made for this model")
+    from cimc.data import check_labels
+
+    out_shape = model.graph.outputs[0].shape
+    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
+    check_labels(data.y, classes, f"{role} data '{data.name}'")
 
 
 def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -147,8 +152,9 @@ def _split(train: Any, val: Any, seed: int) -> tuple[tuple[np.ndarray, np.ndarra
     return (train.x[t], train.y[t]), (train.x[v], train.y[v])
 
 
-def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
-    """A copy of ``model`` with tiles placed (what the converters see per tile); False if it cannot be mapped."""
+def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, str | None]:
+    """A copy of ``model`` with tiles placed (what the converters see per tile), and why it could not be
+    mapped (None when it was)."""
     from cimc.passes.mapping import MapPass
 
     work = ir.from_proto(ir.to_proto(model))
@@ -157,8 +163,8 @@ def _mapped_copy(model: ir.Model, target: Any) -> tuple[ir.Model, bool]:
     except CimcError as exc:
         logger.warning("finetune: model cannot be mapped on %s (%s); training with float converters",
                        getattr(target, "name", target), exc)
-        return work, False
-    return work, True
+        return work, str(exc)
+    return work, None
 
 
 def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: FinetunePass, *, seed: int = 0,
@@ -178,9 +184,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
         _check_data(model, val, "validation")
     train_xy, val_xy = _split(train, val, seed)
     val_xy = (val_xy[0][: options.val_samples], val_xy[1][: options.val_samples])
-    work, mapped = _mapped_copy(model, target)
+    work, unmapped = _mapped_copy(model, target)
+    mapped = unmapped is None
     if "qat" in methods and not mapped:
-        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed; "
+        raise InputError(f"method 'qat' needs the model mapped on target '{target.name}', which failed ({unmapped}); "
                          "drop 'qat' or use a target the model fits")
     plans = layer_plans(work) if mapped else None
     executor = Executor(work)
@@ -221,7 +228,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
               "best_epoch": result["best_epoch"], "best_val_noisy": result["best_val_noisy"],
               "train_time_s": round(result["train_time_s"], 2), "validation": f"{options.val_instances} PCM instances "
               f"at {options.val_time:g} s, {len(val_xy[1])} samples", "history": result["history"]}
-    model.metadata_props["cimc.finetune"] = json.dumps(record)
+    # The model records what was done, not how long it took: same inputs and seed, same bytes.
+    stored = {k: v for k, v in record.items() if k != "train_time_s"}
+    stored["history"] = [{k: v for k, v in entry.items() if k != "time_s"} for entry in record["history"]]
+    model.metadata_props["cimc.finetune"] = json.dumps(stored)
     return record
 
 
@@ -245,6 +255,7 @@ def finetune(
     adc_bits: int | None = None,
     input_shapes: dict[str, Any] | None = None,
     input_values: dict[str, Any] | None = None,
+    arrays: int | None = None,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Fine-tune a model for a target; returns ``(fine-tuned onnx-ir model, history)``.
@@ -252,7 +263,8 @@ def finetune(
     ``model``: an ONNX path (imported and canonicalised: BatchNorm folded) or an onnx-ir model (copied, not
     changed). ``train``/``val``: :class:`cimc.data.Dataset` s or ``.npz`` paths / builtin names.
     ``options``: any :class:`FinetunePass` option (``lr``, ``eta``, ``zeta``, ``beta``, ...).
-    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use).
+    ``dac_bits``/``adc_bits`` override the target's converters (what QAT and validation use); ``arrays``
+    its array/core count (a model too large for the preset).
     """
     from cimc.data import load_dataset
     from cimc.frontend import load_model
@@ -270,7 +282,7 @@ def finetune(
         work = canonicalize(load_model(model, input_shapes=input_shapes, input_values=input_values))
     ds_train = load_dataset(train) if isinstance(train, (str, os.PathLike)) else train
     ds_val = load_dataset(val) if isinstance(val, (str, os.PathLike)) else val
-    t = resolve_target(target, dac_bits, adc_bits)
+    t = resolve_target(target, dac_bits, adc_bits, arrays)
     ctx = CompileContext(target=t, training=ds_train, validation=ds_val, seed=seed, progress=progress)
     if epochs is not None:
         options["epochs"] = epochs
@@ -278,13 +290,16 @@ def finetune(
     return work, ctx.results["finetune"]
 
 
-def save_finetuned(model: ir.Model, path: str | os.PathLike[str]) -> Path:
-    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename)."""
+def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = ()) -> Path:
+    """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename).
+
+    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
+    """
     from cimc.frontend import save_model
 
-    out = Path(path)
-    if out.suffix != ".onnx":
-        raise InputError(f"output '{out}' must end in .onnx; rename it")
+    from cimc.outputs import check_output_file
+
+    out = check_output_file(path, ".onnx", inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     return out

@@ -338,10 +338,9 @@ def _fit_error(blocks: Sequence[Block], geometry: ArrayGeometry, needed: int, wh
         "cannot be packed without overlap"
     )
     return FitError(
-        f"model does not fit: {reason} ({count} array(s) of {geometry.rows}×{geometry.weight_cols} weights); "
-        f"largest layer '{largest.name}' is {largest.rows}×{largest.cols} ({largest.weights:,} weights); "
-        f"use a target with at least {min_arrays} array(s) of this size (a multi-tile target such as hermes) "
-        "or reduce the channels of the largest layers"
+        f"model does not fit: {reason} ({count} array(s) of {geometry.rows}×{geometry.weight_cols} weights, "
+        f"at least {min_arrays} array(s) needed); largest layer '{largest.name}' is {largest.rows}×{largest.cols} "
+        f"({largest.weights:,} weights)"
     )
 
 

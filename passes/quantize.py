@@ -92,8 +92,15 @@ def _mse_range(abs_values: torch.Tensor, upper: torch.Tensor, bits: int | None, 
 
 
 def _positive(x: torch.Tensor) -> torch.Tensor:
-    """A full scale must be positive: dead (all-zero) signals get 1.0."""
-    return torch.where(x > 0, x, torch.ones_like(x))
+    """A full scale must be positive: dead (all-zero) signals get 1.0.
+
+    So do signals of denormal size (~1e-43): their step (full scale / 2^(bits-1)) would underflow to 0 and
+    x / step give NaN where onnxruntime computes finite values; at full scale 1.0 they quantise to 0.
+    """
+    return torch.where(x > _NEGLIGIBLE_RANGE, x, torch.ones_like(x))
+
+
+_NEGLIGIBLE_RANGE = 1e-30  # smallest full scale kept: its step stays a normal float32 up to 16 bits
 
 
 def parse_window(text: str) -> tuple[float, float] | None:

@@ -2,9 +2,11 @@
 
 1. A networkx dependency graph of the ops; the execution order is its topological order, ties broken by the
    graph's own order (deterministic).
-2. ``layer-serial`` (AON-CIM): ops run one after another; each analog layer performs its MVMs on the array
-   with only its own rows and columns active; digital ops run on the digital unit. ``pipelined`` (multi-core):
-   each analog layer is a stage on its own cores; the digital ops that follow it belong to its stage.
+2. ``layer-serial`` (AON-CIM): ops run one after another; each analog use performs its MVMs on the array
+   with only its block's rows and columns active; digital ops run on the digital unit. ``pipelined``
+   (multi-core): each core is a stage; the uses placed on one core (small layers packed together, every use
+   of a shared weight) run on it in turn, so the busiest core sets the period (``shared_cores`` lists where
+   that happens). The execution mode is the one the ``map`` pass chose (``cimc.mapping["execution"]``).
 3. Buffer liveness: a tensor lives from the step that produces it to the last step that reads it; the peak of
    live bytes (activations at the converters' precision) is the SRAM needed. More than the target's SRAM is a
    :class:`~cimc.errors.FitError` with the numbers.
@@ -12,84 +14,28 @@
    window.
 
 Durable results: node ``metadata_props["cimc.schedule"]`` = ``{"step", "unit", "stage", "start_cycle",
-"end_cycle"}``; model ``metadata_props["cimc.schedule"]`` = order, SRAM peak, execution mode; the cost report
-goes to ``ctx.results["cost"]``.
+"end_cycle"}`` (analog uses also ``"layer"`` and ``"cores"``); model ``metadata_props["cimc.schedule"]`` = order,
+SRAM peak, execution mode, latency / period / throughput, cores shared by several uses, and the costed
+execution choices; the cost report goes to ``ctx.results["cost"]``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
-from typing import Any
 
-import networkx as nx
 import onnx_ir as ir
 
 from cimc.errors import FitError
-from cimc.ir import is_analog, node_attrs, static_shape, to_networkx
-from cimc.passes.mapping import placements_of
+from cimc.ir import is_analog, layer_of, placements_of
 from cimc.pipeline import CimcPass, CompileContext, register_pass
-from cimc.runtime.cost import AnalogLayerWork, DigitalOpWork, TileShape, Workload, estimate_cost
+from cimc.runtime.cost import estimate_cost
+from cimc.runtime.workload import _numel, activation_bytes, build_workload, digital_ops, execution_order  # noqa: F401
 
 __all__ = ["SchedulePass", "build_workload", "execution_order", "activation_bytes", "digital_ops"]
 
 logger = logging.getLogger(__name__)
-
-_MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "Split", "Slice",
-          "Gather", "Expand", "Tile", "Pad", "Cast", "Shape"}
-_OPS_PER_ELEMENT = {"Softmax": 4, "LogSoftmax": 5, "BatchNormalization": 2, "LRN": 6, "Sigmoid": 4, "Tanh": 4,
-                    "HardSwish": 3, "HardSigmoid": 2, "LayerNormalization": 5, "InstanceNormalization": 5}
-
-
-def execution_order(graph: ir.Graph) -> list[ir.Node]:
-    """Topological order of the graph's nodes, ties broken by their position in the graph."""
-    nodes = list(graph)
-    position = {n.name: i for i, n in enumerate(nodes)}
-    by_name = {n.name: n for n in nodes}
-    dep = to_networkx(graph)
-    return [by_name[name] for name in nx.lexicographical_topological_sort(dep, key=lambda n: position[n])]
-
-
-def activation_bytes(target: Any) -> int:
-    """Bytes per stored activation: the wider of the converters, rounded up to bytes (float32 when ideal)."""
-    bits = [b for b in (target.converters.dac_bits, target.converters.adc_bits) if b]
-    return math.ceil(max(bits) / 8) if bits else 4
-
-
-def _numel(value: ir.Value | None) -> int:
-    shape = static_shape(value)
-    return math.prod(shape) if shape is not None else 0
-
-
-def digital_ops(node: ir.Node) -> int:
-    """Arithmetic ops the digital unit spends on a node (data movement counts zero)."""
-    out = _numel(node.outputs[0]) if node.outputs else 0
-    if node.op_type in _MOVES:
-        return 0
-    if node.op_type in ("MaxPool", "AveragePool"):
-        return out * math.prod(node_attrs(node).get("kernel_shape", [1]))
-    if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax"):
-        return _numel(node.inputs[0])
-    if node.op_type in ("MatMul", "Gemm", "Conv"):  # activation × activation products stay digital
-        k = (static_shape(node.inputs[0]) or (1,))[-1]
-        return 2 * out * k
-    return out * _OPS_PER_ELEMENT.get(node.op_type, 1)
-
-
-def build_workload(order: list[ir.Node], name: str = "") -> Workload:
-    """The cost model's view of the scheduled ops (analog layers with their placed tiles, digital ops)."""
-    layers: list[Any] = []
-    for node in order:
-        if is_analog(node):
-            m = json.loads(node.metadata_props["cimc.matrix"])
-            tiles = tuple(TileShape(t["rows"], t["cols"], t["array"]) for t in placements_of(node))
-            layers.append(AnalogLayerWork(node.name, m["rows"], m["cols"] * m["groups"], m["mvms"], tiles))
-        else:
-            ins = sum(_numel(v) for v in node.inputs if v is not None and not v.is_initializer())
-            layers.append(DigitalOpWork(node.name, node.op_type, _numel(node.outputs[0]), digital_ops(node), ins))
-    return Workload(tuple(layers), name=name)
 
 
 def _sram_peak_bytes(graph: ir.Graph, order: list[ir.Node], bytes_per_value: int) -> tuple[int, int]:
@@ -137,11 +83,13 @@ class SchedulePass(CimcPass):
                 f"activations need {peak:,} bytes of SRAM at step {at_step} ({order[min(at_step, len(order) - 1)].name}) "
                 f"but target '{target.name}' has {sram:,}; use a smaller input or fewer channels, or a target with more SRAM"
             )
-        cost = estimate_cost(target, build_workload(order, name=graph.name or ""))
+        mapping = json.loads(model.metadata_props.get("cimc.mapping", "{}"))
+        execution = mapping.get("execution") or target.execution
+        cost = estimate_cost(target, build_workload(order, name=graph.name or "", execution=execution))
         stage = -1
         cycle = 0
         for step, (node, layer) in enumerate(zip(order, cost.layers)):
-            analog = is_analog(node)
+            analog = is_analog(node) and "cimc.placement" in node.metadata_props
             if analog:
                 stage += 1
             window = {
@@ -151,11 +99,22 @@ class SchedulePass(CimcPass):
                 "start_cycle": cycle,
                 "end_cycle": cycle + layer.cycles,
             }
+            if analog:
+                window["layer"] = layer_of(node)
+                window["cores"] = sorted({t["array"] for t in placements_of(node)})
             node.metadata_props["cimc.schedule"] = json.dumps(window)
             cycle += layer.cycles
+        shared = {str(k): v for k, v in sorted(cost.shared_cores.items())}
+        if execution == "pipelined" and shared:
+            busiest = max(cost.core_busy_s, key=lambda k: cost.core_busy_s[k])
+            logger.info("pipelined: %d core(s) run several uses in turn; the busiest, core %d (%s), sets the period "
+                        "%.3g s", len(shared), busiest, ", ".join(cost.core_users[busiest][:4]),
+                        cost.core_busy_s[busiest])
         model.metadata_props["cimc.schedule"] = json.dumps(
-            {"execution": target.execution, "order": [n.name for n in order], "sram_peak_bytes": peak,
-             "sram_bytes": sram, "bytes_per_activation": per_value, "cycles": cycle}
+            {"execution": execution, "order": [n.name for n in order], "sram_peak_bytes": peak,
+             "sram_bytes": sram, "bytes_per_activation": per_value, "cycles": cycle,
+             "latency_s": cost.latency_s, "period_s": cost.period_s, "inferences_per_s": cost.inferences_per_s,
+             "shared_cores": shared, "choices": mapping.get("choices", {})}
         )
         self.ctx.results["cost"] = cost
         self.ctx.results["order"] = order

@@ -101,6 +101,7 @@ class LayerPlan:
     groups: int
     tiles: list[Tile]
     quant: QuantSpec | None
+    layer: str = ""  # the crossbar block this use reads ("" = its own); converters (quant) are per use
 
     @property
     def whole_groups(self) -> bool:
@@ -115,7 +116,9 @@ class LayerPlan:
 
 
 def layer_plans(model: ir.Model) -> dict[str, LayerPlan]:
-    """A plan per mapped analog node (tiles in placement order; quantisation if calibrated)."""
+    """A plan per mapped analog node (a *use*), keyed by node name: the tiles of the crossbar block it reads
+    (``plan.layer``; uses of one shared weight name the same block) in placement order, and this use's DAC/ADC
+    settings if calibrated (the converters are configured per operation, so each use has its own ranges)."""
     plans = {}
     for node in model.graph:
         if "cimc.placement" not in node.metadata_props:
@@ -125,7 +128,8 @@ def layer_plans(model: ir.Model) -> dict[str, LayerPlan]:
             Tile(t["group"], t["src_row0"], t["src_row0"] + t["rows"], t["src_col0"], t["src_col0"] + t["cols"])
             for t in json.loads(node.metadata_props["cimc.placement"])
         ]
-        plans[node.name] = LayerPlan(node.name, m["rows"], m["cols"], m["groups"], tiles, QuantSpec.from_node(node))
+        plans[node.name] = LayerPlan(node.name, m["rows"], m["cols"], m["groups"], tiles, QuantSpec.from_node(node),
+                                     node.metadata_props.get("cimc.layer") or node.name)
     return plans
 
 

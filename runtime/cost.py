@@ -29,8 +29,9 @@ pulse + its ADC turns (overlapped with the pulse for CCO-type ADCs); then the di
 Digital layers (ReLU, pooling, ...) cost ``ops`` on the digital unit and an SRAM read and write.
 
 Execution modes: ``layer-serial`` - latency is the sum of the layers, one inference after another;
-``pipelined`` - each layer is a stage on its own cores: latency is the sum of the stages, throughput is set
-by the slowest stage.
+``pipelined`` - every core is a pipeline stage: latency is the sum of the layers, throughput is set by the
+busiest core (the uses placed on one core - small layers packed together, or the several uses of one shared
+weight - run on it in turn, so its busy time is the sum of theirs) or the slowest digital op.
 
 Efficiency counts **ops = 2 × MACs executed in the analog arrays** (one multiply and one add per weight
 use); digital ops are spent energy but not counted as useful ops. TOPS/W is derived from the energy
@@ -91,6 +92,7 @@ class AnalogLayerWork:
     cols: int
     mvms: int
     tiles: tuple[TileShape, ...] = ()
+    layer: str = ""  # the crossbar block it reads ("" = its own); uses of one shared weight name the same block
 
     @property
     def macs(self) -> int:
@@ -124,6 +126,7 @@ class Workload:
 
     layers: tuple[LayerWork, ...]
     name: str = ""
+    execution: str | None = None  # "layer-serial" | "pipelined"; None = the target's own mode
 
     @property
     def macs(self) -> int:
@@ -188,6 +191,16 @@ class CostReport:
     period_s: float
     clock_hz: float
     settings: dict[str, Any] = field(default_factory=dict)
+    core_busy_s: dict[int, float] = field(default_factory=dict)  # array/core -> analog time per inference
+    core_users: dict[int, list[str]] = field(default_factory=dict)  # array/core -> analog uses that run there
+
+    @property
+    def shared_cores(self) -> dict[int, list[str]]:
+        """Pipelined: cores that several analog uses take turns on (core -> use names, in execution order).
+        Empty when layer-serial (every use takes its turn anyway)."""
+        if self.execution != "pipelined":
+            return {}
+        return {k: v for k, v in self.core_users.items() if len(v) > 1}
 
     @property
     def energy_j(self) -> dict[str, float]:
@@ -246,6 +259,8 @@ class CostReport:
             "tops_per_w": self.tops_per_w,
             "tops": self.tops,
             "average_power_w": self.average_power_w,
+            "core_busy_s": {str(k): v for k, v in sorted(self.core_busy_s.items())},
+            "shared_cores": {str(k): v for k, v in sorted(self.shared_cores.items())},
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
@@ -271,14 +286,34 @@ def estimate_cost(
             layers.append(_analog_layer(target, work, activity.get(work.name, default)))
         else:
             layers.append(_digital_layer(target, work))
+    execution = workload.execution or target.execution
+    if execution == "auto":  # not resolved by a map pass: pipelined when there are several cores
+        execution = "layer-serial" if target.array.count == 1 else "pipelined"
+    busy, users = _core_busy(workload, layers)
     latency_s = sum(layer.latency_s for layer in layers)
-    if target.execution == "pipelined":
-        period_s = max((layer.latency_s for layer in layers), default=0.0)
+    if execution == "pipelined":
+        # Every core is a pipeline stage; uses that share a core run in turn, so a core is busy for the sum
+        # of its uses' times; digital ops are stages of their own. The slowest stage sets the period.
+        digital = max((c.latency_s for c in layers if c.kind == "digital"), default=0.0)
+        period_s = max(max(busy.values(), default=0.0), digital)
     else:
         period_s = latency_s
     _add_static(target, layers, latency_s, period_s)
     settings = {"dac_bits": target.converters.dac_bits, "adc_bits": target.converters.adc_bits}
-    return CostReport(target.name, target.execution, layers, latency_s, period_s, target.clock_hz, settings)
+    return CostReport(target.name, execution, layers, latency_s, period_s, target.clock_hz, settings, busy, users)
+
+
+def _core_busy(workload: Workload, layers: Sequence[LayerCost]) -> tuple[dict[int, float], dict[int, list[str]]]:
+    """Per array/core: the time its analog uses keep it busy per inference, and which uses those are."""
+    busy: dict[int, float] = {}
+    users: dict[int, list[str]] = {}
+    for work, cost in zip(workload.layers, layers):
+        if not isinstance(work, AnalogLayerWork):
+            continue
+        for core in sorted({t.array_index for t in work.placed_tiles()}):
+            busy[core] = busy.get(core, 0.0) + cost.latency_s
+            users.setdefault(core, []).append(work.name)
+    return busy, users
 
 
 # --- analog layers ----------------------------------------------------------------------------------------

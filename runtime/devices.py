@@ -36,6 +36,7 @@ __all__ = [
     "DeviceModel",
     "DeviceParams",
     "IdealDevice",
+    "NEGLIGIBLE_WEIGHT",
     "PCMDevice",
     "PCMParams",
     "ProgrammedArray",
@@ -103,6 +104,9 @@ def _as_float(x: Tensor | Any) -> Tensor:
     return t
 
 
+NEGLIGIBLE_WEIGHT = 1e-30  # a largest |w| below this maps like an all-zero matrix (keeps g_max / max|w| finite)
+
+
 def weights_to_conductances(
     w: Tensor, g_max_us: float, per_column: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,8 +127,10 @@ def weights_to_conductances(
         )
     dims = (-2,) if per_column else (-2, -1)
     w_max = w.abs().amax(dim=dims, keepdim=True)
-    # An all-zero column must not produce inf/nan: any finite scale maps 0 to 0 uS.
-    w_max = torch.where(w_max > 0, w_max, torch.ones_like(w_max))
+    # An all-zero column must not produce inf/nan: any finite scale maps 0 to 0 uS. Nor may a column of
+    # denormal weights (~1e-43): g_max / 1e-43 overflows float32 to inf, and reading back gives inf/inf = NaN
+    # where onnxruntime computes a finite ~1e-43. Below NEGLIGIBLE_WEIGHT a column is treated as zero.
+    w_max = torch.where(w_max > NEGLIGIBLE_WEIGHT, w_max, torch.ones_like(w_max))
     scale = float(g_max_us) / w_max
     g = w * scale
     return g.clamp(min=0.0), (-g).clamp(min=0.0), scale

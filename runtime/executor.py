@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cimc.errors import UnsupportedOpError
-from cimc.ir import analog_matrix, classify, constant_array, is_analog, node_attrs
+from cimc.ir import analog_matrix, classify, constant_array, is_analog, layer_of, node_attrs
 from cimc.ops import OPS, _conv_padding
 
 __all__ = ["AnalogHook", "AnalogStep", "DirectHook", "Executor", "InputHook", "run_model"]
@@ -51,6 +51,7 @@ class AnalogStep:
     bias_scale: float = 1.0  # Gemm's beta
     attrs: dict[str, Any] = field(default_factory=dict)
     weight_input: int = 1  # MatMul: 0 when the constant is the left operand
+    layer: str = ""  # the crossbar block it reads (mapped models; several uses of one weight share one)
 
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The op's weight tensor as [groups, K, N] crossbar matrices (differentiable)."""
@@ -259,6 +260,7 @@ class Executor(torch.nn.Module):
             bias_scale=float(attrs.get("beta", 1.0)),
             attrs=attrs,
             weight_input=m.weight_input,
+            layer=layer_of(node),
         )
 
     def const(self, name_or_key: str) -> torch.Tensor:

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cimc.errors import DataError, InputError
+from cimc.errors import DataError, InputError, ModelError
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
+from cimc.runtime.workload import model_workload
 
-__all__ = ["Chip", "ChipState", "SimulationResult", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
+__all__ = ["Chip", "ChipState", "SimulationResult", "check_batch_axis", "format_duration", "ideal_hook", "parse_duration", "simulate", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,19 @@ class ChipState:
 
     t_s: float
     instances: int
-    weights: dict[str, torch.Tensor]  # layer → [I, G, K, N]
-    gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → [I, 1, 1|G, 1|N]
+    weights: dict[str, torch.Tensor]  # crossbar block (layer) → [I, G, K, N]
+    gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # use (node) → [I, 1, 1|G, 1|N]
     # Output (ADC input) noise is drawn per conversion, so per forward pass: its own stream per read time.
     noise_generator: torch.Generator | None = None
 
 
 class Chip:
-    """``instances`` programmed copies of a compiled model's analog layers."""
+    """``instances`` programmed copies of a compiled model's crossbar blocks.
+
+    A block is programmed once however many nodes use it (a shared weight): every use reads the same devices,
+    so the same programming noise and drift. Drift compensation is per use (its probe goes through the use's
+    DAC), applied to that use's outputs.
+    """
 
     def __init__(self, compiled: Any, instances: int, seed: int = 0):
         if instances < 1:
@@ -84,8 +90,12 @@ class Chip:
         device = compiled.target.device
         self.device = build_device(device)
         self.gdc_mode = getattr(device, "gdc", "none")
+        self.layer = {name: (self.plans[name].layer or name) for name in self.steps}  # use → block
         with torch.no_grad():
-            self.ideal = {n: s.matrix(self.executor.weight(s)).detach().float() for n, s in self.steps.items()}
+            self.ideal: dict[str, torch.Tensor] = {}  # block → [G, K, N], from its first use
+            for name, s in self.steps.items():
+                if self.layer[name] not in self.ideal:
+                    self.ideal[self.layer[name]] = s.matrix(self.executor.weight(s)).detach().float()
         gen = torch.Generator().manual_seed(seed)
         # Per-layer weight scale (max|W| of the whole layer -> g_max) spans all groups: program [1, G*K, N].
         # Per-column scales are per output column of each group: program [G, K, N] as it is.
@@ -96,22 +106,23 @@ class Chip:
         self.out_noise = self._output_noise_sigma(compiled.target)
 
     def _output_noise_sigma(self, target: Any) -> dict[str, torch.Tensor]:
-        """Per layer, the std [G, N] of the analog noise on each column sum (``converters.output_noise``, in
+        """Per use (node), the std [G, N] of the analog noise on each column sum (``converters.output_noise``, in
         units of one device at g_max driven at the DAC's full scale: x_max x the weight mapped to g_max)."""
         level = float(getattr(target.converters, "output_noise", 0.0) or 0.0)
         if level <= 0:
             return {}
         sigmas = {}
-        for name, w in self.ideal.items():
-            plan = self.plans[name]
+        for name, layer in self.layer.items():
+            plan, w = self.plans[name], self.ideal[layer]
             x_max = plan.quant.x_max if plan.quant is not None and plan.quant.dac_bits is not None else 1.0
             w_max = w.abs().amax(dim=1) if self.per_column else w.abs().amax().expand(w.shape[0], w.shape[2])
             sigmas[name] = level * x_max * w_max.clamp_min(torch.finfo(w.dtype).tiny)
         return sigmas
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each layer's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average)."""
-        return {name: probe_response(self.plans[name], w) for name, w in weights.items()}
+        """Each use's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average), read
+        from its block's devices."""
+        return {name: probe_response(self.plans[name], weights[layer]) for name, layer in self.layer.items()}
 
     def _read(self, t_s: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
@@ -132,7 +143,7 @@ class Chip:
                 self._reference = self._probe_outputs(ref_w)
             now = self._probe_outputs(weights)
             per_column = self.gdc_mode == "column"
-            for name in weights:
+            for name in now:
                 ref, cur = self._reference[name], now[name]  # [I, P, G, N]
                 state.gdc[name] = gdc_factor(ref, cur, per_column=per_column)
         return state
@@ -144,8 +155,8 @@ class Chip:
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
             b, m, g, k = cols.shape
             c = cols.reshape(instances, (b // instances) * m, g, k)
-            y = analog_mvm(self.plans[step.name], c, state.weights[step.name], out_noise=self.out_noise.get(step.name),
-                           generator=state.noise_generator)
+            y = analog_mvm(self.plans[step.name], c, state.weights[self.layer[step.name]],
+                           out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
@@ -163,9 +174,10 @@ class Chip:
             plan = self.plans[step.name]
             if step.op_type != "Conv" or not plan.whole_groups:
                 return None
-            if step.name not in cache:
-                cache[step.name] = conv_weights(state.weights[step.name], self.executor.weight(step).shape[1:])
-            return analog_conv(plan, x, cache[step.name], instances, plan.groups, step.attrs, state.gdc.get(step.name),
+            layer = self.layer[step.name]
+            if layer not in cache:  # one kernel per block: uses of a shared weight read the same devices
+                cache[layer] = conv_weights(state.weights[layer], self.executor.weight(step).shape[1:])
+            return analog_conv(plan, x, cache[layer], instances, plan.groups, step.attrs, state.gdc.get(step.name),
                                out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
 
         return run
@@ -215,10 +227,21 @@ def _predictions(executor: Executor, x: np.ndarray, instances: int, batch_size: 
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
             rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
             logits = executor(rep)[0]
+            check_batch_axis(logits, instances * len(xb), "the first output")
             preds.append(logits.reshape(instances, len(xb), -1).argmax(-1).numpy())
             if tick:
                 tick(len(xb))
     return np.concatenate(preds, axis=1)
+
+
+def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
+    """The output must keep one row per sample (and instance) on its first axis, as every input does."""
+    if y.dim() == 0 or y.shape[0] != rows:
+        raise ModelError(
+            f"output {name!r} has shape {tuple(y.shape)} for {rows} sample(s) x instance(s): the model does not keep "
+            "samples on the first axis (a Reshape/Flatten/Transpose mixes them), so cimc cannot batch it; re-export "
+            "it with the batch as the first axis throughout (e.g. Flatten axis=1, Reshape to [-1, ...])"
+        )
 
 
 @dataclass
@@ -226,6 +249,8 @@ class SimulationResult:
     """Accuracy per time (mean, std, min, per instance), baselines, and the cost the run counted."""
 
     data: dict[str, Any]
+    # Wall-clock figures live apart from ``data`` so the same inputs and seed give the same results.json bytes.
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         from cimc.report import format_table
@@ -266,6 +291,15 @@ def simulate(
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+    from cimc.data import check_labels
+
+    out_shape = compiled.model.graph.outputs[0].shape
+    classes = out_shape[-1] if out_shape is not None and len(out_shape) and isinstance(out_shape[-1], int) else None
+    check_labels(np.asarray(y), classes, "data")
+    from cimc.validate import samples_per_pass
+
+    samples_per_pass(compiled.model, instances, 1)  # one sample on every instance must fit the memory budget
+    batch_size = samples_per_pass(compiled.model, 1, batch_size)  # rows (samples x instances) per pass
     started = time.perf_counter()
     chip = Chip(compiled, instances, seed)
     per_run = max(1, batch_size // instances) if instances > 1 else batch_size
@@ -301,9 +335,7 @@ def simulate(
     if bar:
         bar.close()
     measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}
-    from cimc.passes.schedule import build_workload, execution_order
-
-    workload = build_workload(execution_order(compiled.model.graph))
+    workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
     data = {
         "format": "cimc-simulation/1",
@@ -320,9 +352,8 @@ def simulate(
         "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
                  "activity": {k: vars(v) for k, v in measured.items()},
                  "ops_definition": "2 x MACs executed in the analog arrays"},
-        "wall_time_s": time.perf_counter() - started,
     }
-    return SimulationResult(data)
+    return SimulationResult(data, {"format": "cimc-timings/1", "wall_time_s": time.perf_counter() - started})
 
 
 def _cost_summary(cost: Any) -> dict[str, Any]:

@@ -81,7 +81,9 @@ class NoiseHook:
         self.noise_on = True
         self.instances = 1
         self._t_s = t_train_s
-        self._frozen: dict[str, torch.Tensor] | None = None  # validation: one weight draw per layer, reused
+        self._frozen: dict[str, Any] | None = None  # validation: one device draw per crossbar block, reused
+        self._frozen_gdc: dict[str, torch.Tensor | None] = {}  # validation: GDC factor per use
+        self._draws: dict[str, Any] = {}  # training: this forward pass's noise per crossbar block
         self._val_t_s = 86400.0
         self._val_gen: torch.Generator | None = None
         self._executor: Executor | None = None
@@ -108,6 +110,7 @@ class NoiseHook:
         """PCM instances read at ``t_s`` (drawn once per layer from ``seed``), instance-major batches."""
         saved = (self.training, self.instances, self._frozen, self._val_t_s, self._val_gen)
         self.training, self.instances, self._frozen, self._val_t_s = False, instances, {}, t_s
+        self._frozen_gdc = {}
         self._val_gen = torch.Generator().manual_seed(seed)
         try:
             yield
@@ -115,44 +118,66 @@ class NoiseHook:
             self.training, self.instances, self._frozen, self._val_t_s, self._val_gen = saved
 
     # -- the weights a layer computes with -------------------------------------------------------------
-    def _pcm(self, step: AnalogStep, matrix: torch.Tensor, t_s: float, instances: int,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``instances`` programmed copies of ``matrix`` read at ``t_s`` (noise detached), and their GDC factors.
+    def _pcm_reads(self, matrix: torch.Tensor, t_s: float, instances: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``instances`` programmed copies of ``matrix`` read at ``t_s``: (the devices' error ``w_t - w``,
+        detached, to add to the weights; the read at 0 s, None without GDC; the read at ``t_s``).
 
-        Drift compensation is what the simulator does: the layer's fixed probe read at 0 s and at ``t_s``,
-        the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
+        Drift compensation (:meth:`_gdc`) is what the simulator does: the use's fixed probe read at 0 s and at
+        ``t_s``, the ratio applied digitally *after* the ADC (so training sees the ADC range the drift loses).
         """
         w_ref = matrix.detach()
         programmed = self.device.program_weights(w_ref, instances, generator)
         w_t = programmed.read(t_s, generator).to(matrix.dtype)  # [I, G, K, N]
-        noisy = matrix.unsqueeze(0) + (w_t - w_ref)
+        error = w_t - w_ref
+        if getattr(self.device, "gdc_mode", "none") == "none":
+            return error, None, w_t
+        return error, programmed.read(0.0, generator).to(matrix.dtype), w_t
+
+    def _gdc(self, step: AnalogStep, w_0: torch.Tensor | None, w_t: torch.Tensor) -> torch.Tensor | None:
+        """The use's drift-compensation factor from the reads at 0 s and t (its probe through its DAC)."""
         mode = getattr(self.device, "gdc_mode", "none")
-        if mode == "none":
-            return noisy, None
-        w_0 = programmed.read(0.0, generator).to(matrix.dtype)
+        if mode == "none" or w_0 is None:
+            return None
         plan = self.plans.get(step.name) if self.plans is not None else None
         if plan is None:
             ref, cur = w_0, w_t
         else:
             ref, cur = probe_response(plan, w_0), probe_response(plan, w_t)
-        return noisy, gdc_factor(ref, cur, per_column=(mode == "column")).detach()
+        return gdc_factor(ref, cur, per_column=(mode == "column")).detach()
 
     def _weights(self, step: AnalogStep, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([I or 1, G, K, N] weights, GDC factor broadcasting over [I, M, G, N] or None)."""
         if self._frozen is not None:
-            if step.name not in self._frozen:
+            # One draw per crossbar block: the uses of a shared weight read the same devices (as in simulation);
+            # drift compensation is per use.
+            layer = step.layer or step.name
+            if layer not in self._frozen:
                 assert self._val_gen is not None and self.device is not None
                 with torch.no_grad():
-                    self._frozen[step.name] = self._pcm(step, matrix.detach(), self._val_t_s, self.instances,
-                                                        self._val_gen)
-            return self._frozen[step.name]
+                    error, w_0, w_t = self._pcm_reads(matrix.detach(), self._val_t_s, self.instances, self._val_gen)
+                    self._frozen[layer] = (matrix.detach().unsqueeze(0) + error, w_0, w_t)
+            if step.name not in self._frozen_gdc:
+                _, w_0, w_t = self._frozen[layer]
+                with torch.no_grad():
+                    self._frozen_gdc[step.name] = self._gdc(step, w_0, w_t)
+            return self._frozen[layer][0], self._frozen_gdc[step.name]
         if not (self.training and self.noise_on) or self.weight_noise is None:
             return matrix.unsqueeze(0), None
+        # One draw per crossbar block and forward pass: the uses of a shared weight see the same noise, as
+        # they would read the same devices. The first analog step of the pass starts a new draw.
+        if step.index == 0:
+            self._draws = {}
+        layer = step.layer or step.name
         if self.weight_noise == "gaussian":
-            w_max = matrix.detach().abs().amax()
-            noise = torch.randn(matrix.shape, generator=self.generator) * (self.eta * w_max)
-            return (matrix + noise).unsqueeze(0), None
-        return self._pcm(step, matrix, self._t_s, 1, self.generator)
+            if layer not in self._draws:
+                w_max = matrix.detach().abs().amax()
+                self._draws[layer] = torch.randn(matrix.shape, generator=self.generator) * (self.eta * w_max)
+            return (matrix + self._draws[layer]).unsqueeze(0), None
+        if layer not in self._draws:
+            self._draws[layer] = self._pcm_reads(matrix, self._t_s, 1, self.generator)
+        error, w_0, w_t = self._draws[layer]
+        return matrix.unsqueeze(0) + error, self._gdc(step, w_0, w_t)
 
     # -- the executor's three hooks ----------------------------------------------------------------------
     def attach(self, executor: Executor) -> None:
@@ -297,10 +322,11 @@ def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator
     kernels: dict[str, torch.Tensor] = {}
 
     def weights(step: AnalogStep, matrix: torch.Tensor) -> torch.Tensor:
-        if step.name not in noisy:
+        key = step.layer or step.name  # one draw per crossbar block: every use of a shared weight sees it
+        if key not in noisy:
             z = torch.randn((draws, *matrix.shape), generator=generator)
-            noisy[step.name] = matrix.detach() + matrix.detach().abs() * zeta * z
-        return noisy[step.name]
+            noisy[key] = matrix.detach() + matrix.detach().abs() * zeta * z
+        return noisy[key]
 
     def hook(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape
@@ -310,11 +336,12 @@ def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator
     def direct(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
         if step.op_type != "Conv":
             return None
-        if step.name not in kernels:
+        key = step.layer or step.name
+        if key not in kernels:
             weight = executor.weight(step)
-            kernels[step.name] = conv_weights(weights(step, step.matrix(weight)), tuple(weight.shape[1:]))
-        w = noisy[step.name]
-        return analog_conv(None, x, kernels[step.name], draws, w.shape[1], step.attrs)
+            kernels[key] = conv_weights(weights(step, step.matrix(weight)), tuple(weight.shape[1:]))
+        w = noisy[key]
+        return analog_conv(None, x, kernels[key], draws, w.shape[1], step.attrs)
 
     return hook, direct
 

@@ -32,10 +32,21 @@ def preset_names() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
 
 
-def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None) -> Target:
-    """A Target from a preset name, a YAML path or a Target, with optional converter overrides."""
+def resolve_target(target: Any, dac_bits: int | None = None, adc_bits: int | None = None,
+                   arrays: int | None = None) -> Target:
+    """A Target from a preset name, a YAML path or a Target, with optional converter overrides.
+
+    ``arrays`` replaces the target's array (core) count, keeping their geometry: how the model would run on
+    a larger chip of the same kind (target field ``array.count``).
+    """
+    if arrays is not None and (isinstance(arrays, bool) or not isinstance(arrays, int) or arrays < 1):
+        raise TargetError(f"--arrays must be a whole number of arrays, at least 1 (got {arrays!r})")
     t = target if isinstance(target, Target) else load_target(str(target))
-    overrides = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("dac_bits", dac_bits), ("adc_bits", adc_bits)) if v is not None}
+    if arrays is not None:
+        overrides["array.count"] = arrays
+        logger.info("target %s: %d array(s) of %dx%d weights instead of %s", t.name, arrays, t.array.rows,
+                    t.array.weight_cols, t.array.count if t.array.count is not None else "unbounded")
     return t.with_overrides(**overrides) if overrides else t
 
 

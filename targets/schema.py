@@ -254,8 +254,11 @@ class Target(BaseModel):
     activity: ActivityDefaults = ActivityDefaults()
     clock_hz: float = Field(1e9, gt=0, description="Digital clock frequency, Hz (assumed)")
     static_power_w: float = Field(0.0, ge=0, description="Leakage and bias power while running, W (assumed)")
-    execution: Literal["layer-serial", "pipelined"] = Field(
-        "layer-serial", description="layer-serial: layers take turns on the arrays; pipelined: layers overlap"
+    execution: Literal["layer-serial", "pipelined", "auto"] = Field(
+        "layer-serial",
+        description="layer-serial: layers take turns on the arrays; pipelined: every core is a pipeline stage "
+        "(small layers may share a core and run in turn); auto: the compiler costs both and picks pipelined "
+        "when it gives at least 5 % more throughput",
     )
 
     @property

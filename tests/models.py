@@ -29,6 +29,7 @@ __all__ = [
     "MatMulMlp",
     "export_onnx",
     "light_model_path",
+    "shared_weight_model",
     "make_ir_model",
     "make_onnx_model",
     "randomize_initializers",
@@ -303,3 +304,42 @@ def _random_like(value: ir.Value, shape: tuple[int, ...], rng: np.random.Generat
     if (op == "BatchNormalization" and idx in (1, 4)) or op in ("Mul", "Div"):
         return rng.uniform(0.5, 1.5, shape).astype(np.float32)
     return normal * np.float32(0.1)
+
+
+# ------------------------------------------------------------------------------------------ shared weights
+def shared_weight_model(kind: str, n: int = 16, seed: int = 0) -> onnx.ModelProto:
+    """Graphs whose nodes share weight initializers, batch 1, input ``x`` [1, n], output ``y``.
+
+    * ``"two-matmul"``: ``y = relu(x @ W) @ W`` — two MatMuls, one initializer;
+    * ``"gemm-chain"``: five ``h = tanh(Gemm(h, W, b_i, transB=1))`` steps (an unrolled recurrent layer: one
+      weight, a bias per step);
+    * ``"mixed"``: ``W`` read by ``Gemm transB=1`` twice (one block), by a ``MatMul`` (the transposed view: a
+      block of its own) and by a ``Gemm`` with ``alpha=2`` (scaled view: a block of its own); ``W`` is not
+      symmetric, so no two different views coincide.
+    """
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    inits: dict[str, np.ndarray] = {"W": w}
+    nodes = []
+    if kind == "two-matmul":
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm0"),
+                 helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                 helper.make_node("MatMul", ["r", "W"], ["y"], name="mm1")]
+    elif kind == "gemm-chain":
+        h = "x"
+        for i in range(5):
+            inits[f"b{i}"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
+            nodes += [helper.make_node("Gemm", [h, "W", f"b{i}"], [f"g{i}"], name=f"step{i}", transB=1),
+                      helper.make_node("Tanh", [f"g{i}"], ["y" if i == 4 else f"h{i}"], name=f"tanh{i}")]
+            h = f"h{i}"
+    elif kind == "mixed":
+        nodes = [helper.make_node("Gemm", ["x", "W"], ["a"], name="gemm_t0", transB=1),
+                 helper.make_node("Tanh", ["a"], ["a1"], name="t0"),
+                 helper.make_node("Gemm", ["a1", "W"], ["b"], name="gemm_t1", transB=1),
+                 helper.make_node("Tanh", ["b"], ["b1"], name="t1"),
+                 helper.make_node("MatMul", ["b1", "W"], ["c"], name="matmul"),
+                 helper.make_node("Tanh", ["c"], ["c1"], name="t2"),
+                 helper.make_node("Gemm", ["c1", "W"], ["y"], name="gemm_alpha", transB=1, alpha=2.0)]
+    else:
+        raise ValueError(kind)
+    return make_onnx_model(nodes, [("x", [1, n])], ["y"], inits)

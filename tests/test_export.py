@@ -309,3 +309,108 @@ def test_export_cli_writes_bundle_atomically(kws_build: Path, tmp_path: Path, ru
         "schema.json",
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+# ------------------------------------------------------------------------------------------ shared weights
+@pytest.fixture(scope="module")
+def shared_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The 'mixed' graph on aon-cim with calibration: W shared by two Gemm transB uses (one layer, two users),
+    a MatMul and an alpha=2 Gemm reading W in other orientations (layers of their own)."""
+    import onnx
+
+    from cimc.compiler import compile_model
+    from cimc.data import Dataset
+    from tests.models import shared_weight_model
+
+    tmp = tmp_path_factory.mktemp("shared")
+    onnx.save(shared_weight_model("mixed"), tmp / "mixed.onnx")
+    x = np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    compile_model(tmp / "mixed.onnx", "aon-cim", calibration=Dataset(x, None, "calib"), out_dir=tmp / "build")
+    return tmp / "build", export_mapping(tmp / "build", tmp / "bundle")
+
+
+def test_shared_weight_exported_once_with_every_user(shared_bundle: tuple[Path, Path]):
+    build, bundle = shared_bundle
+    report = verify_bundle(bundle)
+    assert report.ok, report.problems
+    manifest = _manifest(bundle)
+    assert manifest["format_version"] == "1.1"
+    layers = {lay["name"]: lay for lay in manifest["layers"]}
+    assert sorted(layers) == ["W", "gemm_alpha", "matmul"] and report.layers_checked == 3
+    shared = layers["W"]
+    assert [u["node"] for u in shared["users"]] == ["gemm_t0", "gemm_t1"] and shared["source_node"] == "gemm_t0"
+    assert [u["bias"]["key"] for u in shared["users"]] == [None, None]  # no bias in this graph
+    assert shared["users"][0]["dac"] == shared["dac"] and shared["users"][1]["dac"]["calibrated"]
+    assert manifest["schedule"]["shared_cores"] == {}  # aon-cim is layer-serial
+    steps = {s["node"]: s["layer_id"] for s in manifest["schedule"]["steps"] if s["unit"] == "array"}
+    assert steps["gemm_t0"] == steps["gemm_t1"] == shared["id"] != steps["matmul"]
+    # The devices are programmed once: the array holds 3 blocks of 16x16 weights, not 4.
+    with np.load(bundle / "array_0.npz") as npz:
+        assert np.count_nonzero(npz["g_us"]) <= 3 * 16 * 16 < 4 * 16 * 16
+
+
+def test_verify_names_a_user_missing_from_a_shared_layer(shared_bundle: tuple[Path, Path], tmp_path: Path):
+    _, bundle = shared_bundle
+    copy = _copy(bundle, tmp_path)
+    manifest = _manifest(copy)
+    shared = next(lay for lay in manifest["layers"] if lay["name"] == "W")
+    shared["users"] = shared["users"][:1]
+    _rewrite(copy, manifest)
+    report = verify_bundle(copy)
+    assert any("'gemm_t1'" in p and "missing from the manifest" in p for p in report.problems), report.problems
+    manifest["layers"][0]["users"].append({**manifest["layers"][0]["users"][0], "node": "no_such_node"})
+    _rewrite(copy, manifest)
+    assert any("user 'no_such_node' is not an analog node" in p for p in verify_bundle(copy).problems)
+
+
+def test_bias_of_each_user_is_exported(tmp_path: Path):
+    import onnx
+
+    from cimc.compiler import compile_model
+    from tests.models import shared_weight_model
+
+    onnx.save(shared_weight_model("gemm-chain"), tmp_path / "chain.onnx")
+    compile_model(tmp_path / "chain.onnx", "hermes", out_dir=tmp_path / "build")
+    bundle = export_mapping(tmp_path / "build", tmp_path / "bundle")
+    manifest = _manifest(bundle)
+    (layer,) = manifest["layers"]
+    assert [u["bias"]["key"] for u in layer["users"]] == ["L0", "L0_u1", "L0_u2", "L0_u3", "L0_u4"]
+    # hermes is pipelined: the five uses take turns on the block's one core.
+    assert manifest["schedule"]["shared_cores"] == {str(layer["arrays"][0]): [f"step{i}" for i in range(5)]}
+    with np.load(bundle / "biases.npz") as npz:
+        assert sorted(npz.files) == ["L0", "L0_u1", "L0_u2", "L0_u3", "L0_u4"]
+        assert not np.array_equal(npz["L0"], npz["L0_u1"])
+    report = verify_bundle(bundle)
+    assert report.ok, report.problems
+    with np.load(bundle / "biases.npz") as npz:
+        biases = dict(npz)
+    biases["L0_u3"] = biases["L0_u3"] + 1
+    np.savez(bundle / "biases.npz", **biases)
+    assert any("user 'step3'" in p and "bias" in p for p in verify_bundle(bundle).problems)
+
+
+def test_same_export_twice_gives_the_same_bytes(kws_build: Path, tmp_path: Path, run_cli):
+    """No absolute path, time or random name in a bundle: the compiled folder is recorded relative to it."""
+    for name in ("a", "b"):
+        assert run_cli("export", kws_build, "-o", tmp_path / name, "--csv").code == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    recorded = manifest["source"]["compiled_dir"]
+    assert not Path(recorded).is_absolute() and (tmp_path / "a" / recorded).resolve() == kws_build.resolve()
+    assert run_cli("verify", tmp_path / "a").code == 0  # the relative record still finds the compiled model
+
+
+def test_verify_does_not_follow_paths_out_of_the_bundle(kws_bundle: Path, tmp_path: Path, run_cli):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(kws_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["biases"] = "/etc/passwd"
+    manifest["source"]["compiled_dir"] = str(Path(manifest["source"]["compiled_dir"]).absolute())
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    res = run_cli("verify", copy)
+    assert res.code == 1 and "manifest: files/biases" in res.out

@@ -6,6 +6,8 @@ whole file takes seconds.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,61 @@ def test_direct_convolution_path_equals_the_unrolled_one(tiny_model: Path, digit
         unrolled = executor(x)[0]
     assert torch.allclose(direct, unrolled, rtol=1e-4, atol=1e-4 * float(unrolled.abs().max()))
     assert not torch.allclose(direct[:16], direct[16:32])  # the instances differ
+
+
+def test_arrays_override_lets_qat_map_a_model_too_big_for_the_target(tiny_model: Path, digits: Dataset,
+                                                                       tmp_path: Path, run_cli) -> None:
+    from cimc.targets import load_target, target_yaml
+
+    # One 64x16-weight array: the 128x10 classifier splits into two 64-row tiles that, with the conv, do not fit.
+    small = load_target("aon-cim").with_overrides(**{"name": "tiny-array", "array.rows": 64, "array.cols": 32})
+    yaml_path = tmp_path / "tiny-array.yaml"
+    yaml_path.write_text(target_yaml(small))
+    with pytest.raises(InputError, match=r"method 'qat' needs the model mapped.*--arrays 3"):
+        finetune(tiny_model, small, digits, method="qat", epochs=1, **FAST)
+    model, history = finetune(tiny_model, small, digits, method="qat", epochs=1, arrays=3, **FAST)
+    assert history["history"]
+    data = save_dataset(tmp_path / "train.npz", digits.x, digits.y)
+    res = run_cli("finetune", tiny_model, "--target", yaml_path, "--arrays", "3", "--data", data, "--epochs", "1",
+                  "--method", "qat", "-o", tmp_path / "tuned.onnx", "-q")
+    assert res.code == 0, res.err
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "pcm"])
+def test_training_noise_is_drawn_once_per_crossbar_block(tmp_path: Path, noise: str) -> None:
+    """An unrolled recurrent layer (5 Gemm uses of one weight) reads one set of devices: within a forward pass
+    every use sees the same noisy weights; the next pass draws again."""
+    from cimc.compiler import compile_model
+    from cimc.runtime.devices import build_device
+    from models import shared_weight_model
+
+    onnx.save(shared_weight_model("gemm-chain"), tmp_path / "chain.onnx")
+    compiled = compile_model(tmp_path / "chain.onnx", "aon-cim")
+    executor = Executor(compiled.model)
+    hook = NoiseHook(weight_noise=noise, eta=0.1, device=build_device(compiled.target.device),
+                     generator=torch.Generator().manual_seed(0))
+    hook.attach(executor)
+    hook.training = True
+    steps = executor.analog_steps
+    assert {s.layer for s in steps} == {"W"} and [s.index for s in steps] == list(range(5))
+    passes = []
+    for _ in range(2):
+        passes.append([hook._weights(s, s.matrix(executor.weight(s)))[0].detach() for s in steps])
+    for drawn in passes:
+        assert all(torch.equal(w, drawn[0]) for w in drawn)
+        assert not torch.equal(drawn[0][0], steps[0].matrix(executor.weight(steps[0])).detach())
+    assert not torch.equal(passes[0][0], passes[1][0])
+
+
+def test_two_identical_runs_write_identical_bytes(tiny_model: Path, digits: Dataset, tmp_path: Path, run_cli) -> None:
+    """The model records what was done (method, history) but not how long it took."""
+    data = save_dataset(tmp_path / "train.npz", digits.x[:200], digits.y[:200])
+    outs = []
+    for name in ("a.onnx", "b.onnx"):
+        res = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o",
+                      tmp_path / name, "-q", "--batch-size", "64")
+        assert res.code == 0, res.err
+        outs.append((tmp_path / name).read_bytes())
+    assert outs[0] == outs[1]
+    record = json.loads(onnx.load(tmp_path / "a.onnx").metadata_props[0].value)
+    assert "train_time_s" not in record and all("time_s" not in e for e in record["history"])

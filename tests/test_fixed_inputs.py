@@ -201,3 +201,10 @@ def test_unnamed_nodes_compile_and_match(tmp_path: Path) -> None:
     onnx.save(ref_model, tmp_path / "ref.onnx")
     x = rng.normal(size=(1, 6)).astype(np.float32)
     assert rel_l2(cimc.run(compiled, x, ideal=True), run_ort(tmp_path / "ref.onnx", {"x": x})[0]) < 1e-5
+
+
+def test_if_on_a_live_input_is_refused_naming_the_input(tmp_path: Path, run_cli) -> None:
+    path = _vad_like(tmp_path / "vad.onnx")
+    res = run_cli("compile", path, "--target", "ideal", "--input-shape", "input=1,512", "-o", tmp_path / "b", "-q")
+    assert res.code == 2 and "Traceback" not in res.err
+    assert "depends on input(s) sr" in res.err and "--input-value" in res.err

@@ -120,3 +120,19 @@ def test_cimc_program_debug_shows_traceback(tmp_path: Path, run_cimc_process) ->
     assert result.code != 0
     assert "Traceback (most recent call last)" in result.err
     assert "InputError" in result.err and "is a folder" in result.err
+
+
+def test_shared_weights_counted_once_macs_per_use(tmp_path: Path, run_cli) -> None:
+    import onnx
+
+    from tests.models import shared_weight_model
+
+    onnx.save(shared_weight_model("gemm-chain"), tmp_path / "chain.onnx")
+    result = run_cli("inspect", tmp_path / "chain.onnx")
+    assert result.code == 0, result.err
+    # 256 weights + 5 biases of 16, each stored once; the weight is read by 5 Gemm nodes, each computing.
+    assert _summary_number(result.out, "parameters") == 256 + 5 * 16
+    assert "analog weights: 256 unique, 1,280 counted per use (1 weight tensor(s) read by several nodes" in result.out
+    assert _summary_number(result.out, "MACs per inference") == 5 * 256
+    totals = json.loads(run_cli("inspect", tmp_path / "chain.onnx", "--json").out)["totals"]
+    assert totals["parameters_per_use"] == 5 * 256 + 5 * 16 and totals["shared_weights"] == {"W": 5}

@@ -102,3 +102,32 @@ def test_hundreds_of_tiles_pack_exactly():
 def test_duplicate_names_rejected():
     with pytest.raises(ValueError, match="duplicate block names"):
         pack_blocks([Block("x", 1, 1), Block("x", 2, 2)], AON)
+
+
+def test_pipelined_core_sharing_packs_without_overlap_and_counts_shared_weights_once(tmp_path):
+    """Map pass on a tiny multi-core target: 6 small layers + a weight used by 5 Gemm nodes, 3 cores.
+    One layer per core would need 7; merged placements must still be a valid packing of every block once."""
+    import onnx
+    import torch
+
+    from cimc.frontend import load_model
+    from cimc.ir import is_analog
+    from cimc.passes.mapping import MapPass, shared_layers
+    from cimc.pipeline import CompileContext
+    from tests.models import export_onnx, shared_weight_model
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(6)]).eval()
+    target = load_target("hermes").with_overrides(**{"array.rows": 32, "array.cols": 64, "array.count": 3})
+    for path in (export_onnx(mlp, torch.randn(1, 16), tmp_path / "mlp.onnx"), tmp_path / "chain.onnx"):
+        if path.name == "chain.onnx":
+            onnx.save(shared_weight_model("gemm-chain"), path)
+        model = load_model(path)
+        ctx = CompileContext(target=target)
+        MapPass(ctx=ctx)(model)
+        layers = shared_layers([n for n in model.graph if is_analog(n)])
+        blocks = [b for layer in layers for b in layer.blocks()]
+        packing = ctx.results["packing"]
+        check_packing(packing, blocks)
+        assert packing.arrays_used <= 3 and packing.weights_placed == sum(b.weights for b in blocks)
+    assert len(layers) == 1 and len(layers[0].users) == 5 and packing.weights_placed == 256

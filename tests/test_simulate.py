@@ -195,3 +195,40 @@ def test_drift_window_errors(text: str) -> None:
     with pytest.raises(DataError, match="drift_window"):
         parse_window(text)
     assert parse_window("none") is None and parse_window("1s..1y") == (1.0, 31557600.0)
+
+
+def test_shared_weight_programmed_once_every_use_reads_the_same_devices(tmp_path: Path) -> None:
+    """An unrolled recurrent layer (5 Gemm uses of one weight): one block, programmed once per instance; every
+    use computes with that instance's same noisy, drifted conductances."""
+    import onnx
+
+    from cimc.runtime.simulator import use
+    from tests.models import shared_weight_model
+
+    path = tmp_path / "chain.onnx"
+    model = shared_weight_model("gemm-chain")
+    onnx.save(model, path)
+    compiled = compile_model(path, "aon-cim", dac_bits=0, adc_bits=0)  # converters off: weights are all that differ
+    chip = Chip(compiled, 3, seed=5)
+    assert list(chip.ideal) == ["W"] and set(chip.layer.values()) == {"W"} and len(chip.layer) == 5
+    state = chip.at(86400.0, gdc=False)
+    w = state.weights["W"]  # [I, G, K, N]
+    assert list(state.weights) == ["W"] and w.shape == (3, 1, 16, 16)
+    assert not torch.equal(w[0], w[1])  # instances differ (programming noise) ...
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32))
+    use(chip, chip.hook(state), state=state)
+    with torch.no_grad():
+        got = chip.executor(x.repeat(3, 1))[0].reshape(3, 2, 16)
+    use(chip, None)
+    biases = {i.name: torch.from_numpy(np.array(onnx.numpy_helper.to_array(i))) for i in model.graph.initializer}
+    for inst in range(3):  # ... but within an instance every step multiplies by the same matrix
+        h = x
+        for step in range(5):
+            h = torch.tanh(h @ w[inst, 0] + biases[f"b{step}"])
+        assert torch.allclose(got[inst], h, rtol=1e-5, atol=1e-6)
+    # Drift compensation is per use, measured on the shared devices: one probe response per use.
+    assert chip.gdc_mode == "layer"
+    compensated = chip.at(86400.0, gdc=True)
+    assert sorted(compensated.gdc) == [f"step{i}" for i in range(5)]
+    first = compensated.gdc["step0"]  # same devices, same (unquantised) probe: the same factor for every use
+    assert all(torch.allclose(g, first) for g in compensated.gdc.values()) and not torch.allclose(first, torch.ones(1))
