@@ -26,6 +26,7 @@ from cimc.runtime.cost import (
     ENERGY_COMPONENTS,
     CostReport,
     DigitalOpWork,
+    TileShape,
     Workload,
     estimate_cost,
     tiles_from_placements,
@@ -88,7 +89,8 @@ def reference_workload(model: str, target: Target) -> Workload:
 
 def hermes_peak_workload() -> Workload:
     """Every one of the 64 cores runs one full 256x256 MVM: HERMES's peak-throughput operating point."""
-    return Workload(tuple(AnalogLayerWork(f"core{i}", 256, 256, 1, ()) for i in range(64)), name="peak")
+    return Workload(tuple(AnalogLayerWork(f"core{i}", 256, 256, 1, (TileShape(256, 256, i),)) for i in range(64)),
+                    name="peak")
 
 
 def fit_kws(target: Target, fields: tuple[str, ...] = FITTED) -> dict[str, float]:
