@@ -528,8 +528,8 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
                             "max_rel_l2": max(numeric) if len(numeric) == len(errs) and numeric else None}
             # Placeholder weights (the onnx wheel's model-zoo files) can make every output a constant, which
             # any executor matches: say so rather than count it as evidence.
-            res["float"]["constant_reference"] = all(np.ptp(np.asarray(v, dtype=np.float64)) == 0
-                                                     for v in ref.values() if np.asarray(v).size)
+            multi = [np.asarray(v, dtype=np.float64) for v in ref.values() if np.asarray(v).size > 1]
+            res["float"]["constant_reference"] = bool(multi) and all(np.ptp(v) == 0 for v in multi)
             worst = res["float"]["max_rel_l2"]
             if worst is None or worst > MATCH_TOL:
                 res["float"]["first_divergence"] = first_divergence(ex, path, feeds)
@@ -757,9 +757,11 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
     lines += [f"| {k} | {v} |" for k, v in summary["refused_on_ideal_by_reason"].items()] or ["| (none) | 0 |"]
     lines += ["", "### Crashes", ""]
     if summary["crashes"]:
-        lines += ["| model | stage | exception | message | where |", "|---|---|---|---|---|"]
-        lines += [f"| {c['model']} | {c['stage']} | {c['type']} | {c['message'][:120].replace('|', '/')} | "
-                  f"{c.get('where', '')} |" for c in summary["crashes"]]
+        grouped: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
+        for c in summary["crashes"]:  # one row per model and exception, listing the stages it hit
+            grouped[(c["model"], c["type"], c["message"][:120].replace("|", "/"), c.get("where", ""))].append(c["stage"])
+        lines += ["| model | stages | exception | message | where |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {', '.join(st)} | {t} | {msg} | {w} |" for (m, t, msg, w), st in grouped.items()]
     else:
         lines.append("None.")
     lines += ["", "### Ops cimc does not implement, by the number of models that contain them", "",

@@ -26,10 +26,27 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "__init__.py").is_file():
     __path__.append(str(_SOURCE_ROOT))  # type: ignore[name-defined]  # noqa: F821
 
-from cimc.api import compile, finetune, inspect, load, load_compiled, run, simulate
 from cimc.errors import CimcError
 
 __version__ = "0.1.0"
 __all__ = ["CimcError", "__version__", "compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())
+
+# The API pulls in torch, onnxruntime and onnxscript (seconds); ``cimc --version``, ``--help`` and ``targets``
+# need none of them. The API functions are therefore imported on first use (PEP 562).
+_API = frozenset({"compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from cimc import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'cimc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)

@@ -143,7 +143,7 @@ def _input_specs(model: ir.Model) -> list[tuple[str, tuple[int, ...], np.dtype, 
 def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
     """One array per model input (first axis = samples) from an array, a {name: array} mapping, a .npy file
     (one-input models) or a .npz file with one array per input name; checked against the model's inputs."""
-    from cimc.data import _check_finite, load_npy
+    from cimc.data import _check_finite, check_input_array, load_npy
     from cimc.errors import DataError, InputError
 
     specs = _input_specs(model)
@@ -153,9 +153,7 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
         if not p.is_file():
             raise InputError(f"{p}: no such file; give a .npy array (one-input models) or a .npz with one array per "
                              f"input ({', '.join(names)})")
-        with open(p, "rb") as handle:
-            is_npz = handle.read(4) == b"PK\x03\x04"
-        if not is_npz:
+        if p.suffix.lower() != ".npz":
             loaded: Any = load_npy(p)  # header checked (type, memory budget) before reading
         else:
             try:
@@ -187,19 +185,21 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
     samples = None
     for name, shape, dtype, axis in specs:
         a = np.asarray(inputs[name])
-        if a.dtype.kind not in "biuf":
-            raise DataError(f"input {name!r} has dtype {a.dtype}; give numbers")
-        expected = [("N" if i == axis else str(d)) for i, d in enumerate(shape)]
-        if a.ndim != len(shape) or any(i != axis and d != -1 and d != s for i, (d, s) in enumerate(zip(shape, a.shape))):
-            where = "first axis" if axis == 0 else f"axis {axis}"
-            raise DataError(f"input {name!r} has shape {list(a.shape)}; the model takes [{', '.join(expected)}] "
-                            f"(N samples on the {where})")
+        if axis == 0:  # the common case: one-line checks shared with every other data path
+            a = check_input_array(a, None if -1 in shape else shape[1:], f"input {name!r}")
+        else:
+            if a.dtype.kind not in "biuf":
+                raise DataError(f"input {name!r}: dtype {a.dtype} is not numeric; save numbers")
+            expected = [("N" if i == axis else str(d)) for i, d in enumerate(shape)]
+            if a.ndim != len(shape) or any(i != axis and d != -1 and d != s for i, (d, s) in enumerate(zip(shape, a.shape))):
+                raise DataError(f"input {name!r}: shape {tuple(a.shape)} does not match the model's input "
+                                f"[{', '.join(expected)}] (N samples on axis {axis})")
+            if a.dtype.kind == "f":
+                _check_finite(a, f"input {name!r}")
         if samples is None:
             samples = a.shape[axis]
         if a.shape[axis] != samples:
             raise DataError(f"inputs have different numbers of samples ({samples} and {a.shape[axis]} for {name!r})")
-        if a.dtype.kind == "f":
-            _check_finite(a, f"input {name!r}")
         arrays.append(np.ascontiguousarray(a, dtype=dtype))
     if not samples:
         raise DataError("the inputs hold no samples (the batch axis has length 0)")
@@ -238,15 +238,10 @@ def run(
     """
     import torch
 
-    from cimc.data import check_input_array, load_npy
     from cimc.errors import InputError
     from cimc.runtime.simulator import Chip, ChipState, ideal_hook, parse_duration, use
     from cimc.validate import samples_per_pass
 
-    if output is not None:
-        from cimc.outputs import check_output_file
-
-        check_output_file(output, ".npy", [compiled, inputs])
     c = load_compiled(compiled)
     out_path = Path(output) if output is not None else None
     out_names = [v.name for v in c.model.graph.outputs]

@@ -313,7 +313,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(sub: Any) -> None:
-    from cimc.passes.finetune import DEFAULT_METHOD, METHODS
+    from cimc.passes.finetune_methods import DEFAULT_METHOD, METHODS
 
     p = sub.add_parser("finetune", help="noise-aware fine-tuning (PCM noise, converters, adversarial); ONNX out")
     p.add_argument("model", help="path to an .onnx file")
@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load neither onnxruntime nor torch (so they start in a fraction of a second).
+_LIGHT_COMMANDS = frozenset({"targets"})
+
+
 def _quiet_libraries() -> None:
     for name in ("onnxscript", "onnx_ir", "onnxruntime"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.debug:
+    if not args.debug and args.command not in _LIGHT_COMMANDS:
         _quiet_libraries()
     if not args.command:
         parser.print_help()

@@ -39,12 +39,24 @@ class ModelError(CimcError):
 class UnsupportedOpError(ModelError):
     """One or more nodes use ops that neither the analog array nor the digital unit implements."""
 
+    #: Node names quoted per op type; the rest are counted ("… and 42 more"), so the line stays readable.
+    EXAMPLES = 3
+
     def __init__(self, offending: list[tuple[str, str, str]]):
         # offending: (node name, op type, reason)
         self.offending = offending
-        listed = "; ".join(f"'{name}' ({op}): {why}" for name, op, why in offending)
+        by_op: dict[str, list[tuple[str, str]]] = {}
+        for name, op, why in offending:
+            by_op.setdefault(op, []).append((name, why))
+        parts = []
+        for op, nodes in by_op.items():
+            names = ", ".join(f"'{name}'" for name, _ in nodes[: self.EXAMPLES])
+            if len(nodes) > self.EXAMPLES:
+                names += f" and {len(nodes) - self.EXAMPLES} more"
+            reasons = "; ".join(dict.fromkeys(why for _, why in nodes))
+            parts.append(f"{op} x{len(nodes)} ({names}): {reasons}")
         super().__init__(
-            f"{len(offending)} unsupported node(s): {listed}. "
+            f"{len(offending)} unsupported node(s) of {len(by_op)} op type(s): {' | '.join(parts)}. "
             "Export the model without these ops (or run them on the host) and try again"
         )
 

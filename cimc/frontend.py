@@ -76,8 +76,12 @@ def _check_external_data(proto: onnx.ModelProto, folder: Path) -> None:
             )
 
 
-def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read an ONNX file (with its external data) and check it, raising InputError on anything malformed."""
+def load_onnx(path: str | os.PathLike[str], *, check_shapes: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (with its external data) and check it, raising InputError on anything malformed.
+
+    ``check_shapes=False`` leaves cimc's shape-dependent checks (:func:`cimc.validate.validate_model`) to the
+    caller, which runs them once dynamic dimensions are fixed (with a symbolic audio length, lenient shape
+    inference can report a kernel larger than its input)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file; check the path to the .onnx model")
@@ -104,7 +108,8 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, UnicodeDecodeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{p}: the ONNX checker rejects the model ({first}); the file is truncated or corrupt") from exc
-    validate.validate_model(proto, p.name)
+    if check_shapes:
+        validate.validate_model(proto, p.name)
     return proto
 
 
@@ -283,7 +288,7 @@ def load_model(
     """
     if batch < 1:
         raise InputError(f"batch size must be at least 1 (got {batch})")
-    proto = load_onnx(path)
+    proto = load_onnx(path, check_shapes=False)
     opset = _default_opset(proto)
     newest = onnx.defs.onnx_opset_version()
     if opset is None or not MIN_OPSET <= opset <= newest:
@@ -311,6 +316,7 @@ def load_model(
     if input_shapes:
         _set_input_shapes(proto, input_shapes)
     batch_axes = _fix_input_shapes(proto, batch, batch_symbols)
+    validate.validate_model(proto, Path(path).name)  # with every input's shape now fixed
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:

@@ -1109,3 +1109,25 @@ def conv_transpose(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
     if b is not None:
         y = y + b.reshape(1, -1, *([1] * spatial))
     return [y]
+
+
+# ------------------------------------------------------------------------------ dynamic quantisation
+# (Kept together at the end of the table: the quantised-model import, passes/dequantize.py, rewrites the
+# integer ops around it into float ones; this op stays and runs on the digital unit.)
+@_op("DynamicQuantizeLinear")
+def dynamic_quantize_linear(inputs: list[Any], a: dict[str, Any]) -> list[torch.Tensor]:
+    """uint8 quantisation with a range measured on the tensor itself (ONNX DynamicQuantizeLinear): the range
+    always includes 0, scale = range / 255, zero point = round(−min / scale); rounding half to even.
+
+    The range spans the whole tensor, batch included (as onnxruntime computes it)."""
+    x = inputs[0].float()
+    x_min = torch.clamp(x.min(), max=0.0) if x.numel() else torch.zeros(())
+    x_max = torch.clamp(x.max(), min=0.0) if x.numel() else torch.zeros(())
+    scale = (x_max - x_min) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero tensor: scale 1 (as onnxruntime)
+    zp = torch.clamp(torch.round(-x_min / scale), 0, 255)
+    y = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    return [y.to(torch.uint8), scale.reshape(()), zp.to(torch.uint8).reshape(())]
+
+
+OPS.setdefault("Round", lambda inputs, a: [torch.round(inputs[0])])  # half to even, as ONNX Round

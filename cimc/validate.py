@@ -358,6 +358,7 @@ def _shapes(proto: onnx.ModelProto, data_prop: bool) -> dict[str, tuple[int, lis
         logger.debug("lenient shape inference failed: %s", exc)
         return {}
     out: dict[str, tuple[int, list[int | None]]] = {}
+    declared = {v.name for v in inferred.graph.input}
     for v in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         tt = v.type.tensor_type
         if not v.type.HasField("tensor_type"):
@@ -365,7 +366,10 @@ def _shapes(proto: onnx.ModelProto, data_prop: bool) -> dict[str, tuple[int, lis
         if not tt.HasField("shape"):
             out[v.name] = (tt.elem_type, None)  # the type is still known
             continue
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in tt.shape.dim]
+        # An inferred 0 is how onnx's lenient inference sometimes reports a dimension it derived from an unknown
+        # one (a dynamic audio length through a scripted branch): unknown, not empty. A declared 0 is kept.
+        low = 0 if v.name in declared else 1
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= low else None for d in tt.shape.dim]
         out[v.name] = (tt.elem_type, dims)
     for t in proto.graph.initializer:
         out[t.name] = (t.data_type, list(t.dims))

@@ -2,6 +2,8 @@
 
 Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
 
+0. :class:`~cimc.passes.dequantize.DequantizePass` — quantised models (ConvInteger, MatMulInteger, QLinear*,
+   com.microsoft quantised ops): constant integer weights become float initializers (``passes/dequantize.py``).
 1. :class:`FoldToFixpointPass` — repeats, until nothing changes:
    :class:`FoldConstantsPass` (every node whose inputs are all constant is evaluated by cimc's own op table,
    the code the executor runs, and replaced by an initializer; ``Shape`` of a statically shaped value becomes
@@ -9,6 +11,7 @@ Passes (each an onnx-ir pass; :data:`CANONICALIZE` runs them in this order):
    :class:`InlineConstantIfPass` (an ``If`` whose condition is now a constant is replaced by the branch it
    takes) and ONNX shape inference (a folded shape makes the next shapes known, which makes more folding
    possible). One round is not enough for shape computations that depend on earlier folds.
+   Then :class:`~cimc.passes.embedding.OneHotMatMulToGatherPass` — ``MatMul(OneHot(i), W)`` → ``Gather(W, i)``.
 2. :class:`RemoveNoOpsPass` — ``Identity`` and inference-mode ``Dropout`` disappear.
 3. :class:`~cimc.passes.recurrent.ExpandRecurrentPass` — ``LSTM``/``GRU``/``RNN`` become MatMuls with constant
    weights (analog: the input projection of all steps, and one recurrent product per step reading one shared
@@ -47,6 +50,8 @@ from onnxscript.rewriter.rules.common._matmul_add_to_gemm import MatMulAddToGemm
 
 from cimc.ir import constant_array, name_nodes, node_attrs, static_shape
 from cimc.passes.conv_transpose import ConvTransposeToConvPass
+from cimc.passes.dequantize import DequantizePass
+from cimc.passes.embedding import OneHotMatMulToGatherPass
 from cimc.ops import OPS
 from cimc.passes.recurrent import ExpandRecurrentPass
 from cimc.pipeline import CimcPass, CompileContext, register_pass
@@ -222,6 +227,7 @@ class FoldToFixpointPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, any_change)
 
 
+
 def _mask_needed(dropout: ir.Node) -> bool:
     """True when a Dropout's mask output is read by a node or is itself a graph output."""
     mask = dropout.outputs[1] if len(dropout.outputs) > 1 else None
@@ -353,9 +359,11 @@ class CleanupPass(ir.passes.InPlacePass):
 
 def _canonicalize_passes() -> ir.passes.Sequential:
     return ir.passes.Sequential(
+        DequantizePass(),  # quantised models: integer weights become float initializers (passes/dequantize.py)
         FoldToFixpointPass(),
         # Folded Reshape targets make shapes after a flatten known; MatMulAddToGemm needs their rank.
         ShapeInferencePass(),
+        OneHotMatMulToGatherPass(),  # embedding lookups written as one-hot x matrix (passes/embedding.py)
         RemoveNoOpsPass(),
         ConvTransposeToConvPass(),  # before BN folding: a BN after the ConvTranspose then follows a Conv
         # After folding (initial states and sequence_lens built from Shape become constants), before the

@@ -40,10 +40,19 @@ def flipped_conv_weight(weight: np.ndarray, groups: int) -> np.ndarray:
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    base, i = name, 1
+    while name in graph.initializers:  # unnamed nodes would otherwise share their constants' names
+        name, i = f"{base}_{i}", i + 1
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def _typed(value: ir.Value, shape: list[int], like: ir.Value) -> None:
+    """Give a new intermediate value its (static) shape and the element type of ``like``."""
+    value.shape = ir.Shape(shape)
+    value.type = like.type
 
 
 class ConvTransposeToConvPass(ir.passes.InPlacePass):
@@ -86,11 +95,20 @@ class ConvTransposeToConvPass(ir.passes.InPlacePass):
             padded = ir.Node("", "Pad", [unsq.outputs[0], _const(graph, f"{base}_zi_pads", np.array(zpads, np.int64))],
                              name=f"{base}_zi_pad")
             target = x_shape[:2] + [x_shape[2 + i] * strides[i] for i in range(spatial)]
+            # 0 = "the input's size": the batch stays free, as in the model the user exported
             flat = ir.Node("", "Reshape", [padded.outputs[0], _const(graph, f"{base}_zi_shape",
-                                                                        np.array(target, np.int64))],
+                                                                        np.array([0, *target[1:]], np.int64))],
                            name=f"{base}_zi_reshape")
+            unsq_shape = list(x_shape[:2])
+            for d in x_shape[2:]:
+                unsq_shape += [d, 1]
+            _typed(unsq.outputs[0], unsq_shape, x)
+            _typed(padded.outputs[0], [d if i < 2 or i % 2 == 0 else strides[(i - 3) // 2]
+                                       for i, d in enumerate(unsq_shape)], x)
+            _typed(flat.outputs[0], target, x)
             new_nodes += [unsq, padded, flat]
             x = flat.outputs[0]
+            x_shape = target
         # the zero-inserted input has s − 1 trailing zeros too many per axis; the end padding absorbs them
         begin = [dilations[i] * (kernel[i] - 1) - pads[i] for i in range(spatial)]
         end = [dilations[i] * (kernel[i] - 1) - pads[spatial + i] + out_pad[i] - (strides[i] - 1)
@@ -98,6 +116,7 @@ class ConvTransposeToConvPass(ir.passes.InPlacePass):
         if any(begin) or any(end):
             full = [0, 0] + begin + [0, 0] + end
             pad = ir.Node("", "Pad", [x, _const(graph, f"{base}_pads", np.array(full, np.int64))], name=f"{base}_pad")
+            _typed(pad.outputs[0], x_shape[:2] + [x_shape[2 + i] + begin[i] + end[i] for i in range(spatial)], x)
             new_nodes.append(pad)
             x = pad.outputs[0]
         w = _const(graph, f"{base}_conv_weight", flipped_conv_weight(weight, groups).astype(weight.dtype))

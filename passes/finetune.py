@@ -35,14 +35,13 @@ import numpy as np
 import onnx_ir as ir
 
 from cimc.errors import CimcError, DataError, InputError
+from cimc.passes.finetune_methods import DEFAULT_METHOD, METHODS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "FinetunePass", "finetune", "parse_method", "save_finetuned"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "noise", "pcm", "clip", "qat", "adversarial", "dropout")
-DEFAULT_METHOD = "pcm+qat"  # chosen by measurement: docs/finetuning.md
 _VAL_FRACTION = 0.1
 _VAL_LIMIT = 1000  # validation samples used per epoch (a cheap proxy; the simulator is the real metric)
 _CALIB_SAMPLES = 256

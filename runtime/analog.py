@@ -202,27 +202,35 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
     """A convolution whose groups each sit in one tile, for all instances at once: one grouped convolution
     (instance i's weights are group block i, ``kernel`` from :func:`conv_weights`), then the ADC per output
     channel and the GDC factor ``[I, 1, 1, 1|N]``. The same arithmetic as :func:`analog_mvm` on unrolled
-    columns, without materialising them (``out_noise`` as there: a float or a tensor broadcasting to ``[G, N]``). ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
+    columns, without materialising them (``out_noise`` as there: a float or a tensor broadcasting to ``[G, N]``).
+    ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
     """
-    from cimc.ops import OPS
+    from cimc.runtime.executor import conv_nd
 
     b = x.shape[0] // instances
-    xs = x.reshape(instances, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
-    y = OPS["Conv"]([xs, kernel], {**attrs, "group": instances * groups})[0]  # [B, I·G·N, *spatial]
+    # Instance-major batch -> instances side by side in the channels (no copy for a single instance).
+    xs = x if instances == 1 else x.reshape(instances, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+    y = conv_nd(xs, kernel, None, {**attrs, "group": instances * groups})  # [B, I·G·N, *spatial]
     spatial = y.shape[2:]
-    y = y.reshape(b, instances, groups, -1, *spatial)
     ones = [1] * len(spatial)
-    if out_noise is not None:
-        sigma = out_noise.reshape(1, 1, groups, -1, *ones) if isinstance(out_noise, torch.Tensor) else out_noise
+    n = y.shape[1] // (instances * groups)
+    if out_noise is not None:  # [G, N] -> the output's [1, I·G·N, 1…] channel layout
+        sigma = out_noise
+        if isinstance(out_noise, torch.Tensor):
+            sigma = out_noise.expand(groups, n).reshape(1, groups * n).expand(instances, groups * n).reshape(1, -1, *ones)
         y = _add_output_noise(y, sigma, generator)
     q = plan.quant if plan is not None else None
+    # Per-channel factors as [1, I·G·N, 1…] vectors: the output keeps its (channels-last) layout.
     if q is not None and q.adc_bits is not None:
         assert plan is not None
-        y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])
-        y = fake_quant(y, y_max.reshape(1, 1, groups, -1, *ones), q.adc_bits, True, ste)
-    if gdc is not None:
-        y = y * gdc.reshape(1, instances, 1, gdc.shape[-1], *ones)
-    return y.transpose(0, 1).reshape(instances * b, -1, *spatial)
+        y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])  # [G, 1|N]
+        y_max = y_max.expand(groups, n).reshape(1, groups * n).expand(instances, groups * n)
+        y = fake_quant(y, y_max.reshape(1, -1, *ones), q.adc_bits, True, ste)
+    if gdc is not None:  # [I, 1, 1, 1|N]
+        y = y * gdc.reshape(instances, 1, -1).expand(instances, groups, n).reshape(1, -1, *ones)
+    if instances == 1:
+        return y
+    return y.reshape(b, instances, -1, *spatial).transpose(0, 1).reshape(instances * b, -1, *spatial)
 
 
 def probe_response(plan: LayerPlan, weights: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,11 @@ __all__ = [
     "CnnBn",
     "GroupedConcatNet",
     "MatMulMlp",
+    "MobileNetV3Like",
     "export_onnx",
     "light_model_path",
     "shared_weight_model",
+    "light_model_any_batch",
     "make_ir_model",
     "make_onnx_model",
     "randomize_initializers",
@@ -55,6 +57,42 @@ LIGHT_MODELS = (
 def light_model_path(name: str) -> Path:
     """Path of ``onnx/backend/test/data/light/light_<name>.onnx`` in the installed onnx package."""
     return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
+
+
+def light_model_any_batch(name: str, folder: str | os.PathLike[str]) -> Path:
+    """A copy of a light model whose batch dimension is symbolic, written into ``folder``.
+
+    The files fix the batch at 1, also inside Reshape targets (``[1, 2048]``) and the declared value infos; the
+    copy sets the input and output batch to ``N``, a Reshape target's leading 1 to 0 (copy the input's batch)
+    and drops the intermediate value infos, so the model runs, and imports, at any batch.
+    """
+    proto = onnx.load(str(light_model_path(name)))
+    graph = proto.graph
+    for value in [*graph.input, *graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "N"
+    del graph.value_info[:]
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type != "Reshape":
+            continue
+        target = node.input[1]
+        if target in inits:
+            arr = onnx.numpy_helper.to_array(inits[target]).copy()
+            if arr.size and arr[0] == 1:
+                arr[0] = 0
+                inits[target].CopyFrom(onnx.numpy_helper.from_array(arr, target))
+        elif target in consts:
+            attr = next(a for a in consts[target].attribute if a.name == "value")
+            arr = onnx.numpy_helper.to_array(attr.t).copy()
+            if arr.size and arr[0] == 1:
+                arr[0] = 0
+                attr.t.CopyFrom(onnx.numpy_helper.from_array(arr))
+    path = Path(folder) / f"light_{name}_any_batch.onnx"
+    onnx.save(proto, str(path))
+    return path
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -161,6 +199,80 @@ class GroupedConcatNet(nn.Module):
         x = torch.cat([a, b], dim=1)
         x = torch.nn.functional.adaptive_avg_pool2d(x, 1)
         return self.fc(x.view(x.size(0), -1))
+
+
+class _SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, squeezed: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, squeezed, 1)
+        self.expand = nn.Conv2d(squeezed, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.nn.functional.adaptive_avg_pool2d(x, 1)
+        s = torch.nn.functional.hardsigmoid(self.expand(torch.relu(self.reduce(s))))
+        return x * s
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV3's block: 1×1 expand, depthwise k×k, optional squeeze-excite, 1×1 project (+ residual)."""
+
+    def __init__(self, c_in: int, expand: int, c_out: int, kernel: int, stride: int, se: bool, hswish: bool):
+        super().__init__()
+        act: type[nn.Module] = nn.Hardswish if hswish else nn.ReLU
+        layers: list[nn.Module] = []
+        if expand != c_in:
+            layers += [nn.Conv2d(c_in, expand, 1, bias=False), nn.BatchNorm2d(expand), act()]
+        layers += [
+            nn.Conv2d(expand, expand, kernel, stride, kernel // 2, groups=expand, bias=False),
+            nn.BatchNorm2d(expand),
+            act(),
+        ]
+        if se:
+            layers.append(_SqueezeExcite(expand, max(8, expand // 4)))
+        layers += [nn.Conv2d(expand, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV3Like(nn.Module):
+    """MobileNetV3-Small's layer table (Howard et al. 2019, table 2): hardswish, depthwise convs, SE blocks."""
+
+    # (kernel, expansion, out channels, squeeze-excite, hardswish, stride)
+    BLOCKS = [
+        (3, 16, 16, True, False, 2),
+        (3, 72, 24, False, False, 2),
+        (3, 88, 24, False, False, 1),
+        (5, 96, 40, True, True, 2),
+        (5, 240, 40, True, True, 1),
+        (5, 240, 40, True, True, 1),
+        (5, 120, 48, True, True, 1),
+        (5, 144, 48, True, True, 1),
+        (5, 288, 96, True, True, 2),
+        (5, 576, 96, True, True, 1),
+        (5, 576, 96, True, True, 1),
+    ]
+
+    def __init__(self, classes: int = 1000, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish()]
+        c = 16
+        for k, e, out, se, hs, s in self.BLOCKS:
+            layers.append(_InvertedResidual(c, e, out, k, s, se, hs))
+            c = out
+        layers += [nn.Conv2d(c, 576, 1, bias=False), nn.BatchNorm2d(576), nn.Hardswish()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(), nn.Linear(1024, classes))
+        _randomize_bn(self, seed)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.head(x.flatten(1))
 
 
 # ------------------------------------------------------------------------------------------ export

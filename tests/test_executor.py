@@ -26,7 +26,9 @@ from tests.models import (
     CnnBn,
     GroupedConcatNet,
     MatMulMlp,
+    MobileNetV3Like,
     export_onnx,
+    light_model_any_batch,
     light_model_path,
     make_ir_model,
     randomize_initializers,
@@ -150,6 +152,40 @@ def test_light_model_matches_onnxruntime(name: str, tmp_path: Path) -> None:
     (actual,) = _run(Executor(model), x)
     assert float(np.std(expected)) > 1e-3  # random weights: the logits differ from class to class
     assert rel_l2(actual, expected) <= RTOL
+
+
+# VGG-19 (144 M weights, 45 s here) only at batch 1: its layers are AlexNet's and ZFNet's kinds.
+@pytest.mark.parametrize("name", [m for m in LIGHT_MODELS if m != "vgg19"])
+def test_light_model_matches_onnxruntime_at_batch_2(name: str, tmp_path: Path) -> None:
+    """The same at batch 2 (imported at batch 2): channels-last layouts, in-place ops and the plan's value
+    releases must not mix up samples; the two samples differ, so a swap would show."""
+    model = cimc.load(light_model_any_batch(name, tmp_path), batch=2)
+    strip_final_softmax(model)
+    randomize_initializers(model, seed=5)
+    path = tmp_path / f"{name}_b2.onnx"
+    ir.save(model, path, external_data=f"{name}_b2.data")
+    (inp,) = model.graph.inputs
+    assert tuple(inp.shape)[0] == 2
+    x = np.random.default_rng(12).standard_normal(tuple(inp.shape)).astype(np.float32)
+    (expected,) = run_ort(path, {inp.name: x})
+    (actual,) = _run(Executor(model), x)
+    assert actual.shape == expected.shape and rel_l2(expected[0], expected[1]) > 1e-3
+    assert rel_l2(actual, expected) <= RTOL
+
+
+def test_mobilenet_v3_like_matches_onnxruntime(tmp_path: Path, seeded: int) -> None:
+    """Depthwise convolutions, hardswish written as x·HardSigmoid(x) (fused by the executor), squeeze-excite."""
+    path = export_onnx(MobileNetV3Like(seed=seeded), torch.randn(1, 3, 96, 96), tmp_path / "mnv3.onnx",
+                       dynamic_batch=True)
+    x = np.random.default_rng(seeded).standard_normal((3, 3, 96, 96)).astype(np.float32)
+    (expected,) = run_ort(path, {"x": x})
+    model = cimc.load(path, batch=3)
+    assert {"HardSigmoid", "Mul", "GlobalAveragePool"} <= set(_ops(model))
+    (actual,) = _run(Executor(model), x)
+    assert rel_l2(actual, expected) <= RTOL
+    with torch.enable_grad():  # the training path (no in-place ops) computes the same numbers
+        (trained_path,) = Executor(model)(torch.from_numpy(x))
+    assert rel_l2(trained_path.detach().numpy(), expected) <= RTOL
 
 
 # ------------------------------------------------------------------------------------------ analog hook path
@@ -290,5 +326,5 @@ def test_executor_rejects_unsupported_ops() -> None:
         [("y", (1, 4))],
         extra_opsets={"com.x": 1},
     )
-    with pytest.raises(UnsupportedOpError, match="'mine' \\(MyOp\\)"):
+    with pytest.raises(UnsupportedOpError, match="MyOp x1 \\('mine'\\)"):
         Executor(model)

@@ -350,17 +350,17 @@ def test_shared_weight_exported_once_with_every_user(shared_bundle: tuple[Path, 
 
 
 def test_verify_names_a_user_missing_from_a_shared_layer(shared_bundle: tuple[Path, Path], tmp_path: Path):
-    _, bundle = shared_bundle
+    build, bundle = shared_bundle
     copy = _copy(bundle, tmp_path)
     manifest = _manifest(copy)
     shared = next(lay for lay in manifest["layers"] if lay["name"] == "W")
     shared["users"] = shared["users"][:1]
     _rewrite(copy, manifest)
-    report = verify_bundle(copy)
+    report = verify_bundle(copy, model=build)
     assert any("'gemm_t1'" in p and "missing from the manifest" in p for p in report.problems), report.problems
     manifest["layers"][0]["users"].append({**manifest["layers"][0]["users"][0], "node": "no_such_node"})
     _rewrite(copy, manifest)
-    assert any("user 'no_such_node' is not an analog node" in p for p in verify_bundle(copy).problems)
+    assert any("user 'no_such_node' is not an analog node" in p for p in verify_bundle(copy, model=build).problems)
 
 
 def test_bias_of_each_user_is_exported(tmp_path: Path):

@@ -223,7 +223,7 @@ def test_unsupported_ops_are_listed_all_at_once(tmp_path: Path) -> None:
     ]
     message = str(err)
     assert "\n" not in message
-    assert "'nms_1' (NonMaxSuppression)" in message and "'custom_1' (FancyNorm)" in message
+    assert "NonMaxSuppression x1 ('nms_1')" in message and "FancyNorm x1 ('custom_1')" in message
     assert "com.example" in message
 
 
@@ -234,3 +234,16 @@ def test_inspect_marks_unsupported_nodes(tmp_path: Path, run_cli) -> None:
     assert "UNSUPPORTED" in rows["nms_1"] and "UNSUPPORTED" in rows["custom_1"]
     assert "UNSUPPORTED" not in rows["mm"] and "analog" in rows["mm"]
     assert "2 unsupported" in result.out
+
+
+def test_unsupported_op_message_names_each_op_type_once() -> None:
+    """45 offending nodes of 3 op types: one short line, each type once with its count and a few names."""
+    offending = [(f"conv_{i}", "ConvInteger", "no implementation in cimc's digital unit") for i in range(20)]
+    offending += [(f"dq_{i}", "DynamicQuantizeLinear", "no implementation in cimc's digital unit") for i in range(20)]
+    offending += [(f"lstm_{i}", "DynamicQuantizeLSTM", "custom domain 'com.microsoft'") for i in range(5)]
+    message = str(UnsupportedOpError(offending))
+    assert "\n" not in message and len(message) < 600
+    assert message.startswith("45 unsupported node(s) of 3 op type(s)")
+    assert "ConvInteger x20 ('conv_0', 'conv_1', 'conv_2' and 17 more)" in message
+    assert "DynamicQuantizeLSTM x5 ('lstm_0', 'lstm_1', 'lstm_2' and 2 more): custom domain 'com.microsoft'" in message
+    assert message.count("ConvInteger") == 1 and "conv_3" not in message

@@ -456,3 +456,68 @@ def test_activation_products_are_costed_digitally(tmp_path: Path) -> None:
         node = next(iter(model.graph))
         assert [c.kind for c in classify(model)] == ["digital"]
         assert digital_ops(node) == 2 * 2 * 3 * 5 * 4
+
+
+def test_bitshift_and_legacy_forms(tmp_path: Path) -> None:
+    a = _RNG.integers(0, 60, size=(6,)).astype(np.uint8)
+    b = np.array([0, 1, 2, 3, 1, 2], np.uint8)
+    for direction in ("LEFT", "RIGHT"):
+        check(tmp_path, "BitShift", {"a": a, "b": b}, {"direction": direction})
+    # opset 9 Upsample and opset 11 reductions with an axes attribute, converted on import
+    check(tmp_path, "Upsample", {"x": f32(1, 2, 3, 4)}, {"mode": "nearest"},
+          inits={"s": np.array([1, 1, 2, 3], np.float32)}, opset=9)
+    check(tmp_path, "ReduceSum", {"x": f32(2, 3, 4)}, {"axes": [1], "keepdims": 0}, opset=11)
+    check(tmp_path, "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [0, 2]}, opset=13)
+
+
+def test_identity_of_an_outer_value_in_if_branches_imports(tmp_path: Path) -> None:
+    """Both branches of an If return Identity(outer value) (as exported voice-activity models do): import
+    keeps those Identity nodes instead of crashing, and the If is then refused in one line."""
+    from cimc.errors import UnsupportedOpError
+
+    then_g = helper.make_graph([helper.make_node("Identity", ["h"], ["t_out"], name="t_id")], "then", [],
+                               [helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h"], ["e_out"], name="e_id")], "else", [],
+                               [helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, [1, 4])])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Greater", ["sr", "k"], ["c"], name="cmp"),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="branch")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+                     helper.make_tensor_value_info("sr", onnx.TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.array(8000, np.int64), "k")])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = cimc.load(path)
+    with pytest.raises(UnsupportedOpError, match="If"):
+        Executor(model)
+
+
+def test_cli_inspect_and_compile_a_detector_neck(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """The command line on an FPN-style neck (Conv → Resize ×2 → Concat → ConvTranspose): inspect lists the
+    Resize as digital and the ConvTranspose (now a Conv) as analog; compile onto ideal succeeds."""
+    import json
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Resize", ["c", "", "sc"], ["r"], mode="nearest", name="up"),
+             helper.make_node("Resize", ["x", "", "sc"], ["rx"], mode="linear", name="upx"),
+             helper.make_node("Concat", ["r", "rx"], ["cat"], axis=1, name="cat"),
+             helper.make_node("ConvTranspose", ["cat", "w2"], ["y"], strides=[2, 2], name="deconv")]
+    graph = helper.make_graph(
+        nodes, "neck", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [onnx.ValueInfoProto(name="y")],
+        [numpy_helper.from_array(f32(4, 3, 3, 3), "w1"), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc"),
+         numpy_helper.from_array(f32(7, 2, 2, 2), "w2")])
+    path = tmp_path / "neck.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])),
+              path)
+    res = run_cli("inspect", path, "--json")
+    assert res.code == 0, res.err
+    kinds = {(n["op_type"], n["kind"]) for n in json.loads(res.out)["nodes"]}
+    assert ("Resize", "digital") in kinds and ("Conv", "analog") in kinds
+    assert not any(k == "unsupported" for _, k in kinds) and ("ConvTranspose", "digital") not in kinds
+    res = run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "build")
+    assert res.code == 0, res.err
+    got = cimc.run(tmp_path / "build", f32(2, 3, 6, 6, low=0, high=1), ideal=True)
+    assert got.shape == (2, 2, 24, 24)
