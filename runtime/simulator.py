@@ -114,7 +114,9 @@ class Chip:
         sigmas = {}
         for name, layer in self.layer.items():
             plan, w = self.plans[name], self.ideal[layer]
-            x_max = plan.quant.x_max if plan.quant is not None and plan.quant.dac_bits is not None else 1.0
+            if plan.quant is None or plan.quant.dac_bits is None:
+                continue  # converters off (or uncalibrated): no DAC full scale, so no periphery noise either
+            x_max = plan.quant.x_max
             w_max = w.abs().amax(dim=1) if self.per_column else w.abs().amax().expand(w.shape[0], w.shape[2])
             sigmas[name] = level * x_max * w_max.clamp_min(torch.finfo(w.dtype).tiny)
         return sigmas
