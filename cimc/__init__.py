@@ -14,6 +14,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cimc.threads import prefer_passive_openmp
+
+# Before anything below imports torch: OpenMP workers that sleep instead of spinning (cimc/threads.py).
+prefer_passive_openmp()
+
 # In a source checkout, passes/, targets/ and runtime/ stand beside cimc/ (the layout users asked for) and are
 # installed as cimc.passes, cimc.targets, cimc.runtime by setuptools' package-dir. When this package is
 # imported from the checkout itself (the tests, a notebook next to the repository), make them importable

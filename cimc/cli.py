@@ -168,6 +168,17 @@ def _add_targets(sub: Any) -> None:
     p.add_argument("name", nargs="?", help="target name or YAML path (for 'show')")
 
 
+def _add_threads_option(p: Any) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (default 0: the cores this process may run on)")
+
+
+def _threads(args: argparse.Namespace) -> None:
+    from cimc.threads import set_torch_threads
+
+    set_torch_threads(args.threads)
+
+
 # ------------------------------------------------------------------------------------------ compile
 def _add_force(p: Any) -> None:
     p.add_argument("--force", action="store_true",
@@ -187,6 +198,7 @@ def _add_target_options(p: Any) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from cimc.compiler import compile_model
 
+    _threads(args)
     out = args.output or f"{Path(args.model).stem}.cimc"
     compiled = compile_model(
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
@@ -224,6 +236,7 @@ def _add_compile(sub: Any) -> None:
     _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
+    _add_threads_option(p)
     _add_output_flags(p, json_help="print the compile report (report.json content) as one JSON document")
 
 
@@ -232,6 +245,7 @@ def _add_compile(sub: Any) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     import cimc.api as api
 
+    _threads(args)
     out = args.output or str(Path(args.compiled) / "simulation")
     times = api.parse_times(args.drift)  # bad times fail here, before any work
     result = api.simulate(
@@ -264,6 +278,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
     _add_batch_size(p, "inputs per forward pass, all instances together (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
     _add_force(p)
     _add_output_flags(p, json_help="print results.json's content as one JSON document")
@@ -379,6 +394,7 @@ def _add_verify(sub: Any) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from cimc.demo import run_demo
 
+    _threads(args)
     run_demo(args.output, instances=args.instances, samples=args.samples, target=args.target, progress=not args.quiet,
              force=args.force)
     return 0
@@ -391,22 +407,22 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--instances", type=int, default=5, help="chip instances to simulate (default 5)")
     p.add_argument("--samples", type=int, help="test clips to use (default: all 1,200 shipped)")
     p.add_argument("--target", default="aon-cim", help="target preset or YAML (default aon-cim)")
+    _add_threads_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
 # --- finetune ---
 @command("finetune")
 def _finetune(args: argparse.Namespace) -> int:
-    import torch
-
     from cimc.passes.finetune import finetune, save_finetuned
 
     from cimc.outputs import check_output_file
 
     sources = [args.model, args.data, args.val]
     check_output_file(args.output, ".onnx", sources)  # before the training, not after it
-    # One intra-op thread by default: on a shared 2-core machine torch's spinning workers slow im2col 10x+.
-    torch.set_num_threads(args.threads)
+    # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
+    # machine no longer calls for one thread.
+    _threads(args)
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
@@ -436,7 +452,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 

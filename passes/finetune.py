@@ -197,7 +197,8 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
     noise = "gaussian" if "noise" in methods else "pcm" if "pcm" in methods else None
     hook = NoiseHook(weight_noise=noise, eta=options.eta, device=device, t_train_s=options.t_train, plans=None,
                      dropout=options.dropout if "dropout" in methods else 0.0,
-                     generator=torch.Generator().manual_seed(seed + 1))
+                     generator=torch.Generator().manual_seed(seed + 1),
+                     output_noise=getattr(target.converters, "output_noise", 0.0))
     calib_x = train_xy[0][:_CALIB_SAMPLES]
 
     def recalibrate() -> None:

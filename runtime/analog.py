@@ -140,6 +140,15 @@ def dac(plan: LayerPlan, cols: torch.Tensor, ste: bool = False) -> torch.Tensor:
     return fake_quant(cols, q.x_max, q.dac_bits, q.dac_signed, ste)
 
 
+def _add_output_noise(y: torch.Tensor, sigma: torch.Tensor | float | None,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """``y`` plus Gaussian noise of std ``sigma`` (broadcast over y), drawn fresh for every conversion."""
+    if sigma is None or (not isinstance(sigma, torch.Tensor) and sigma == 0):
+        return y
+    z = torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    return y + z * (sigma.to(y.dtype) if isinstance(sigma, torch.Tensor) else sigma)
+
+
 def analog_mvm(
     plan: LayerPlan,
     cols: torch.Tensor,
@@ -147,15 +156,19 @@ def analog_mvm(
     *,
     adc: bool = True,
     ste: bool = False,
+    out_noise: torch.Tensor | float | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Crossbar products of DAC-quantised ``cols`` with ``weights``, each tile's partial sums through its ADC.
 
     ``cols`` [I, M, G, K] (already DAC-quantised, see :func:`dac`); ``weights`` [I or 1, G, K, N].
-    Row-split tiles are converted separately and added digitally, as on the chip.
+    Row-split tiles are converted separately and added digitally, as on the chip. ``out_noise``: std of the
+    additive analog noise on every column sum before its ADC, in the layer's output units (a float, or a
+    tensor broadcasting to ``[G, N]``), drawn from ``generator`` for each conversion; None = none.
     """
     q = plan.quant if adc else None
     if plan.whole_groups:
-        y = torch.einsum("imgk,igkn->imgn", cols, weights)
+        y = _add_output_noise(torch.einsum("imgk,igkn->imgn", cols, weights), out_noise, generator)
         if q is None or q.adc_bits is None:
             return y
         y_max = torch.stack([plan.y_max_tensor(i, y.dtype).reshape(-1) for i in range(len(plan.tiles))])  # [G, 1|N]
@@ -167,6 +180,9 @@ def analog_mvm(
     out = torch.zeros(instances, cols.shape[1], plan.groups, plan.cols, dtype=torch.result_type(cols, weights))
     for i, t in enumerate(plan.tiles):
         part = torch.matmul(cols[:, :, t.group, t.r0 : t.r1], weights[:, t.group, t.r0 : t.r1, t.c0 : t.c1])
+        if out_noise is not None:  # each tile's partial sums are separate conversions, each with its own noise
+            sigma = out_noise[..., t.group, t.c0 : t.c1] if isinstance(out_noise, torch.Tensor) else out_noise
+            part = _add_output_noise(part, sigma, generator)
         if q is not None and q.adc_bits is not None:
             part = fake_quant(part, plan.y_max_tensor(i, part.dtype), q.adc_bits, True, ste)
         out[:, :, t.group, t.c0 : t.c1] = out[:, :, t.group, t.c0 : t.c1] + part
@@ -181,11 +197,13 @@ def conv_weights(weights: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor
 
 
 def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
-                attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False) -> torch.Tensor:
+                attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False,
+                out_noise: torch.Tensor | float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """A convolution whose groups each sit in one tile, for all instances at once: one grouped convolution
     (instance i's weights are group block i, ``kernel`` from :func:`conv_weights`), then the ADC per output
     channel and the GDC factor ``[I, 1, 1, 1|N]``. The same arithmetic as :func:`analog_mvm` on unrolled
-    columns, without materialising them. ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
+    columns, without materialising them (``out_noise`` as there: a float or a tensor broadcasting to ``[G, N]``).
+    ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
     """
     from cimc.runtime.executor import conv_nd
 
@@ -196,6 +214,11 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
     spatial = y.shape[2:]
     ones = [1] * len(spatial)
     n = y.shape[1] // (instances * groups)
+    if out_noise is not None:  # [G, N] -> the output's [1, I·G·N, 1…] channel layout
+        sigma = out_noise
+        if isinstance(out_noise, torch.Tensor):
+            sigma = out_noise.expand(groups, n).reshape(1, groups * n).expand(instances, groups * n).reshape(1, -1, *ones)
+        y = _add_output_noise(y, sigma, generator)
     q = plan.quant if plan is not None else None
     # Per-channel factors as [1, I·G·N, 1…] vectors: the output keeps its (channels-last) layout.
     if q is not None and q.adc_bits is not None:

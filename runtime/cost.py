@@ -10,10 +10,16 @@ Events per matrix-vector product (MVM) of an analog layer, per placed tile:
   ``device_power_w · t_pulse · mean_input_magnitude`` (pulse-width inputs);
 - ``adc``: one conversion (ADC + column sense) per active weight column; when a tile has more columns than
   the array has ADCs, conversions run in turns (time-multiplexed);
+- ``periphery``: the fixed cost of an MVM that does not shrink with the bit width: ``column_energy_j`` per
+  active column (bit-line precharge, integrator reset, read-out) plus ``mvm_energy_j`` per tile (decoders,
+  sequencing);
 - ``digital``: scale and bias per output (``postprocess_ops_per_output``) plus one add per partial sum of
   a row split;
 - ``sram``: the input vector read (``dac_bits``/8 bytes per row) and the outputs written (``adc_bits``/8);
 - ``static``: leakage and bias power times the time the inference occupies the chip.
+
+With ``converters.mvm_phases`` > 1 (HERMES's four-phase mode) every phase repeats the input pulse and the
+conversions: time, ``dac``, ``array``, ``adc`` and ``periphery`` energy are paid once per phase.
 
 Time per MVM: tiles on different arrays run in parallel, tiles on the same array take turns (different
 row ranges cannot be driven at once without mixing currents); each tile needs ``settle_time_s`` + the input
@@ -62,7 +68,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ENERGY_COMPONENTS = ("dac", "array", "adc", "digital", "sram", "static")
+ENERGY_COMPONENTS = ("dac", "array", "adc", "periphery", "digital", "sram", "static")
 
 
 @dataclass(frozen=True)
@@ -336,7 +342,7 @@ def _tile_time_s(target: Target, tile: TileShape, pulse_s: float) -> float:
         convert_s = max(pulse_s, adc_s) + (turns - 1) * adc_s
     else:
         convert_s = pulse_s + turns * adc_s
-    return target.array_read.settle_time_s + convert_s
+    return conv.mvm_phases * (target.array_read.settle_time_s + convert_s)
 
 
 def _analog_layer(target: Target, work: AnalogLayerWork, act: LayerActivity) -> LayerCost:
@@ -349,10 +355,12 @@ def _analog_layer(target: Target, work: AnalogLayerWork, act: LayerActivity) -> 
     device_j = read.device_power_w * pulse_s * act.mean_input_magnitude
     partial_sum_adds = float(cols.sum() - work.cols)  # one add per extra partial sum of a row split
     digital_ops = dig.postprocess_ops_per_output * work.cols + partial_sum_adds
+    phases = conv.mvm_phases
     per_mvm_j = {
-        "dac": act.input_density * rows.sum() * conv.dac_energy_ref_j * conv.scale(conv.dac_bits),
-        "array": float((rows * cols).sum()) * target.array.devices_per_weight * device_j,
-        "adc": cols.sum() * (conv.adc_energy_ref_j + conv.adc_sense_energy_ref_j) * conv.scale(conv.adc_bits),
+        "dac": phases * act.input_density * rows.sum() * conv.dac_energy_ref_j * conv.scale(conv.dac_bits),
+        "array": phases * float((rows * cols).sum()) * target.array.devices_per_weight * device_j,
+        "adc": phases * cols.sum() * (conv.adc_energy_ref_j + conv.adc_sense_energy_ref_j) * conv.scale(conv.adc_bits),
+        "periphery": phases * (cols.sum() * read.column_energy_j + len(tiles) * read.mvm_energy_j),
         "digital": digital_ops * dig.energy_per_op_j,
         "sram": rows.sum() * _activation_bytes(conv.dac_bits) * sram.read_energy_per_byte_j
         + work.cols * _activation_bytes(conv.adc_bits) * sram.write_energy_per_byte_j,

@@ -50,6 +50,8 @@ class ChipState:
     instances: int
     weights: dict[str, torch.Tensor]  # crossbar block (layer) → [I, G, K, N]
     gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # use (node) → [I, 1, 1|G, 1|N]
+    # Output (ADC input) noise is drawn per conversion, so per forward pass: its own stream per read time.
+    noise_generator: torch.Generator | None = None
 
 
 class Chip:
@@ -88,6 +90,23 @@ class Chip:
         to_program = self.ideal if self.per_column else {n: w.reshape(1, -1, w.shape[-1]) for n, w in self.ideal.items()}
         self.programmed = self.device.program_layers(to_program, instances, gen, per_column=self.per_column)
         self._reference: dict[str, torch.Tensor] | None = None
+        self.out_noise = self._output_noise_sigma(compiled.target)
+
+    def _output_noise_sigma(self, target: Any) -> dict[str, torch.Tensor]:
+        """Per use (node), the std [G, N] of the analog noise on each column sum (``converters.output_noise``, in
+        units of one device at g_max driven at the DAC's full scale: x_max x the weight mapped to g_max)."""
+        level = float(getattr(target.converters, "output_noise", 0.0) or 0.0)
+        if level <= 0:
+            return {}
+        sigmas = {}
+        for name, layer in self.layer.items():
+            plan, w = self.plans[name], self.ideal[layer]
+            if plan.quant is None or plan.quant.dac_bits is None:
+                continue  # converters off (or uncalibrated): no DAC full scale, so no periphery noise either
+            x_max = plan.quant.x_max
+            w_max = w.abs().amax(dim=1) if self.per_column else w.abs().amax().expand(w.shape[0], w.shape[2])
+            sigmas[name] = level * x_max * w_max.clamp_min(torch.finfo(w.dtype).tiny)
+        return sigmas
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each use's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average), read
@@ -104,7 +123,8 @@ class Chip:
         index = int(round(math.log10(max(t_s, 1e-9)) * 1000))
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 + index)
         weights = self._read(t_s, gen)
-        state = ChipState(t_s, self.instances, weights)
+        noise_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 + index) if self.out_noise else None
+        state = ChipState(t_s, self.instances, weights, noise_generator=noise_gen)
         if gdc and self.gdc_mode != "none":
             if self._reference is None:  # the read right after programming (t = 0), same devices
                 ref_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 17)
@@ -124,7 +144,8 @@ class Chip:
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
             b, m, g, k = cols.shape
             c = cols.reshape(instances, (b // instances) * m, g, k)
-            y = analog_mvm(self.plans[step.name], c, state.weights[self.layer[step.name]])
+            y = analog_mvm(self.plans[step.name], c, state.weights[self.layer[step.name]],
+                           out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
@@ -145,7 +166,8 @@ class Chip:
             layer = self.layer[step.name]
             if layer not in cache:  # one kernel per block: uses of a shared weight read the same devices
                 cache[layer] = conv_weights(state.weights[layer], self.executor.weight(step).shape[1:])
-            return analog_conv(plan, x, cache[layer], instances, plan.groups, step.attrs, state.gdc.get(step.name))
+            return analog_conv(plan, x, cache[layer], instances, plan.groups, step.attrs, state.gdc.get(step.name),
+                               out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
 
         return run
 
@@ -348,7 +370,8 @@ def simulate(
         # One read of the devices per time serves both modes: compensation only adds the digital rescale.
         compensated = chip.at(t, gdc=gdc_modes[0])
         for gdc in gdc_modes:
-            state = compensated if gdc == gdc_modes[0] else ChipState(t, instances, compensated.weights)
+            state = compensated if gdc == gdc_modes[0] else ChipState(
+                t, instances, compensated.weights, noise_generator=compensated.noise_generator)
             use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None, state)
             accs = evaluate(instances)
             acc = accs[metric].values()

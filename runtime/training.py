@@ -65,8 +65,11 @@ class NoiseHook:
 
     def __init__(self, *, weight_noise: str | None = None, eta: float = 0.0, device: Any = None,
                  t_train_s: float = 86400.0, plans: dict[str, LayerPlan] | None = None, dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, output_noise: float = 0.0):
         self.weight_noise = weight_noise
+        # The target's converters.output_noise: with PCM weight noise, each column sum gets the simulator's
+        # per-conversion analog noise too (std = output_noise x x_max x the weight mapped to g_max).
+        self.output_noise = float(output_noise)
         self.eta = eta
         self.device = device
         self.t_train_s = t_train_s
@@ -182,6 +185,20 @@ class NoiseHook:
         self._executor = executor
         executor.hook, executor.input_hook, executor.direct_hook = self, self.layer_input, self.direct
 
+    def _out_noise(self, matrix: torch.Tensor, plan: LayerPlan | None) -> torch.Tensor | None:
+        """Std [G, N] of the per-conversion output noise for this layer now, or None (off, or no DAC range)."""
+        if self.output_noise <= 0 or plan is None or plan.quant is None or plan.quant.dac_bits is None:
+            return None
+        if self.weight_noise != "pcm" or not (self._frozen is not None or (self.training and self.noise_on)):
+            return None
+        w = matrix.detach().abs()
+        per_column = bool(getattr(self.device, "per_column_default", False))
+        w_max = w.amax(dim=-2) if per_column else w.amax().expand(w.shape[0], w.shape[-1])
+        return self.output_noise * plan.quant.x_max * w_max
+
+    def _noise_generator(self) -> torch.Generator:
+        return self._val_gen if self._frozen is not None and self._val_gen is not None else self.generator
+
     def _plan(self, step: AnalogStep) -> LayerPlan | None:
         quantise = self.plans is not None and (self.quant_in_training or not self.training)
         return self.plans.get(step.name) if quantise and self.plans is not None else None
@@ -202,7 +219,8 @@ class NoiseHook:
         weight = self._executor.weight(step)
         w, gdc = self._weights(step, step.matrix(weight))
         return analog_conv(plan, x, conv_weights(w, tuple(weight.shape[1:])), w.shape[0], w.shape[1], step.attrs,
-                           gdc, ste=True)
+                           gdc, ste=True, out_noise=self._out_noise(step.matrix(weight), plan),
+                           generator=self._noise_generator())
 
     def __call__(self, step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape  # inputs already through dropout and the DAC (layer_input)
@@ -210,7 +228,8 @@ class NoiseHook:
         c = cols.reshape(self.instances, (b // self.instances) * m, g, k)
         plan = self._plan(step)
         if plan is not None:
-            y = analog_mvm(plan, c, w, ste=True)
+            y = analog_mvm(plan, c, w, ste=True, out_noise=self._out_noise(matrix, plan),
+                           generator=self._noise_generator())
         else:
             y = torch.einsum("imgk,igkn->imgn", c, w)
         if gdc is not None:

@@ -127,6 +127,20 @@ class ConverterConfig(BaseModel):
     adc_gain: Literal["layer", "column"] = Field(
         "layer", description="ADC gain granularity: one fixed gain per layer (AON-CIM) or per column"
     )
+    output_noise: float = Field(
+        0.0,
+        ge=0,
+        description="Std of the additive analog noise on every column sum before its ADC, drawn per conversion, "
+        "in units of the output of one device at g_max driven at the DAC's full scale (aihwkit forward.out_noise "
+        "uses the same unit; its default is 0.06)",
+    )
+    mvm_phases: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Integrate-and-convert phases per MVM (HERMES: 1 = one-phase, 4 = four-phase mode); "
+        "each phase repeats the input pulse and the conversions",
+    )
 
     @field_validator("dac_bits", "adc_bits", mode="before")
     @classmethod
@@ -160,6 +174,17 @@ class ArrayReadConfig(BaseModel):
     )
     settle_time_s: float = Field(
         10e-9, ge=0, description="Fixed per-MVM precharge / integrator reset time, s (assumed)"
+    )
+    column_energy_j: float = Field(
+        0.0,
+        ge=0,
+        description="Fixed energy per active column per MVM that does not scale with the converter bits "
+        "(bit-line precharge, integrator reset, read-out latch), J",
+    )
+    mvm_energy_j: float = Field(
+        0.0,
+        ge=0,
+        description="Fixed energy per tile per MVM (row decoders, sequencing, clock tree of the array), J",
     )
 
 

@@ -46,11 +46,11 @@ def test_kws_on_aon_cim_golden(reference_models: dict[str, Path], tmp_path: Path
     assert len(c.analog_nodes()) == 8  # 7 conv + fc
     assert r["macs"] == 21_558_624
     assert r["utilization"] == pytest.approx(180_512 / 262_144, rel=1e-9)
-    # Calibrated operating point (HARDWARE.md: 8.58 TOPS/W at 8-bit), and the cost model's golden numbers.
+    # Published KWS 8-bit point (8.58 TOPS/W; fitted with 6 and 4 bits), and the cost model's golden numbers.
     assert r["tops_per_w"] == pytest.approx(8.58, rel=0.05)
     assert r["cycles"] == pytest.approx(63_353, rel=1e-3)
-    assert r["energy_per_inference_j"] == pytest.approx(5.0254e-6, rel=1e-3)
-    assert set(r["energy_breakdown_j"]) >= {"dac", "array", "adc", "digital", "sram"}
+    assert r["energy_per_inference_j"] == pytest.approx(5.0377e-6, rel=1e-3)  # was 5.0254e-6 before the KWS 8/6/4 fit
+    assert set(r["energy_breakdown_j"]) >= {"dac", "array", "adc", "periphery", "digital", "sram"}
     for row in r["layers"]:
         if "placement" in row:
             assert row["mvms"] == row["matrix"]["mvms"] and row["cycles"] > 0
