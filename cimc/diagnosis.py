@@ -46,8 +46,9 @@ __all__ = ["CAUSES", "DiagnoseResult", "diagnose"]
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dac", "adc", "programming", "drift", "read")
-_CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "programming": "programming noise",
+CAUSES = ("dac", "adc", "output", "programming", "drift", "read")
+_CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "output": "output (periphery) noise",
+                 "programming": "programming noise",
                  "drift": "drift (compensated)", "read": "read noise", "all": "all together"}
 # Device noise sources as target fields: a cause keeps its own scale and zeroes the others.
 _DEVICE_SCALES = {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}
@@ -103,9 +104,9 @@ class DiagnoseResult:
                          "-" if adc["levels_used"] is None else f"{100 * adc['levels_used']:.0f}",
                          format_score(metric, layer["metric_only_this_layer"]),
                          layer["cost_text"]])
-        head = format_table(["rank", "layer", "op", "K x N (x groups)", "dac", "adc", "prog", "drift", "read", "all",
-                             "adc clip %", "levels %", f"{metric}, only it analog", "vs float"], rows,
-                            right=tuple(range(4, 14)))
+        head = format_table(["rank", "layer", "op", "K x N (x groups)", "dac", "adc", "out", "prog", "drift", "read",
+                             "all", "adc clip %", "levels %", f"{metric}, only it analog", "vs float"], rows,
+                            right=tuple(range(4, 15)))
         lines = [
             f"SNR (dB) of each analog layer's output against the float layer, one cause at a time, at {d['time']} "
             f"({d['instances']} instances, {d['samples']} samples, target {d['target']})",
@@ -140,9 +141,13 @@ class DiagnoseResult:
 
 # ------------------------------------------------------------------------------------------ variants
 def _cause_target(target: Any, cause: str) -> Any:
-    """The target with only ``cause``'s device noise left on (others' scales 0); converters untouched."""
+    """The target with only ``cause``'s noise left on: the other device scales 0, and the converters' output
+    noise (``converters.output_noise``) only for the ``output`` cause; quantisation is set by the plans."""
     device = target.device
-    updates = {f"device.{field}": 0.0 for c, field in _DEVICE_SCALES.items() if c != cause and hasattr(device, field)}
+    updates: dict[str, Any] = {f"device.{field}": 0.0 for c, field in _DEVICE_SCALES.items()
+                               if c != cause and hasattr(device, field)}
+    if cause != "output" and getattr(target.converters, "output_noise", 0.0):
+        updates["converters.output_noise"] = 0.0
     return target.with_overrides(**updates) if updates else target
 
 

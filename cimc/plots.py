@@ -165,7 +165,8 @@ def plot_drift(results: dict[str, Any], path: str | os.PathLike[str] | None = No
     return _save(fig, path)
 
 
-_CAUSE_COLOURS = {"dac": "#4477aa", "adc": "#66ccee", "programming": "#228833", "drift": "#ccbb44", "read": "#ee6677"}
+_CAUSE_COLOURS = {"dac": "#4477aa", "adc": "#66ccee", "output": "#aa3377", "programming": "#228833", "drift": "#ccbb44",
+                  "read": "#ee6677"}
 
 
 def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = None) -> Any:
