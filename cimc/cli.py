@@ -323,8 +323,25 @@ def _add_diagnose(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     import cimc.api as api
 
-    outs = api.run(args.compiled, args.input, args.output, time=args.time, instance=args.instance,
-                   instances=args.instances, seed=args.seed, ideal=args.ideal, all_outputs=True)
+    to_stdout = args.output == "-"
+    outs = api.run(args.compiled, args.input, None if to_stdout else args.output, time=args.time,
+                   instance=args.instance, instances=args.instances, seed=args.seed, ideal=args.ideal,
+                   all_outputs=True)
+    if to_stdout:  # binary on stdout, for a pipe: .npy for one output, .npz for several
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        if len(outs) == 1:
+            np.save(buf, next(iter(outs.values())))
+        else:
+            np.savez(buf, **outs)
+        stream = _STDOUT[0] if _STDOUT[0] is not None else sys.stdout
+        stream.flush()
+        stream.buffer.write(buf.getvalue())
+        stream.buffer.flush()
+        return 0
     shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in outs.items())
     print(f"wrote {args.output} ({shapes})")
     return 0
@@ -335,7 +352,9 @@ def _add_run(sub: Any) -> None:
     p.add_argument("compiled", help="compiled-model directory")
     p.add_argument("--input", required=True,
                    help=".npy with inputs (one-input models) or .npz with one array per input name (first axis = samples)")
-    p.add_argument("-o", "--output", required=True, help=".npy (the first output) or .npz (every output, by name)")
+    p.add_argument("-o", "--output", required=True,
+                   help=".npy (one output) or .npz (every output, by name); '-' writes them to stdout (.npy bytes for "
+                   "one output, .npz for several)")
     p.add_argument("--time", default="1s", help="time after programming (default 1s)")
     p.add_argument("--instance", type=int, default=0, help="which chip instance (0-based)")
     p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")

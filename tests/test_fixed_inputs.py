@@ -250,3 +250,21 @@ def test_if_on_data_computes_both_branches_and_selects_per_sample(tmp_path: Path
     first = 1 / (1 + np.exp(-(x @ numpy_helper.to_array(onnx.load(path).graph.initializer[0]))))
     assert 0 < (first >= 0.5).sum() < len(x)  # both branches are taken in this batch
     assert rel_l2(cimc.run(compiled, x), ref) < 1e-5
+
+
+def test_run_writes_to_stdout_for_a_pipe(tmp_path: Path, run_cli) -> None:
+    import subprocess
+    import sys
+
+    path = _seq_first(tmp_path / "crnn.onnx")
+    assert run_cli("compile", path, "--target", "ideal", "-o", tmp_path / "b", "-q").code == 0
+    x = np.random.default_rng(7).normal(size=(2, 4, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run([sys.executable, "-m", "cimc.cli", "run", str(tmp_path / "b"), "--input", str(tmp_path / "x.npy"),
+                           "-o", "-"], capture_output=True, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import io
+
+    y = np.load(io.BytesIO(proc.stdout))
+    ref = np.concatenate([run_ort(path, {"x": x[i : i + 1]})[0] for i in range(2)], axis=1)
+    assert y.shape == (20, 2, 37) and rel_l2(y, ref) < 1e-5
