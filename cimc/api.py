@@ -145,7 +145,7 @@ def _input_specs(model: ir.Model) -> list[tuple[str, tuple[int, ...], np.dtype, 
 def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
     """One array per model input (first axis = samples) from an array, a {name: array} mapping, a .npy file
     (one-input models) or a .npz file with one array per input name; checked against the model's inputs."""
-    from cimc.data import _check_finite, check_input_array, load_npy
+    from cimc.data import _check_finite, check_input_array, load_npy, load_npz_arrays
     from cimc.errors import DataError, InputError
 
     specs = _input_specs(model)
@@ -158,14 +158,9 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
         if p.suffix.lower() != ".npz":
             loaded: Any = load_npy(p)  # header checked (type, memory budget) before reading
         else:
-            try:
-                loaded = np.load(p, allow_pickle=False)
-            except (ValueError, OSError) as exc:
-                raise InputError(f"{p}: not a readable .npz file ({str(exc).splitlines()[0]}); save inputs with "
-                                 "numpy.savez") from exc
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                arrays = {k: loaded[k] for k in loaded.files}
+            loaded = load_npz_arrays(p)  # likewise, member by member
+        if isinstance(loaded, dict):
+            arrays = loaded
             if len(names) == 1 and names[0] not in arrays:
                 if len(arrays) == 1 or "x" in arrays:
                     arrays = {names[0]: arrays["x"] if "x" in arrays else next(iter(arrays.values()))}

@@ -26,7 +26,8 @@ import numpy as np
 
 from cimc.errors import DataError, InputError
 
-__all__ = ["Dataset", "batches", "check_input_array", "check_labels", "load_dataset", "load_npy", "save_dataset"]
+__all__ = ["Dataset", "batches", "check_input_array", "check_labels", "load_dataset", "load_npy", "load_npz_arrays",
+           "save_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,24 @@ def _read_member(archive: Any, name: str, file: Path, limit: int | None) -> np.n
                 raise InputError(f"dataset '{file}': '{name}' is truncated; write it again")
             done += got
         return array
+
+
+def load_npz_arrays(path: str | os.PathLike[str], what: str = "--input") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` by name, each header checked (type, memory budget) before its data is read."""
+    p = Path(path)
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise InputError(f"{what} {p}: not a readable .npz archive ({type(exc).__name__}); save inputs with "
+                         "numpy.savez(path, name=array, ...)") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{what} {p} is a single .npy array, not an .npz archive; name it .npy or save with "
+                         "numpy.savez")
+    with loaded as archive:
+        try:
+            return {name: _read_member(archive, name, p, None) for name in archive.files}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
+            raise InputError(f"{what} {p} is truncated or corrupt ({type(exc).__name__}); write it again") from None
 
 
 def load_npy(path: str | os.PathLike[str], what: str = "--input") -> np.ndarray:
