@@ -6,8 +6,8 @@ with several chip instances and both drift-compensation granularities, one fine-
 and ``export`` + ``verify``. The arrays are tiny, so layers split by rows, by columns, or both, and every
 group of a grouped convolution lands in tiles of its own.
 
-CI runs the bounded ``ci`` profile; ``HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties.py``
-runs many more examples by hand.
+CI runs the bounded ``ci`` profile (12 examples); ``HYPOTHESIS_PROFILE=long python -m pytest
+tests/test_properties.py`` runs 300 random ones by hand (``CIMC_PROPERTY_EXAMPLES=N`` for another count).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from tests.models import rel_l2, run_ort
 settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("long", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=int(os.environ.get("CIMC_PROPERTY_EXAMPLES", "300")), deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
 CLASSES = 3
