@@ -123,6 +123,15 @@ def _add_compile(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulate / run
+def _add_backend_options(p: Any, what: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, metavar="N",
+                       help=f"split the {what} over N local processes (same numbers for any N)")
+    group.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                       help=f"split the {what} over Ray: 'auto' (default) starts or joins a local Ray, or a "
+                       "cluster address; needs pip install \"cimc[ray]\"")
+
+
 @command("simulate")
 def _simulate(args: argparse.Namespace) -> int:
     import cimc.api as api
@@ -131,6 +140,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=not args.quiet, out_dir=out,
+        workers=args.workers, ray=args.ray,
     )
     print(result.table())
     print(f"\nwrote {out}/ (results.json, drift.png)")
@@ -147,6 +157,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
     p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass, all instances together")
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    _add_backend_options(p, "chip instances")
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
