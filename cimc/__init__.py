@@ -5,7 +5,8 @@ The public API (the command line calls exactly these):
 * :func:`cimc.load` — import and canonicalise an ONNX model;
 * :func:`cimc.inspect` — what a model contains and what maps onto the crossbar;
 * :func:`cimc.compile` — map, quantise and schedule onto a target (a :class:`~cimc.artifact.CompiledModel`);
-* :func:`cimc.simulate` — accuracy over time on simulated chips; :func:`cimc.run` — raw outputs.
+* :func:`cimc.simulate` — accuracy over time on simulated chips; :func:`cimc.run` — raw outputs;
+* :func:`cimc.sweep` — accuracy vs TOPS/W over a grid of target variations.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "
 
 from cimc.api import compile, finetune, inspect, load, load_compiled, run, simulate
 from cimc.errors import CimcError
+from cimc.sweeps import sweep
 
 __version__ = "0.1.0"
-__all__ = ["CimcError", "__version__", "compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
+__all__ = ["CimcError", "__version__", "compile", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())

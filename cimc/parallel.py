@@ -189,7 +189,8 @@ def _ray_call(fn: Task, shared: Any, task: Any, threads: int) -> Any:
 
 class RayBackend(Backend):
     """Ray tasks, one CPU each. ``address``: ``"auto"`` (join a running local Ray or start one) or a cluster
-    address (``ray://host:10001`` or ``host:6379``). An already initialised Ray session is used as it is."""
+    address (``ray://host:10001`` or ``host:6379``). An already initialised Ray session is used as it is (and
+    left running); one this backend started is shut down by :meth:`close`."""
 
     name = "ray"
 
@@ -203,11 +204,14 @@ class RayBackend(Backend):
         self._started = False
         if not ray.is_initialized():
             try:
+                # Job-wide worker environment: OpenMP threads sleep instead of spinning when they wait.
+                env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
                 if address == "auto":
                     # Joins the local cluster 'ray start' left running, else starts one for this process.
-                    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+                    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env=env)
                 else:
-                    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                             runtime_env=env)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise InputError(f"cannot join Ray at {address!r} ({first}); start it with 'ray start --head' "
@@ -222,8 +226,7 @@ class RayBackend(Backend):
         ray = self._ray
         if not tasks:
             return
-        remote = ray.remote(_ray_call).options(
-            num_cpus=1, max_retries=self.max_retries, runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+        remote = ray.remote(_ray_call).options(num_cpus=1, max_retries=self.max_retries)
         shared_ref = ray.put(shared)  # once into the object store; each node fetches it once
         refs = {remote.remote(fn, shared_ref, task, 1): i for i, task in enumerate(tasks)}
         pending = list(refs)

@@ -118,7 +118,9 @@ class Chip:
 
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each layer's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average)."""
-        return {name: probe_response(self.plans[name], w) for name, w in weights.items()}
+        # Per instance: with the probe broadcast over I instances the product is batched differently for each I.
+        return {name: torch.cat([probe_response(self.plans[name], w[i : i + 1]) for i in range(w.shape[0])])
+                for name, w in weights.items()}
 
     def _read(self, t_s: float, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
@@ -146,14 +148,18 @@ class Chip:
     def hook(self, state: ChipState) -> Callable[..., torch.Tensor]:
         """The executor's analog hook for this chip state (inputs already through the DAC: :meth:`dac_hook`)."""
         instances = state.instances
+        per_instance: dict[str, list[torch.Tensor]] = {}
 
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
             b, m, g, k = cols.shape
             c = cols.reshape(instances, (b // instances) * m, g, k)
-            w = state.weights[step.name]
-            # Instance by instance: a product's kernel (and so its rounding) may depend on the batch shape, and
-            # instance i's numbers must not depend on how many instances share the run.
-            y = torch.cat([analog_mvm(self.plans[step.name], c[i : i + 1], w[i : i + 1]) for i in range(instances)])
+            if step.name not in per_instance:
+                per_instance[step.name] = [w.unsqueeze(0).clone() for w in state.weights[step.name]]
+            w = per_instance[step.name]
+            # Instance by instance, each operand in its own (aligned) buffer: a product's kernel, and so its
+            # rounding, may depend on the batch shape and on the operands' alignment, and instance i's numbers
+            # must not depend on how many instances share the run.
+            y = torch.cat([analog_mvm(self.plans[step.name], c[i : i + 1].clone(), w[i]) for i in range(instances)])
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
