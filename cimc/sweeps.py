@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,8 @@ import yaml
 
 from cimc.errors import CimcError, FitError, InputError, TargetError
 
-__all__ = ["SweepResult", "SweepSpec", "expand_grid", "load_grid_file", "pareto_front", "parse_vary", "sweep"]
+__all__ = ["SweepResult", "SweepSpec", "color_allowed", "expand_grid", "load_grid_file", "pareto_front", "parse_vary",
+           "plot_pareto", "point_label", "sweep"]
 
 logger = logging.getLogger(__name__)
 

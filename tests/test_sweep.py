@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import cimc
-from cimc.data import Dataset, save_dataset
+from cimc.data import save_dataset
 from cimc.errors import InputError, TargetError
 from cimc.sweeps import _run_point, expand_grid, pareto_front, parse_vary
 from tests.models import export_onnx
