@@ -25,6 +25,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +173,12 @@ class LocalBackend(Backend):
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in sorted(done, key=futures.__getitem__):
-                    yield futures[future], _unwrap(future.result())
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        raise CimcError("a worker process died (killed, or out of memory); rerun the same command: "
+                                        "a sweep resumes from the points already finished") from None
+                    yield futures[future], _unwrap(result)
         finally:
             for future in futures:
                 future.cancel()

@@ -299,7 +299,7 @@ class SweepResult(list):  # type: ignore[type-arg]
                          "" if r["tops_per_w"] is None else f"{r['tops_per_w']:.3g}",
                          "" if r["latency_s"] is None else f"{1e3 * r['latency_s']:.3g}",
                          "" if r["energy_per_inference_j"] is None else f"{1e6 * r['energy_per_inference_j']:.3g}",
-                         pct(r["utilization"])[:-1] if r["utilization"] is not None else ""])
+                         "" if r["utilization"] is None else f"{100 * r['utilization']:.1f}"])
         text = format_table(headers, rows, right=tuple(range(len(headers) - 6, len(headers))))
         lines = text.splitlines()
         if color:

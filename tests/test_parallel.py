@@ -127,3 +127,12 @@ def test_ray_retries_a_dead_worker(ray_session, tmp_path: Path) -> None:  # type
     marker = str(tmp_path / "died")
     results = dict(RayBackend("auto").run(_die_once, [0, 1, 2], marker))
     assert results == {0: 0, 1: 10, 2: 20} and os.path.exists(marker)
+
+
+def _exit_worker(shared: object, task: int) -> int:
+    os._exit(3)
+
+
+def test_dead_pool_worker_is_a_one_line_error() -> None:
+    with pytest.raises(cimc.CimcError, match="worker process died"):
+        list(LocalBackend(1).run(_exit_worker, [0]))
