@@ -119,7 +119,7 @@ def _die_once(marker: str, task: int) -> int:
 
 
 def test_ray_retries_a_dead_worker(ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import cloudpickle
+    from ray import cloudpickle
 
     from cimc.parallel import RayBackend
 
