@@ -322,13 +322,21 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], pa
     """Accuracy at ``pareto_time`` vs TOPS/W, one labelled marker per point that ran, the front joined."""
     from cimc.plots import _save, plt
 
+    from matplotlib.ticker import ScalarFormatter
+
     ok = [r for r in rows if r["accuracy"] is not None and r["tops_per_w"] is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    fig, ax = plt.subplots(figsize=(8.0, 5.2))
+    # Points with the same numbers share one marker and one label: "#0,#6" and the values they have in common.
+    groups: dict[tuple[float, float], list[dict[str, Any]]] = {}
     for r in ok:
-        ax.scatter(r["tops_per_w"], 100 * r["accuracy"], s=60 if r["front"] else 30,
-                   c="tab:red" if r["front"] else "tab:blue", zorder=3, edgecolors="black" if r["front"] else "none")
-        ax.annotate(f"#{r['point']} {r['label']}", (r["tops_per_w"], 100 * r["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+        groups.setdefault((r["tops_per_w"], r["accuracy"]), []).append(r)
+    for (tops, acc), members in groups.items():
+        front = any(r["front"] for r in members)
+        ax.scatter(tops, 100 * acc, s=60 if front else 30, c="tab:red" if front else "tab:blue", zorder=3,
+                   edgecolors="black" if front else "none")
+        common = [part for part in members[0]["label"].split(" ") if all(part in r["label"].split(" ") for r in members)]
+        ax.annotate(f"{','.join('#' + str(r['point']) for r in members)} {' '.join(common)}", (tops, 100 * acc),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
     front = sorted((r for r in ok if r["front"]), key=lambda r: r["tops_per_w"])
     if front:
         ax.plot([r["tops_per_w"] for r in front], [100 * r["accuracy"] for r in front], "--", color="tab:red",
@@ -337,6 +345,8 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str], pa
     tops = [r["tops_per_w"] for r in ok]
     if tops and max(tops) > 4 * min(tops):
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("TOPS/W (counted on the data)")
     ax.set_ylabel(f"accuracy at {pareto_time} after programming (%)")
     ax.set_title(title, fontsize=9)
