@@ -136,3 +136,20 @@ def _exit_worker(shared: object, task: int) -> int:
 def test_dead_pool_worker_is_a_one_line_error() -> None:
     with pytest.raises(cimc.CimcError, match="worker process died"):
         list(LocalBackend(1).run(_exit_worker, [0]))
+
+
+def test_program_with_one_generator_per_instance() -> None:
+    from cimc.runtime.devices import build_device
+    from cimc.runtime.simulator import instance_generators
+    from cimc.targets import PcmIbmDevice
+
+    device = build_device(PcmIbmDevice())
+    w = {"a": torch.randn(6, 5, generator=torch.Generator().manual_seed(0))}
+    three = device.program_layers(w, 3, instance_generators(1, range(3), "program"))
+    last = device.program_layers(w, 1, instance_generators(1, [2], "program"))
+    assert torch.equal(three.array.g_prog_us[2:], last.array.g_prog_us) and torch.equal(three.array.nu[2:], last.array.nu)
+    read3 = three.read(60.0, instance_generators(1, range(3), "read", 60.0))["a"]
+    read1 = last.read(60.0, instance_generators(1, [2], "read", 60.0))["a"]
+    assert torch.equal(read3[2:], read1)
+    with pytest.raises(InputError, match="one per instance"):
+        device.program_layers(w, 2, instance_generators(1, range(3), "program"))
