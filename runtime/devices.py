@@ -67,6 +67,9 @@ _PROG_COEFFS_REFERENCE_G_MAX_US = 25.0
 _READ_NOISE_G_FLOOR = 1e-3
 
 _GDC_MODES = ("layer", "column", "none")
+# Devices per instance row are padded to a multiple of this (program_layers): 256 floats = 1 KiB, a multiple of
+# every SIMD width and of the row splits of a few threads.
+_ROW_ALIGN = 256
 
 # One generator for the whole [I, ...] batch, or one per instance (see the module docstring).
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -245,6 +248,7 @@ class ProgrammedLayers:
     array: ProgrammedArray
     scales: Mapping[str, Tensor]
     shapes: Mapping[str, torch.Size]
+    padding: int = 0  # unused devices at the end of each instance's row (see program_layers)
 
     @property
     def instances(self) -> int:
@@ -252,7 +256,7 @@ class ProgrammedLayers:
 
     def read(self, t_s: float, generator: Generators) -> dict[str, Tensor]:
         g_us = self.array.read(t_s, generator)  # [I, D_total]
-        sizes = [s.numel() for s in self.shapes.values() for _ in (0, 1)]
+        sizes = [s.numel() for s in self.shapes.values() for _ in (0, 1)] + [self.padding]
         parts = torch.split(g_us, sizes, dim=1)
         out: dict[str, Tensor] = {}
         for i, (name, shape) in enumerate(self.shapes.items()):
@@ -381,8 +385,15 @@ class DeviceModel(abc.ABC):
             scales[name], shapes[name] = scale, g_pos.shape
         if not flat:
             raise InputError("program_layers got no layers; pass a mapping of layer name to weight matrix")
+        # With one generator per instance, pad each instance's row of devices to a multiple of _ROW_ALIGN (zero
+        # targets, never read back): the vectorised element-wise kernels then treat every instance's devices
+        # alike whatever the instance count (an element in a ragged tail takes a scalar path that may round
+        # differently), which keeps a sharded Monte Carlo run bit-identical to the one-process run.
+        per_instance = not isinstance(generator, torch.Generator)
+        padding = -sum(f.numel() for f in flat) % _ROW_ALIGN if per_instance else 0
+        flat.append(torch.zeros(padding, dtype=flat[0].dtype))
         array = self.program(torch.cat(flat), instances, generator)
-        return ProgrammedLayers(array=array, scales=scales, shapes=shapes)
+        return ProgrammedLayers(array=array, scales=scales, shapes=shapes, padding=padding)
 
     def program_weights(
         self, w: Tensor, instances: int, generator: Generators, per_column: bool | None = None
