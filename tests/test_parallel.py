@@ -98,6 +98,7 @@ def test_simulate_workers_same_numbers(compiled, tiny, tmp_path: Path, run_cli) 
     one = cimc.simulate(compiled, ds, **kwargs)
     two = cimc.simulate(compiled, ds, workers=2, **kwargs)
     assert _numbers(two) == _numbers(one)
+    assert _numbers(cimc.simulate(compiled, ds, workers=1, **kwargs)) == _numbers(one)  # 2 torch threads there
     # the command line, with a user error raised inside a worker coming back as the one-line error
     compiled.save(tmp_path / "build")
     res = run_cli("simulate", tmp_path / "build", "--data", tmp_path / "missing.npz", "--workers", "2", "-q")
