@@ -168,3 +168,13 @@ def test_workers_and_ray_give_the_same_csv(tiny, tmp_path: Path, run_cli, ray_se
         assert res.code == 0, res.err
         outputs[name] = _csv(tmp_path / name)
     assert outputs["workers2"] == outputs["in-process"] == outputs["ray"]
+
+
+def test_sweep_with_finetuning(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    model, data = tiny
+    kwargs = dict(vary=["converters.adc_bits=4"], calib=data, data=data, drift="1s", pareto_time="1s", instances=1)
+    plain = cimc.sweep(model, out_dir=tmp_path / "plain", **kwargs)
+    tuned = cimc.sweep(model, finetune=data, out_dir=tmp_path / "tuned", **kwargs)
+    assert tuned[0]["status"] == "ok", tuned[0]["reason"]
+    assert tuned[0]["key"] != plain[0]["key"]  # fine-tuning data is part of the point's identity
+    assert json.loads((tmp_path / "tuned" / "sweep.json").read_text())["finetune"] is True
