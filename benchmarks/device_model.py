@@ -34,18 +34,23 @@ DEFAULT_PLOT = Path(__file__).resolve().parent.parent / "docs" / "img" / "pcm-dr
 
 
 
-def measure_throughput(instances: int, repeats: int, seed: int) -> dict[str, float]:
-    """Best-of-``repeats`` wall time of program (all layers, one batch) + one 24 h read."""
+def measure_throughput(instances: int, repeats: int, seed: int, per_instance: bool = False) -> dict[str, float]:
+    """Best-of-``repeats`` wall time of program (all layers, one batch) + one 24 h read; ``per_instance``: one
+    generator per instance (as the simulator draws), else one generator for the whole batch."""
+    from cimc.runtime.simulator import instance_generators
+
     device = build_device(PcmIbmDevice())
     gen = torch.Generator().manual_seed(seed)
     weights = {name: torch.randn(shape, generator=gen) for name, shape in KWS_LAYER_SHAPES.items()}
     n_devices = 2 * sum(w.numel() for w in weights.values()) * instances
     best_program_s, best_read_s = float("inf"), float("inf")
     for _ in range(repeats):
+        prog_gen = instance_generators(seed, range(instances), "program") if per_instance else gen
+        read_gen = instance_generators(seed, range(instances), "read", T_24H_S) if per_instance else gen
         t_start = time.perf_counter()
-        programmed = device.program_layers(weights, instances, gen)
+        programmed = device.program_layers(weights, instances, prog_gen)
         t_programmed = time.perf_counter()
-        programmed.read(T_24H_S, gen)
+        programmed.read(T_24H_S, read_gen)
         t_read = time.perf_counter()
         best_program_s = min(best_program_s, t_programmed - t_start)
         best_read_s = min(best_read_s, t_read - t_programmed)
@@ -103,14 +108,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = measure_throughput(args.instances, args.repeats, args.seed)
-    print(
-        f"KWS-sized layer set ({int(result['devices']) // (2 * args.instances):,} weights) x {args.instances} "
-        f"instances = {int(result['devices']):,} devices: program {result['program_s'] * 1e3:.0f} ms, "
-        f"read at 24 h {result['read_s'] * 1e3:.0f} ms, "
-        f"{result['devices_per_s'] / 1e6:.1f} M devices programmed+read per s "
-        f"({torch.get_num_threads()} thread(s))"
-    )
+    for per_instance in (False, True):
+        result = measure_throughput(args.instances, args.repeats, args.seed, per_instance)
+        print(
+            f"{'one generator per instance' if per_instance else 'one generator for the batch'}: "
+            f"KWS-sized layer set ({int(result['devices']) // (2 * args.instances):,} weights) x {args.instances} "
+            f"instances = {int(result['devices']):,} devices: program {result['program_s'] * 1e3:.0f} ms, "
+            f"read at 24 h {result['read_s'] * 1e3:.0f} ms, "
+            f"{result['devices_per_s'] / 1e6:.1f} M devices programmed+read per s "
+            f"({torch.get_num_threads()} thread(s))"
+        )
     if args.plot is not None:
         plot_drift(args.plot, devices_per_level=20_000, seed=args.seed)
         print(f"wrote {args.plot}")

@@ -6,7 +6,8 @@ The public API (the command line calls exactly these):
 * :func:`cimc.inspect` — what a model contains and what maps onto the crossbar;
 * :func:`cimc.compile` — map, quantise and schedule onto a target (a :class:`~cimc.artifact.CompiledModel`);
 * :func:`cimc.simulate` — accuracy (or any metric) over time on simulated chips; :func:`cimc.run` — raw outputs;
-* :func:`cimc.diagnose` — which layer and which non-ideality cost the accuracy, and what to change.
+* :func:`cimc.diagnose` — which layer and which non-ideality cost the accuracy, and what to change;
+* :func:`cimc.sweep` — accuracy vs TOPS/W over a grid of target variations.
 """
 
 from __future__ import annotations
@@ -31,19 +32,21 @@ from cimc.errors import CimcError
 
 __version__ = "0.1.0"
 # The API and its error type only; modules (cimc.api, cimc.data, ...) stay importable by name.
-__all__ = ["CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate"]
+__all__ = ["CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())
 
 # The API pulls in torch, onnxruntime and onnxscript (seconds); ``cimc --version``, ``--help`` and ``targets``
 # need none of them. The API functions are therefore imported on first use (PEP 562).
-_API = frozenset({"compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate"})
+_API = frozenset({"compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"})
 
 
 def __getattr__(name: str) -> object:
     if name in _API:
-        from cimc import api
-
+        if name == "sweep":
+            from cimc import sweeps as api  # the sweep runner lives beside the API, not in it
+        else:
+            from cimc import api
         value = getattr(api, name)
         globals()[name] = value  # later look-ups skip this function
         return value

@@ -97,18 +97,29 @@ def simulate(
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     metric: str | None = None,
+    instance_range: tuple[int, int] | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
 ) -> Any:
     """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
     ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name; ``y`` is optional.
     ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: accuracy, top5, cosine, mse,
     snr or relerr (see :mod:`cimc.runtime.metrics`; default accuracy with labels, cosine agreement with the
-    float model without). With ``out_dir``, ``results.json`` and ``drift.png`` are written there.
+    float model without). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written there.
+
+    ``instance_range=(a, b)``: only chips a..b-1 of the ``instances`` (merge shards with
+    :func:`cimc.runtime.simulator.merge_results`). ``workers=N`` splits the instances over N local processes,
+    ``ray="auto"`` or an address over Ray; every chip's random streams depend only on (seed, chip index), so
+    the numbers are the same, bit for bit, for any split.
     """
+    import time as _time
+
     from cimc.data import Dataset, load_dataset
     from cimc.plots import plot_drift
     from cimc.outputs import check_output_dir, output_dir
     from cimc.report import write_json_atomic
+    from cimc.runtime.simulator import check_simulation_inputs, merge_results
     from cimc.runtime.simulator import simulate as run_simulation
 
     inputs = [compiled, data]
@@ -118,8 +129,31 @@ def simulate(
     ds = data if isinstance(data, Dataset) else load_dataset(data, samples=samples)
     times = parse_times(drift)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
-    result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
-                            compare_gdc=compare_gdc, progress=progress, metric=metric)
+    if workers is None and ray is None:
+        result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
+                                compare_gdc=compare_gdc, progress=progress, metric=metric,
+                                instance_range=instance_range)
+    else:
+        from cimc.parallel import get_backend, split_range
+
+        first, stop, metric = check_simulation_inputs(c, x, y, times, instances, instance_range, metric)
+        started = _time.perf_counter()
+        with get_backend(workers, ray) as backend:
+            ranges = [(first + a, first + b) for a, b in split_range(stop - first, backend.workers)]
+            logger.info("simulating %d instance(s) in %d shard(s) on %s", stop - first, len(ranges), backend.describe())
+            shared = {"compiled": compiled_payload(c), "x": x, "y": y, "times": times, "instances": instances,
+                      "seed": seed, "batch_size": batch_size, "compare_gdc": compare_gdc, "metric": metric}
+            bar = _shard_bar(len(ranges), progress)
+            shards = []
+            for _, shard in backend.run(_simulate_shard_task, ranges, shared):
+                shards.append(shard)
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+        result = merge_results(c, shards)
+        result.timings["wall_time_s"] = _time.perf_counter() - started
+        result.timings["shards"] = len(ranges)
     result.data["data"] = ds.name
     if out_dir is not None:
         with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
@@ -234,6 +268,62 @@ def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
     return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
 
 
+def compiled_payload(compiled: Any) -> dict[str, Any]:
+    """What a worker needs to rebuild a compiled model: ONNX bytes (placement and quantisation are in its
+    metadata), the resolved target as data, and a key naming both (workers cache by it)."""
+    import hashlib
+
+    from cimc.targets import target_yaml
+
+    blob = ir.serde.serialize_model(compiled.model).SerializeToString()
+    target = compiled.target.model_dump(mode="json")
+    key = hashlib.sha256(blob + target_yaml(compiled.target).encode()).hexdigest()
+    return {"key": key, "model": blob, "target": target, "source": compiled.source,
+            "source_sha256": compiled.source_sha256}
+
+
+_PAYLOAD_CACHE: dict[str, Any] = {}
+
+
+def compiled_from_payload(payload: dict[str, Any]) -> Any:
+    """The :class:`~cimc.artifact.CompiledModel` of :func:`compiled_payload` (cached per worker process)."""
+    cached = _PAYLOAD_CACHE.get(payload["key"])
+    if cached is not None:
+        return cached
+    import onnx
+
+    from cimc.artifact import CompiledModel
+    from cimc.runtime.cost import estimate_cost
+    from cimc.runtime.workload import model_workload
+    from cimc.targets import Target
+
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(payload["model"]))
+    target = Target.model_validate(payload["target"])
+    cost = estimate_cost(target, model_workload(model))
+    compiled = CompiledModel(model, target, cost, payload["source"], payload["source_sha256"])
+    _PAYLOAD_CACHE.clear()  # one model per worker at a time: a sweep's points are different models
+    _PAYLOAD_CACHE[payload["key"]] = compiled
+    return compiled
+
+
+def _simulate_shard_task(shared: dict[str, Any], instance_range: tuple[int, int]) -> Any:
+    """A worker's part of a sharded simulation: chips ``instance_range`` (per-instance numbers)."""
+    from cimc.runtime.simulator import simulate_shard
+
+    compiled = compiled_from_payload(shared["compiled"])
+    return simulate_shard(compiled, shared["x"], shared["y"], shared["times"], shared["instances"], shared["seed"],
+                          shared["batch_size"], shared["compare_gdc"], False, tuple(instance_range),
+                          metric=shared.get("metric"))
+
+
+def _shard_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="shard", desc="simulating", leave=False, dynamic_ncols=True)
+
+
 def run(
     compiled: Any,
     inputs: Any,
@@ -257,7 +347,7 @@ def run(
     import torch
 
     from cimc.errors import InputError, ModelError
-    from cimc.runtime.simulator import Chip, ChipState, ideal_hook, parse_duration, use
+    from cimc.runtime.simulator import Chip, ideal_hook, parse_duration, use
     from cimc.validate import samples_per_pass
 
     c = load_compiled(compiled)
@@ -277,15 +367,13 @@ def run(
     n = instances or instance + 1
     if not 0 <= instance < n:
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
-    chip = Chip(c, n, seed)
+    # Chip k's random streams depend only on (seed, k): program that one chip alone.
+    chip = Chip(c, 1, seed, first_instance=instance)
     t_s = parse_duration(time) if isinstance(time, str) else float(time)
     if ideal:
         use(chip, ideal_hook(chip))
     else:
-        full = chip.at(t_s)
-        # Only the requested chip runs: its slice of every instance-stacked tensor.
-        state = ChipState(t_s, 1, {k: w[instance : instance + 1] for k, w in full.weights.items()},
-                          {k: g[instance : instance + 1] for k, g in full.gdc.items()})
+        state = chip.at(t_s)
         use(chip, chip.hook(state), state=state)
     declared = [tuple(v.shape) if v.shape is not None else None for v in c.model.graph.outputs]
     lead = next((i for i, ax in enumerate(in_axes) if ax is not None), None)  # the first input with samples

@@ -241,6 +241,15 @@ def _add_compile(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulate / run
+def _add_backend_options(p: Any, what: str) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, metavar="N",
+                       help=f"split the {what} over N local processes (same numbers for any N)")
+    group.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                       help=f"split the {what} over Ray: 'auto' (default) starts or joins a local Ray, or a "
+                       "cluster address; needs pip install \"cimc[ray]\"")
+
+
 @command("simulate")
 def _simulate(args: argparse.Namespace) -> int:
     import cimc.api as api
@@ -251,7 +260,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
-        force=args.force, metric=args.metric,
+        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray,
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -279,6 +288,7 @@ def _add_simulate(sub: Any) -> None:
     _add_batch_size(p, "inputs per forward pass, all instances together (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
     _add_threads_option(p)
+    _add_backend_options(p, "chip instances")
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
     _add_force(p)
     _add_output_flags(p, json_help="print results.json's content as one JSON document")
@@ -360,6 +370,44 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
+
+
+# ------------------------------------------------------------------------------------------ sweep
+@command("sweep")
+def _sweep(args: argparse.Namespace) -> int:
+    import cimc.sweeps as sw
+
+    rows = sw.sweep(
+        args.model, args.target, vary=args.vary or [], grid=args.grid, calib=args.calib, data=args.data,
+        drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples, batch_size=args.batch_size,
+        finetune=args.finetune, pareto_time=args.pareto_time, out_dir=args.output, workers=args.workers,
+        ray=args.ray, progress=_progress_enabled(args),
+    )
+    print(rows.table(color=sw.color_allowed(sys.stdout)))
+    print(f"\nwrote {args.output}/ (sweep.csv, sweep.json, pareto.png, points/)")
+    return 0
+
+
+def _add_sweep(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="design-space sweep: accuracy over time vs TOPS/W over target variations")
+    p.add_argument("model", help="path to an .onnx file")
+    p.add_argument("--target", "-t", default="aon-cim", help="base target preset or YAML file (default aon-cim)")
+    p.add_argument("--vary", action="append", metavar="FIELD=V1,V2",
+                   help="a target field by dotted path and its values, e.g. converters.adc_bits=4,6,8; "
+                   "'F1,F2=V1,V2' varies two fields together; repeat for a product")
+    p.add_argument("--grid", metavar="SWEEP_YAML", help="sweep file with 'vary:', 'points:' and/or 'fixed:'")
+    p.add_argument("--calib", required=True, help="calibration data for the converter ranges (.npz or builtin name)")
+    p.add_argument("--data", required=True, help="test data with labels (.npz or builtin name)")
+    p.add_argument("--drift", default="1s,24h,1y", help="times after programming (default 1s,24h,1y)")
+    p.add_argument("--instances", type=int, default=10, help="chip instances per point (default 10)")
+    p.add_argument("--samples", type=int, help="use only the first N test samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed (chips and fine-tuning)")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass, all instances together")
+    p.add_argument("--finetune", metavar="TRAIN", help="noise-aware fine-tuning data: fine-tune at every point")
+    p.add_argument("--pareto-time", default="24h", help="time whose accuracy the Pareto front uses (default 24h)")
+    _add_backend_options(p, "points")
+    p.add_argument("-o", "--output", required=True, help="output folder (resumable: finished points are kept)")
+    _add_output_flags(p)
 
 
 # --- export / verify ---
@@ -476,7 +524,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
-_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
+_PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_sweep, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
 _PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_simulate) + 1, _add_diagnose)
 
 

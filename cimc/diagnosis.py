@@ -204,7 +204,7 @@ class _Variant:
             return self.chip.conv_hook(self.state)(step, xq)
         if self._kernels.get(step.name) is None:
             shape = self.chip.executor.weight(step).shape[1:]
-            self._kernels[step.name] = conv_weights(self.chip.ideal[step.name].unsqueeze(0), shape)
+            self._kernels[step.name] = conv_weights(self.chip.ideal[self.chip.layer[step.name]].unsqueeze(0), shape)
         return analog_conv(plan, xq, self._kernels[step.name], 1, plan.groups, step.attrs)
 
 

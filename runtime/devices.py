@@ -7,6 +7,12 @@ negative ones), and a device goes through exactly one sequence::
     programmed = device.program(g_target_us, instances=25, generator=gen)   # programming noise, drift exponent
     g_us = programmed.read(t_s=86400.0, generator=gen)                       # drift to t, then 1/f read noise
 
+``generator`` is one ``torch.Generator`` for the whole batch, or a sequence of generators, one per instance:
+instance ``i``'s draws then come from ``generator[i]`` alone (written into slice ``[i]`` of the batched
+tensor), so an instance's devices do not depend on how many other instances are drawn with it. The
+simulator uses one generator per instance (:func:`cimc.runtime.simulator.instance_generators`), which is
+what lets a Monte Carlo run be split across processes and merged bit for bit.
+
 There is no way to read conductances without programming them first, and no way to read without saying
 when (seconds after programming); so a forgotten programming or drift step cannot make results look
 better than the chip. Reading the same :class:`ProgrammedArray` at several times gives the drift of the
@@ -23,7 +29,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -35,6 +41,7 @@ from cimc.errors import InputError, TargetError
 __all__ = [
     "DeviceModel",
     "DeviceParams",
+    "Generators",
     "IdealDevice",
     "NEGLIGIBLE_WEIGHT",
     "PCMDevice",
@@ -46,6 +53,7 @@ __all__ = [
     "conductances_to_weights",
     "device_model_names",
     "gdc_factor",
+    "randn_instances",
     "register_device_model",
     "weights_to_conductances",
 ]
@@ -60,6 +68,12 @@ _PROG_COEFFS_REFERENCE_G_MAX_US = 25.0
 _READ_NOISE_G_FLOOR = 1e-3
 
 _GDC_MODES = ("layer", "column", "none")
+# Devices per instance row are padded to a multiple of this (program_layers): 256 floats = 1 KiB, a multiple of
+# every SIMD width and of the row splits of a few threads.
+_ROW_ALIGN = 256
+
+# One generator for the whole [I, ...] batch, or one per instance (see the module docstring).
+Generators = torch.Generator | Sequence[torch.Generator]
 _WEIGHT_SCALE_MODES = ("layer", "column")
 
 
@@ -183,6 +197,20 @@ def _check_time(t_s: float) -> float:
     return t
 
 
+def randn_instances(shape: tuple[int, ...], generator: Generators, dtype: torch.dtype) -> Tensor:
+    """Standard normal draws of ``shape`` = ``[I, ...]``: from one generator, or instance ``i``'s slice from
+    ``generator[i]`` (each slice drawn as its own tensor, so it is the same whatever ``I`` is)."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    gens = list(generator)
+    if len(gens) != shape[0]:
+        raise InputError(f"got {len(gens)} generator(s) for {shape[0]} instance(s); give one per instance")
+    out = torch.empty(shape, dtype=dtype)
+    for i, gen in enumerate(gens):
+        torch.randn(shape[1:], generator=gen, dtype=dtype, out=out[i])
+    return out
+
+
 def _check_instances(instances: int) -> int:
     if isinstance(instances, bool) or int(instances) != instances or instances < 1:
         raise InputError(f"instances={instances!r} is invalid; give a whole number of chip instances >= 1")
@@ -210,7 +238,7 @@ class ProgrammedArray:
     def instances(self) -> int:
         return int(self.g_prog_us.shape[0])
 
-    def read(self, t_s: float, generator: torch.Generator) -> Tensor:
+    def read(self, t_s: float, generator: Generators) -> Tensor:
         """Conductances ``[I, ...]`` in uS read ``t_s`` seconds after programming (fresh read noise)."""
         return self.device.read_programmed(self, _check_time(t_s), generator)
 
@@ -226,14 +254,15 @@ class ProgrammedLayers:
     array: ProgrammedArray
     scales: Mapping[str, Tensor]
     shapes: Mapping[str, torch.Size]
+    padding: int = 0  # unused devices at the end of each instance's row (see program_layers)
 
     @property
     def instances(self) -> int:
         return self.array.instances
 
-    def read(self, t_s: float, generator: torch.Generator) -> dict[str, Tensor]:
+    def read(self, t_s: float, generator: Generators) -> dict[str, Tensor]:
         g_us = self.array.read(t_s, generator)  # [I, D_total]
-        sizes = [s.numel() for s in self.shapes.values() for _ in (0, 1)]
+        sizes = [s.numel() for s in self.shapes.values() for _ in (0, 1)] + [self.padding]
         parts = torch.split(g_us, sizes, dim=1)
         out: dict[str, Tensor] = {}
         for i, (name, shape) in enumerate(self.shapes.items()):
@@ -257,7 +286,7 @@ class ProgrammedWeights:
     def scale_us_per_unit(self) -> Tensor:
         return self.layers.scales["w"]
 
-    def read(self, t_s: float, generator: torch.Generator) -> Tensor:
+    def read(self, t_s: float, generator: Generators) -> Tensor:
         return self.layers.read(t_s, generator)["w"]
 
 
@@ -331,11 +360,11 @@ class DeviceModel(abc.ABC):
     # -- the two steps a model defines -------------------------------------------------------------------
 
     @abc.abstractmethod
-    def program(self, g_target_us: Tensor, instances: int, generator: torch.Generator) -> ProgrammedArray:
+    def program(self, g_target_us: Tensor, instances: int, generator: Generators) -> ProgrammedArray:
         """Program ``instances`` independent copies of the targets ``[...]``; returns ``[I, ...]`` state."""
 
     @abc.abstractmethod
-    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: torch.Generator) -> Tensor:
+    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: Generators) -> Tensor:
         """Conductances ``[I, ...]`` at ``t_s`` seconds after programming; call via ``programmed.read``."""
 
     # -- built on the two steps --------------------------------------------------------------------------
@@ -344,7 +373,7 @@ class DeviceModel(abc.ABC):
         self,
         weights: Mapping[str, Tensor],
         instances: int,
-        generator: torch.Generator,
+        generator: Generators,
         per_column: bool | None = None,
     ) -> ProgrammedLayers:
         """Program every layer's weights ``[..., K, N]`` in one batch (one flat device vector).
@@ -362,11 +391,18 @@ class DeviceModel(abc.ABC):
             scales[name], shapes[name] = scale, g_pos.shape
         if not flat:
             raise InputError("program_layers got no layers; pass a mapping of layer name to weight matrix")
+        # With one generator per instance, pad each instance's row of devices to a multiple of _ROW_ALIGN (zero
+        # targets, never read back): the vectorised element-wise kernels then treat every instance's devices
+        # alike whatever the instance count (an element in a ragged tail takes a scalar path that may round
+        # differently), which keeps a sharded Monte Carlo run bit-identical to the one-process run.
+        per_instance = not isinstance(generator, torch.Generator)
+        padding = -sum(f.numel() for f in flat) % _ROW_ALIGN if per_instance else 0
+        flat.append(torch.zeros(padding, dtype=flat[0].dtype))
         array = self.program(torch.cat(flat), instances, generator)
-        return ProgrammedLayers(array=array, scales=scales, shapes=shapes)
+        return ProgrammedLayers(array=array, scales=scales, shapes=shapes, padding=padding)
 
     def program_weights(
-        self, w: Tensor, instances: int, generator: torch.Generator, per_column: bool | None = None
+        self, w: Tensor, instances: int, generator: Generators, per_column: bool | None = None
     ) -> ProgrammedWeights:
         """Program one weight matrix ``[..., K, N]`` on differential pairs."""
         return ProgrammedWeights(self.program_layers({"w": w}, instances, generator, per_column))
@@ -377,12 +413,12 @@ class IdealDevice(DeviceModel):
     """Exact devices: no programming noise, no drift, no read noise (for debugging and golden tests)."""
 
     @torch.no_grad()
-    def program(self, g_target_us: Tensor, instances: int, generator: torch.Generator) -> ProgrammedArray:
+    def program(self, g_target_us: Tensor, instances: int, generator: Generators) -> ProgrammedArray:
         g = _as_float(g_target_us)
         g_prog = g.unsqueeze(0).expand(_check_instances(instances), *g.shape).clone()
         return ProgrammedArray(g_target_us=g, g_prog_us=g_prog, nu=None, device=self)
 
-    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: torch.Generator) -> Tensor:
+    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: Generators) -> Tensor:
         return programmed.g_prog_us.clone()
 
 
@@ -467,7 +503,7 @@ class PCMDevice(DeviceModel):
     # -- program -> read ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def program(self, g_target_us: Tensor, instances: int, generator: torch.Generator) -> ProgrammedArray:
+    def program(self, g_target_us: Tensor, instances: int, generator: Generators) -> ProgrammedArray:
         g_target = _as_float(g_target_us)
         if not bool(torch.isfinite(g_target).all()) or bool((g_target < 0).any()):
             raise InputError(
@@ -475,8 +511,9 @@ class PCMDevice(DeviceModel):
             )
         shape = (_check_instances(instances), *g_target.shape)
         # Draw order is fixed (programming noise, then drift exponents) so a seed names one chip population.
-        z_prog = torch.randn(shape, generator=generator, dtype=g_target.dtype)
-        z_nu = torch.randn(shape, generator=generator, dtype=g_target.dtype)
+        # With one generator per instance, instance i draws its programming noise then its exponents.
+        z_prog = randn_instances(shape, generator, g_target.dtype)
+        z_nu = randn_instances(shape, generator, g_target.dtype)
         g_prog = (g_target + self.prog_sigma_us(g_target) * z_prog).clamp_(min=0.0)
         mu, sd = self.drift_nu_stats(g_target)
         nu = (mu + sd * z_nu).abs_().mul_(float(self.params.drift_scale))
@@ -485,13 +522,13 @@ class PCMDevice(DeviceModel):
         return ProgrammedArray(g_target_us=g_target, g_prog_us=g_prog, nu=nu, device=self, aux={"q_s": q_s})
 
     @torch.no_grad()
-    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: torch.Generator) -> Tensor:
+    def read_programmed(self, programmed: ProgrammedArray, t_s: float, generator: Generators) -> Tensor:
         if programmed.device is not self or programmed.nu is None or "q_s" not in programmed.aux:
             raise InputError(
                 "this ProgrammedArray was made by another device model; read it with programmed.read"
             )
         g_t = programmed.g_prog_us * self.drift_factor(programmed.nu, t_s)
-        noise = torch.randn(g_t.shape, generator=generator, dtype=g_t.dtype)
+        noise = randn_instances(tuple(g_t.shape), generator, g_t.dtype)
         # G >= 0 after drift, so |G(t)| is G(t) itself.
         noise.mul_(programmed.aux["q_s"]).mul_(g_t).mul_(self.read_noise_time_factor(t_s))
         return g_t.add_(noise).clamp_(min=0.0)

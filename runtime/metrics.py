@@ -29,7 +29,7 @@ import torch
 from cimc.errors import DataError, InputError
 
 __all__ = ["LABEL_METRICS", "METRICS", "MetricAccumulator", "check_labels", "check_metric", "default_metric",
-           "format_score", "higher_is_better", "is_percent"]
+           "format_score", "higher_is_better", "is_percent", "per_class_accuracy"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,21 @@ class MetricAccumulator:
         """Accuracy per class, mean over instances (None for classes absent from the data)."""
         if self._class_correct is None or self._class_total is None:
             return None
-        out: list[float | None] = []
-        for c in range(self.classes):
-            n = self._class_total[c]
-            out.append(float(self._class_correct[:, c].mean() / n) if n else None)
-        return out
+        return per_class_accuracy(self._class_correct, self._class_total)
+
+    def class_counts(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(correct predictions ``[instances, classes]``, samples per class ``[classes]``), or None for
+        metrics without classes: what sharded runs keep per instance and merge."""
+        if self._class_correct is None or self._class_total is None:
+            return None
+        return self._class_correct.copy(), self._class_total.copy()
+
+
+def per_class_accuracy(correct: np.ndarray, total: np.ndarray) -> list[float | None]:
+    """Accuracy per class, mean over instances, from correct predictions ``[instances, classes]`` and the
+    samples per class ``[classes]`` (None for classes absent from the data)."""
+    out: list[float | None] = []
+    for c in range(len(total)):
+        n = total[c]
+        out.append(float(correct[:, c].mean() / n) if n else None)
+    return out

@@ -11,10 +11,19 @@ op multiplies each instance's slice with that instance's weights in one batched 
 
 Read noise is drawn once per (instance, time): one read of the array per evaluation time, as when the chip is
 read out for a test set in one sitting (a conservative choice: the error is common to every input).
+
+Random streams: instance ``k``'s programming noise and drift exponents come from a generator seeded with a
+hash of ``(seed, k, "program")``, its read noise at time t from ``(seed, k, "read", t)``, the GDC reference
+read from ``(seed, k, "reference")`` and the converters' output noise at time t from ``(seed, k, "output", t)``:
+an instance's chip depends on nothing else. Every product is computed one instance at a time, so
+``simulate(..., instance_range=(a, b))`` computes exactly instances a..b-1, and :func:`merge_results` of shards
+that cover 0..I-1 gives, bit for bit, the one-process result (the numbers a shard reduces are kept per
+instance and reduced once, in instance order, at the merge).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -31,15 +40,27 @@ from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
-                                  format_score, higher_is_better, is_percent)
+                                  format_score, higher_is_better, is_percent, per_class_accuracy)
 from cimc.runtime.workload import model_workload
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
-__all__ = ["DURATION_HELP", "Chip", "ChipState", "SimulationResult", "check_batch_axis", "check_time",
-           "format_duration", "ideal_hook", "parse_duration", "run_outputs", "simulate", "use"]
+__all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
+           "check_simulation_inputs", "check_time", "format_duration", "ideal_hook", "instance_generators",
+           "merge_results", "parse_duration", "run_outputs", "simulate", "simulate_shard", "use"]
 
 logger = logging.getLogger(__name__)
 
+
+def instance_generators(seed: int, instances: Sequence[int], purpose: str, t_s: float | None = None
+                        ) -> list[torch.Generator]:
+    """One generator per chip instance, seeded from a hash of (seed, instance, purpose, time): the stream of
+    instance k is the same whichever process draws it and whichever other instances are drawn with it."""
+    gens = []
+    for k in instances:
+        key = f"cimc-chip/{int(seed)}/{int(k)}/{purpose}/{'' if t_s is None else float(t_s).hex()}"
+        digest = hashlib.sha256(key.encode()).digest()
+        gens.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
+    return gens
 
 
 @dataclass
@@ -50,24 +71,29 @@ class ChipState:
     instances: int
     weights: dict[str, torch.Tensor]  # crossbar block (layer) → [I, G, K, N]
     gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # use (node) → [I, 1, 1|G, 1|N]
-    # Output (ADC input) noise is drawn per conversion, so per forward pass: its own stream per read time.
-    noise_generator: torch.Generator | None = None
+    # Output (ADC input) noise is drawn per conversion, so per forward pass: one stream per instance and read
+    # time (instance i's noise comes from noise_generator[i] alone).
+    noise_generator: list[torch.Generator] | None = None
 
 
 class Chip:
-    """``instances`` programmed copies of a compiled model's crossbar blocks.
+    """``instances`` programmed copies of a compiled model's crossbar blocks: chip instances
+    ``first_instance`` … ``first_instance + instances - 1`` of the population named by ``seed``.
 
     A block is programmed once however many nodes use it (a shared weight): every use reads the same devices,
     so the same programming noise and drift. Drift compensation is per use (its probe goes through the use's
     DAC), applied to that use's outputs.
     """
 
-    def __init__(self, compiled: Any, instances: int, seed: int = 0):
+    def __init__(self, compiled: Any, instances: int, seed: int = 0, first_instance: int = 0):
         if instances < 1:
             raise InputError(f"--instances must be at least 1 (got {instances})")
+        if first_instance < 0:
+            raise InputError(f"the first chip instance must be >= 0 (got {first_instance})")
         self.compiled = compiled
         self.instances = instances
         self.seed = seed
+        self.instance_ids = range(first_instance, first_instance + instances)
         self.executor = Executor(compiled.model).eval()
         self.plans = layer_plans(compiled.model)
         self.steps = {s.name: s for s in self.executor.analog_steps}
@@ -83,12 +109,12 @@ class Chip:
             for name, s in self.steps.items():
                 if self.layer[name] not in self.ideal:
                     self.ideal[self.layer[name]] = s.matrix(self.executor.weight(s)).detach().float()
-        gen = torch.Generator().manual_seed(seed)
+        gens = instance_generators(seed, self.instance_ids, "program")
         # Per-layer weight scale (max|W| of the whole layer -> g_max) spans all groups: program [1, G*K, N].
         # Per-column scales are per output column of each group: program [G, K, N] as it is.
         self.per_column = getattr(device, "weight_scale", "layer") == "column"
         to_program = self.ideal if self.per_column else {n: w.reshape(1, -1, w.shape[-1]) for n, w in self.ideal.items()}
-        self.programmed = self.device.program_layers(to_program, instances, gen, per_column=self.per_column)
+        self.programmed = self.device.program_layers(to_program, instances, gens, per_column=self.per_column)
         self._reference: dict[str, torch.Tensor] | None = None
         self.out_noise = self._output_noise_sigma(compiled.target)
 
@@ -111,41 +137,54 @@ class Chip:
     def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each use's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average), read
         from its block's devices."""
-        return {name: probe_response(self.plans[name], weights[layer]) for name, layer in self.layer.items()}
+        # Per instance: with the probe broadcast over I instances the product is batched differently for each I.
+        return {name: torch.cat([probe_response(self.plans[name], weights[layer][i : i + 1])
+                                 for i in range(weights[layer].shape[0])])
+                for name, layer in self.layer.items()}
 
-    def _read(self, t_s: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Effective weights [I, G, K, N] of every layer, read ``t_s`` after programming."""
-        read = self.programmed.read(t_s, gen)
+    def _read(self, t_s: float, gens: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Effective weights [I, G, K, N] of every block, read ``t_s`` after programming."""
+        read = self.programmed.read(t_s, gens)
         return {k: v.float().reshape(self.instances, *self.ideal[k].shape) for k, v in read.items()}
 
     def at(self, t_s: float, gdc: bool = True) -> ChipState:
         """Read every instance's devices ``t_s`` seconds after programming (drift, then read noise)."""
-        index = int(round(math.log10(max(t_s, 1e-9)) * 1000))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 + index)
-        weights = self._read(t_s, gen)
-        noise_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 + index) if self.out_noise else None
-        state = ChipState(t_s, self.instances, weights, noise_generator=noise_gen)
+        weights = self._read(t_s, instance_generators(self.seed, self.instance_ids, "read", t_s))
+        noise_gens = instance_generators(self.seed, self.instance_ids, "output", t_s) if self.out_noise else None
+        state = ChipState(t_s, self.instances, weights, noise_generator=noise_gens)
         if gdc and self.gdc_mode != "none":
             if self._reference is None:  # the read right after programming (t = 0), same devices
-                ref_gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 17)
-                ref_w = self._read(0.0, ref_gen)
+                ref_w = self._read(0.0, instance_generators(self.seed, self.instance_ids, "reference"))
                 self._reference = self._probe_outputs(ref_w)
             now = self._probe_outputs(weights)
             per_column = self.gdc_mode == "column"
             for name in now:
                 ref, cur = self._reference[name], now[name]  # [I, P, G, N]
-                state.gdc[name] = gdc_factor(ref, cur, per_column=per_column)
+                # One instance at a time: a reduction's rounding depends on the shape it reduces, and each
+                # instance's factor must not depend on how many instances share the batch.
+                state.gdc[name] = torch.cat([gdc_factor(ref[i : i + 1], cur[i : i + 1], per_column=per_column)
+                                             for i in range(self.instances)])
         return state
 
     def hook(self, state: ChipState) -> Callable[..., torch.Tensor]:
         """The executor's analog hook for this chip state (inputs already through the DAC: :meth:`dac_hook`)."""
         instances = state.instances
+        per_instance: dict[str, list[torch.Tensor]] = {}  # block → one [1, G, K, N] buffer per instance
+        gens = state.noise_generator
 
         def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
             b, m, g, k = cols.shape
             c = cols.reshape(instances, (b // instances) * m, g, k)
-            y = analog_mvm(self.plans[step.name], c, state.weights[self.layer[step.name]],
-                           out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
+            layer = self.layer[step.name]
+            if layer not in per_instance:  # every use of a shared block reads the same devices
+                per_instance[layer] = [w.unsqueeze(0).clone() for w in state.weights[layer]]
+            w = per_instance[layer]
+            sigma = self.out_noise.get(step.name)
+            # Instance by instance, each operand in its own (aligned) buffer: a product's kernel, and so its
+            # rounding, may depend on the batch shape and on the operands' alignment, and instance i's numbers
+            # must not depend on how many instances share the run. Output noise from instance i's stream.
+            y = torch.cat([analog_mvm(self.plans[step.name], c[i : i + 1].clone(), w[i], out_noise=sigma,
+                                      generator=None if gens is None else gens[i]) for i in range(instances)])
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
@@ -153,11 +192,14 @@ class Chip:
         return run
 
     def conv_hook(self, state: ChipState) -> Callable[..., torch.Tensor | None]:
-        """Fast path for convolutions whose groups each sit in one tile: one grouped convolution over all
-        instances (instance i's weights are group i), then the ADC per output channel and GDC. Same
-        arithmetic as the unrolled path, without materialising the MVM operands."""
+        """Fast path for convolutions whose groups each sit in one tile: a direct (grouped) convolution per
+        instance, then the ADC per output channel and GDC. Same arithmetic as the unrolled path, without
+        materialising the MVM operands. One convolution per instance rather than one grouped convolution
+        over all of them: the convolution library picks its algorithm by channel count, so a convolution
+        over I instances rounds differently for different I, and shards of a run must agree bit for bit."""
         instances = state.instances
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, list[torch.Tensor]] = {}
+        gens = state.noise_generator
 
         def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
             plan = self.plans[step.name]
@@ -165,24 +207,37 @@ class Chip:
                 return None
             layer = self.layer[step.name]
             if layer not in cache:  # one kernel per block: uses of a shared weight read the same devices
-                cache[layer] = conv_weights(state.weights[layer], self.executor.weight(step).shape[1:])
-            return analog_conv(plan, x, cache[layer], instances, plan.groups, step.attrs, state.gdc.get(step.name),
-                               out_noise=self.out_noise.get(step.name), generator=state.noise_generator)
+                w, shape = state.weights[layer], self.executor.weight(step).shape[1:]
+                cache[layer] = [conv_weights(w[i : i + 1], shape) for i in range(instances)]
+            gdc = state.gdc.get(step.name)
+            sigma = self.out_noise.get(step.name)
+            xs = x.reshape(instances, x.shape[0] // instances, *x.shape[1:])
+            return torch.cat([analog_conv(plan, xs[i], cache[layer][i], 1, plan.groups, step.attrs,
+                                          None if gdc is None else gdc[i : i + 1], out_noise=sigma,
+                                          generator=None if gens is None else gens[i]) for i in range(instances)])
 
         return run
 
     def dac_hook(self, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
-        """The executor's input hook: each analog layer's DAC, optionally recording input activity."""
+        """The executor's input hook: each analog layer's DAC, optionally recording input activity.
+
+        Activity is recorded per instance (the batch is instance-major): per forward pass and layer, an
+        ``[I, 3]`` tensor of (fraction of non-zero inputs, mean |x| / full scale, mean over MVMs of the peak)."""
+        instances = self.instances
 
         def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor:
             plan = self.plans[step.name]
             xq = dac(plan, x)
             if activity is not None:
-                x_max = plan.quant.x_max if plan.quant is not None else float(xq.abs().max().clamp_min(1e-12))
-                a = (xq.abs() / x_max).reshape(xq.shape[0], -1)
-                activity.setdefault(step.name, []).append(
-                    torch.stack([(a > 0).float().mean(), a.mean(), a.amax(dim=-1).mean()])
-                )
+                per_instance = xq.detach().abs().reshape(instances, xq.shape[0] // instances, -1).numpy()
+                stats = []
+                # One instance at a time, with numpy's single-threaded pairwise sums in float64: the same
+                # numbers whatever the instance count and torch's thread count (a threaded sum splits differently).
+                for a in per_instance:
+                    x_max = plan.quant.x_max if plan.quant is not None else max(float(a.max()), 1e-12)
+                    a = a.astype(np.float64) / x_max
+                    stats.append([np.count_nonzero(a) / a.size, a.mean(), a.max(axis=-1).mean()])
+                activity.setdefault(step.name, []).append(torch.tensor(stats, dtype=torch.float64))
             return xq
 
         return run
@@ -226,19 +281,6 @@ def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: i
                 tick(len(xb))
 
 
-def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
-              y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
-              tick: Callable[[int], None] | None = None, extra: Sequence[str] = ()) -> dict[str, MetricAccumulator]:
-    """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data for every instance."""
-    accs = {m: MetricAccumulator(m, instances, classes) for m in (metric, *extra)}
-    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick)):
-        yb = None if y is None else y[start : start + out.shape[1]]
-        ref = None if reference is None else reference[i]
-        for acc in accs.values():
-            acc.add(out, yb, ref)
-    return accs
-
-
 def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
     """The output must keep one row per sample (and instance) on its first axis, as every input does."""
     if y.dim() == 0 or y.shape[0] != rows:
@@ -249,6 +291,60 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
         )
 
 
+def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
+              y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
+              tick: Callable[[int], None] | None = None, extra: Sequence[str] = ()
+              ) -> dict[str, list[MetricAccumulator]]:
+    """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data, one accumulator per instance:
+    each instance is reduced on its own, so its numbers do not depend on how many instances share the run."""
+    accs = {m: [MetricAccumulator(m, 1, classes) for _ in range(instances)] for m in (metric, *extra)}
+    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick)):
+        yb = None if y is None else y[start : start + out.shape[1]]
+        ref = None if reference is None else reference[i]
+        for per_instance in accs.values():
+            for k, acc in enumerate(per_instance):
+                acc.add(out[k : k + 1], yb, ref)
+    return accs
+
+
+def _values(accs: list[MetricAccumulator]) -> list[float]:
+    """One metric value per instance (raw: an SNR without error is +inf)."""
+    return [float(v) for acc in accs for v in acc.values()]
+
+
+def _class_rows(accs: list[MetricAccumulator]) -> list[list[float]] | None:
+    """Per instance, the correct predictions per class (None for metrics without classes)."""
+    counts = [acc.class_counts() for acc in accs]
+    if any(c is None for c in counts):
+        return None
+    return [[float(v) for v in c[0][0]] for c in counts]  # type: ignore[index]
+
+
+@dataclass
+class ShardResult:
+    """What a run over chip instances ``instance_range`` = [a, b) computed, kept per instance so that shards
+    merge exactly: metric values ``values[mode][time][k]`` (mode "gdc" and/or "none"), the relative error
+    ``relerr[mode][time][k]`` of label-free runs, correct predictions per class
+    ``class_correct[mode][time][k][c]`` (accuracy metrics), per-layer input activity ``activity[layer][k]`` =
+    (density, mean magnitude, peak), and the instance-free baselines (float and quantised model)."""
+
+    instance_range: tuple[int, int]
+    population: int  # instances in the whole run (fixes the samples per forward pass)
+    seed: int
+    times_s: list[float]
+    gdc_mode: str
+    modes: list[str]
+    metric: str
+    values: dict[str, list[list[float]]]
+    relerr: dict[str, list[list[float]]]
+    class_correct: dict[str, list[list[list[float]]]]
+    class_total: list[float] | None
+    activity: dict[str, list[list[float]]]
+    baselines: dict[str, Any]
+    samples: int
+    wall_time_s: float
+
+
 @dataclass
 class SimulationResult:
     """The metric per time (mean, std, min, per instance), baselines, and the cost the run counted."""
@@ -256,6 +352,8 @@ class SimulationResult:
     data: dict[str, Any]
     # Wall-clock figures live apart from ``data`` so the same inputs and seed give the same results.json bytes.
     timings: dict[str, Any] = field(default_factory=dict)
+    # The per-instance numbers :func:`merge_results` combines (not written to results.json).
+    shard: ShardResult | None = None
 
     def table(self) -> str:
         from cimc.report import format_table
@@ -325,12 +423,26 @@ def simulate(
     compare_gdc: bool = True,
     progress: bool = False,
     metric: str | None = None,
+    instance_range: tuple[int, int] | None = None,
 ) -> SimulationResult:
     """Monte Carlo ``metric`` of ``compiled`` on (x, y) at each time after programming.
 
     ``metric`` (see :mod:`cimc.runtime.metrics`): accuracy by default when ``y`` holds labels, otherwise
     cosine agreement with the float model's outputs; label-free runs also report the relative error.
+
+    ``instances`` chips make the population; ``instance_range=(a, b)`` computes only chips a..b-1 of it (a
+    shard; combine shards with :func:`merge_results`). The samples per forward pass follow ``instances``, so
+    a shard runs the same batches as the whole run.
     """
+    shard = simulate_shard(compiled, x, y, times_s, instances, seed, batch_size, compare_gdc, progress,
+                           instance_range, metric=metric)
+    return merge_results(compiled, [shard])
+
+
+def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
+                            instances: int, instance_range: tuple[int, int] | None = None,
+                            metric: str | None = None) -> tuple[int, int, str]:
+    """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
     metric = metric or default_metric(y)
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
@@ -338,12 +450,40 @@ def simulate(
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
     for t in times_s:
         check_time(t)
+    if isinstance(instances, bool) or int(instances) != instances or instances < 1:
+        raise InputError(f"--instances must be at least 1 (got {instances})")
+    first, stop = instance_range if instance_range is not None else (0, instances)
+    if not 0 <= first < stop <= instances:
+        raise InputError(f"instance range {first}..{stop - 1} is not inside 0..{instances - 1}; "
+                         f"give 0 <= a < b <= instances")
     from cimc.validate import samples_per_pass
 
     samples_per_pass(compiled.model, instances, 1)  # one sample on every instance must fit the memory budget
+    return int(first), int(stop), metric
+
+
+def simulate_shard(
+    compiled: Any,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    times_s: Sequence[float],
+    instances: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    compare_gdc: bool = True,
+    progress: bool = False,
+    instance_range: tuple[int, int] | None = None,
+    metric: str | None = None,
+) -> ShardResult:
+    """Chips ``instance_range`` (default: all ``instances``) of the population: per-instance numbers."""
+    first, stop, metric = check_simulation_inputs(compiled, x, y, times_s, instances, instance_range, metric)
+    from cimc.validate import samples_per_pass
+
     batch_size = samples_per_pass(compiled.model, 1, batch_size)  # rows (samples x instances) per pass
     started = time.perf_counter()
-    chip = Chip(compiled, instances, seed)
+    count = stop - first
+    chip = Chip(compiled, count, seed, first)
+    # The population, not the shard, fixes the samples per pass: every shard runs the whole run's batches.
     per_run = max(1, batch_size // instances) if instances > 1 else batch_size
     gdc_modes = [True, False] if compare_gdc and chip.gdc_mode != "none" else [chip.gdc_mode != "none"]
     total = len(x) * (2 + len(times_s) * len(gdc_modes))
@@ -357,62 +497,131 @@ def simulate(
         y = check_labels(y, classes)
     extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
 
-    def evaluate(n: int) -> dict[str, MetricAccumulator]:
-        return _evaluate(executor, x, n, per_run if n > 1 else per_run, metric, y, reference, classes, tick, extra)
+    def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick) -> dict[str, list[MetricAccumulator]]:
+        return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra)
 
     use(chip, None)
-    float_acc = _evaluate(executor, x, 1, per_run, metric, y, reference, classes, None, extra)
+    float_acc = evaluate(1, None)
     use(chip, ideal_hook(chip))
     quant_acc = evaluate(1)
     activity: dict[str, list[torch.Tensor]] = {}
-    points: dict[bool, list[dict[str, Any]]] = {gdc: [] for gdc in gdc_modes}
+    values: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}
+    relerr: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}
+    class_correct: dict[bool, list[list[list[float]]]] = {gdc: [] for gdc in gdc_modes}
     for t in times_s:
         # One read of the devices per time serves both modes: compensation only adds the digital rescale.
         compensated = chip.at(t, gdc=gdc_modes[0])
         for gdc in gdc_modes:
             state = compensated if gdc == gdc_modes[0] else ChipState(
-                t, instances, compensated.weights, noise_generator=compensated.noise_generator)
+                t, count, compensated.weights, noise_generator=compensated.noise_generator)
             use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None, state)
-            accs = evaluate(instances)
-            acc = accs[metric].values()
-            point = {"label": format_duration(t), "t_s": t, "mean": _finite(acc.mean()), "std": _finite(acc.std()),
-                     "min": _finite(acc.min()), "max": _finite(acc.max()), "per_instance": [_finite(a) for a in acc]}
-            if accs[metric].per_class() is not None:
-                point["per_class"] = accs[metric].per_class()
+            accs = evaluate(count)
+            values[gdc].append(_values(accs[metric]))
+            rows = _class_rows(accs[metric])
+            if rows is not None:
+                class_correct[gdc].append(rows)
             if extra:
-                point["relerr"] = float(accs["relerr"].values().mean())
-            points[gdc].append(point)
-    series = [
-        {"label": f"GDC ({chip.gdc_mode})" if gdc else "no compensation", "gdc": chip.gdc_mode if gdc else "none",
-         "points": points[gdc]}
-        for gdc in gdc_modes
-    ]
+                relerr[gdc].append(_values(accs["relerr"]))
     use(chip, None)
     if bar:
         bar.close()
-    measured = {name: LayerActivity(*[float(v) for v in torch.stack(vals).mean(0)]) for name, vals in activity.items()}
+    float_score = _finite(float(float_acc[metric][0].values()[0]))
+    quant_score = _finite(float(quant_acc[metric][0].values()[0]))
+    counts = float_acc[metric][0].class_counts()
+    baselines: dict[str, Any] = {
+        "float_score": float_score, "quantized_score": quant_score,
+        "per_class": None if counts is None else {"float": float_acc[metric][0].per_class(),
+                                                  "quantized": quant_acc[metric][0].per_class()},
+        "quantized_relerr": float(quant_acc["relerr"][0].values()[0]) if extra else None,
+    }
+    def name(gdc: bool) -> str:
+        return "gdc" if gdc else "none"
+
+    return ShardResult(
+        instance_range=(first, stop), population=instances, seed=seed, times_s=[float(t) for t in times_s],
+        gdc_mode=chip.gdc_mode, modes=[name(g) for g in gdc_modes], metric=metric,
+        values={name(g): v for g, v in values.items()},
+        relerr={name(g): v for g, v in relerr.items()} if extra else {},
+        class_correct={name(g): v for g, v in class_correct.items()} if counts is not None else {},
+        class_total=None if counts is None else [float(v) for v in counts[1]],
+        # per instance: the mean over forward passes, each instance reduced on its own (shape-independent)
+        activity={layer: [[float(v) for v in np.stack([b[k].numpy() for b in vals]).mean(axis=0)] for k in range(count)]
+                  for layer, vals in activity.items()},
+        baselines=baselines, samples=len(x), wall_time_s=time.perf_counter() - started,
+    )
+
+
+def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult]) -> SimulationResult:
+    """One result from shards of the same run (any order): per-instance numbers concatenated in instance
+    order, then reduced (mean, std, min, max, per class); the same bytes as computing every instance in one
+    process."""
+    parts = sorted((s.shard if isinstance(s, SimulationResult) else s for s in shards),  # type: ignore[misc]
+                   key=lambda r: r.instance_range[0])
+    if not parts or any(p is None for p in parts):
+        raise InputError("merge_results needs the shard results of simulate(..., instance_range=...)")
+    head = parts[0]
+    for prev, nxt in zip(parts, parts[1:]):
+        if nxt.instance_range[0] != prev.instance_range[1]:
+            raise InputError(f"shards do not cover the instances contiguously: {prev.instance_range} then "
+                             f"{nxt.instance_range}")
+        if (nxt.seed, nxt.times_s, nxt.modes, nxt.samples, nxt.population, nxt.metric) != (
+                head.seed, head.times_s, head.modes, head.samples, head.population, head.metric):
+            raise InputError("shards come from different runs (seed, times, samples, metric or instances differ)")
+    first, stop = head.instance_range[0], parts[-1].instance_range[1]
+    n_times = len(head.times_s)
+
+    def joined(field_name: str) -> dict[str, list[list[Any]]]:
+        return {m: [sum((getattr(p, field_name)[m][i] for p in parts), []) for i in range(n_times)]
+                for m in getattr(head, field_name)}
+
+    merged = ShardResult(
+        instance_range=(first, stop), population=head.population, seed=head.seed, times_s=head.times_s,
+        gdc_mode=head.gdc_mode, modes=head.modes, metric=head.metric, values=joined("values"),
+        relerr=joined("relerr"), class_correct=joined("class_correct"), class_total=head.class_total,
+        activity={name: sum((p.activity[name] for p in parts), []) for name in head.activity},
+        baselines=head.baselines, samples=head.samples, wall_time_s=max(p.wall_time_s for p in parts),
+    )
+    metric = merged.metric
+    series = []
+    for mode in merged.modes:
+        points = []
+        for i, (t, per_instance) in enumerate(zip(merged.times_s, merged.values[mode])):
+            acc = np.asarray(per_instance, dtype=np.float64)
+            point = {"label": format_duration(t), "t_s": t, "mean": _finite(acc.mean()), "std": _finite(acc.std()),
+                     "min": _finite(acc.min()), "max": _finite(acc.max()), "per_instance": [_finite(a) for a in acc]}
+            if merged.class_correct and merged.class_total is not None:
+                point["per_class"] = per_class_accuracy(np.asarray(merged.class_correct[mode][i], dtype=np.float64),
+                                                        np.asarray(merged.class_total, dtype=np.float64))
+            if merged.relerr:
+                point["relerr"] = float(np.asarray(merged.relerr[mode][i], dtype=np.float64).mean())
+            points.append(point)
+        series.append({"label": f"GDC ({merged.gdc_mode})" if mode == "gdc" else "no compensation",
+                       "gdc": merged.gdc_mode if mode == "gdc" else "none", "points": points})
+    measured = {name: LayerActivity(*[float(v) for v in np.asarray(rows, dtype=np.float64).mean(axis=0)])
+                for name, rows in merged.activity.items()}
     workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
-    float_score = _finite(float(float_acc[metric].values()[0]))
-    quant_score = _finite(float(quant_acc[metric].values()[0]))
+    b = merged.baselines
     data: dict[str, Any] = {
         "format": "cimc-simulation/1",
         "model": compiled.source,
         "target": compiled.target.name,
-        "instances": instances,
-        "seed": seed,
-        "samples": len(x),
+        "instances": stop - first,
+        "seed": merged.seed,
+        "samples": merged.samples,
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
-        "float_score": float_score if metric in LABEL_METRICS else None,
-        "quantized_score": quant_score,
+        "float_score": b["float_score"] if metric in LABEL_METRICS else None,
+        "quantized_score": b["quantized_score"],
     }
+    if (first, stop) != (0, merged.population):
+        data["instance_range"] = [first, stop]
     if metric == "accuracy":  # the names every earlier results.json used
-        data["float_accuracy"], data["quantized_accuracy"] = float_score, quant_score
-    if float_acc[metric].per_class() is not None:
-        data["per_class"] = {"float": float_acc[metric].per_class(), "quantized": quant_acc[metric].per_class()}
-    if extra:
-        data["quantized_relerr"] = float(quant_acc["relerr"].values()[0])
+        data["float_accuracy"], data["quantized_accuracy"] = b["float_score"], b["quantized_score"]
+    if b["per_class"] is not None:
+        data["per_class"] = b["per_class"]
+    if b["quantized_relerr"] is not None:
+        data["quantized_relerr"] = b["quantized_relerr"]
     data.update({
         "dac_bits": compiled.target.converters.dac_bits,
         "adc_bits": compiled.target.converters.adc_bits,
@@ -421,7 +630,8 @@ def simulate(
                  "activity": {k: vars(v) for k, v in measured.items()},
                  "ops_definition": "2 x MACs executed in the analog arrays"},
     })
-    return SimulationResult(data, {"format": "cimc-timings/1", "wall_time_s": time.perf_counter() - started})
+    timings = {"format": "cimc-timings/1", "wall_time_s": merged.wall_time_s}
+    return SimulationResult(data, timings, merged)
 
 
 def _cost_summary(cost: Any) -> dict[str, Any]:

@@ -81,3 +81,17 @@ def run_cimc_process() -> Callable[..., CliResult]:
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+# ------------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="session")
+def ray_session():  # type: ignore[no-untyped-def]
+    """One local Ray with 2 CPUs for the whole test session (starting Ray takes seconds); skips without Ray."""
+    ray = pytest.importorskip("ray")
+    # Ray's workers are new processes: they must import this checkout's cimc, not another installed copy.
+    path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join([_ROOT, path]) if path else _ROOT
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cimc's own Ray backend sets for its workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -29,7 +29,7 @@ def mnist_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset
 
 def test_api_exports_only_the_api() -> None:
     assert set(cimc.__all__) == {"CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled",
-                                 "run", "simulate"}
+                                 "run", "simulate", "sweep"}
     assert all(callable(getattr(cimc, name)) for name in cimc.__all__)
 
 
