@@ -154,9 +154,7 @@ class InlineConstantIfPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for node in list(graph):
-            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
-                continue
+        for node in _if_nodes(graph):
             cond = constant_array(node.inputs[0])
             if cond is None or cond.size != 1:
                 continue
@@ -167,6 +165,11 @@ class InlineConstantIfPass(ir.passes.InPlacePass):
             _inline_branch(graph, node, branch)
             modified = True
         return ir.passes.PassResult(model, modified)
+
+
+def _if_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The graph's ``If`` nodes (a list: the passes rewrite the graph while they go)."""
+    return [n for n in graph if n.op_type == "If" and n.domain in ("", "ai.onnx")]
 
 
 def _hoist_branch(graph: ir.Graph, if_node: ir.Node, branch: ir.Graph, tag: str) -> list[ir.Value]:
@@ -237,9 +240,7 @@ class PredicateIfPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for node in list(graph):
-            if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
-                continue
+        for node in _if_nodes(graph):
             then_attr, else_attr = node.attributes.get("then_branch"), node.attributes.get("else_branch")
             if then_attr is None or else_attr is None:
                 continue
