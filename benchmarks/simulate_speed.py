@@ -55,7 +55,7 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
     from cimc import builtin
     from cimc.compiler import compile_model
     from cimc.data import Dataset, load_dataset
-    from cimc.runtime.simulator import Chip, use
+    from cimc.runtime.simulator import Chip, instance_selectors, run_outputs
 
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -84,15 +84,11 @@ def _worker(args: argparse.Namespace) -> dict[str, float]:
     compiled = compile_model(model_path, "aon-cim", calibration=Dataset(data.x[:256], data.y[:256], "calib"))
     chip = Chip(compiled, args.instances, seed=0)
     state = chip.at(86400.0)
-    use(chip, chip.hook(state), state=state)
-    per_run = max(1, args.batch // args.instances)
-    xt = torch.from_numpy(x)
+    selectors = instance_selectors(chip, state)  # what `simulate` runs: each instance over the batch
 
     def run_sim() -> None:
-        with torch.no_grad():
-            for start in range(0, len(x), per_run):
-                xb = xt[start : start + per_run]
-                chip.executor(xb.repeat(args.instances, *([1] * (xb.dim() - 1))))
+        for _ in run_outputs(chip.executor, x, args.instances, args.batch, per_instance=selectors):
+            pass
 
     run_sim()
     out["cimc"] = len(x) * args.instances / _best_of(run_sim, args.repeats)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import onnx_ir as ir
 import torch
@@ -50,13 +52,13 @@ def fake_quant(x: torch.Tensor, x_max: Any, bits: int | None, signed: bool, ste:
     else:
         hi_f = float(x_max)
         hi, lo, step = hi_f, (-hi_f if signed else 0.0), torch.tensor(hi_f / n, dtype=x.dtype)  # type: ignore[assignment]
-    clipped = torch.clamp(x, lo, hi)
-    if ste:
+    if ste or (torch.is_grad_enabled() and x.requires_grad):
+        clipped = torch.clamp(x, lo, hi)
         q = torch.round(clipped / step) * step
-        return clipped + (q - clipped).detach()
-    if torch.is_grad_enabled() and x.requires_grad:
-        return torch.round(clipped / step) * step
-    return clipped.div_(step).round_().mul_(step)  # in place on the fresh clipped tensor: 3 passes fewer
+        return clipped + (q - clipped).detach() if ste else q
+    # Inference: divide, clip the codes, round (QuantizeLinear's order; the same codes as clipping x first,
+    # since hi / step rounds to n), in place on the one fresh tensor and with scalar bounds: 4 passes.
+    return x.div(step).clamp_(-n if signed else 0, n).round_().mul_(step)
 
 
 @dataclass
@@ -140,13 +142,50 @@ def dac(plan: LayerPlan, cols: torch.Tensor, ste: bool = False) -> torch.Tensor:
     return fake_quant(cols, q.x_max, q.dac_bits, q.dac_signed, ste)
 
 
-def _add_output_noise(y: torch.Tensor, sigma: torch.Tensor | float | None,
-                      generator: torch.Generator | None) -> torch.Tensor:
+Generators: TypeAlias = "torch.Generator | Sequence[torch.Generator] | None"
+_DRAW_POOL: ThreadPoolExecutor | None = None
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    global _DRAW_POOL  # noqa: PLW0603 - one lazily made worker for the whole process
+    if _DRAW_POOL is None:
+        _DRAW_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cimc-noise")
+    return _DRAW_POOL
+
+
+def _normal_like(y: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal draws with ``y``'s shape and memory layout, drawn into one flat buffer in memory order
+    (torch's vectorised sampler only runs on contiguous memory, and the add then walks both in the same order).
+
+    ``generator`` may be several streams: the buffer is then cut into as many equal parts, part j drawn from
+    stream j — two parts are drawn at once on two threads when torch may use two, one after the other
+    otherwise (the same numbers either way; torch's sampler is serial and is a large share of a simulation).
+    """
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    dense = y.is_contiguous() or (y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last)) or (
+        y.dim() == 5 and y.is_contiguous(memory_format=torch.channels_last_3d))
+    flat = torch.empty(y.numel(), dtype=y.dtype)
+    parts = flat.tensor_split(len(gens))
+    if len(gens) > 1 and torch.get_num_threads() > 1 and flat.numel() >= 1 << 15:
+        pending = [_draw_pool().submit(part.normal_, generator=g) for part, g in zip(parts[1:], gens[1:])]
+        parts[0].normal_(generator=gens[0])
+        for f in pending:
+            f.result()
+    else:
+        for part, g in zip(parts, gens):
+            part.normal_(generator=g)
+    return flat.as_strided(y.shape, y.stride()) if dense else flat.reshape(y.shape)
+
+
+def _add_output_noise(y: torch.Tensor, sigma: torch.Tensor | float | None, generator: Generators) -> torch.Tensor:
     """``y`` plus Gaussian noise of std ``sigma`` (broadcast over y), drawn fresh for every conversion."""
     if sigma is None or (not isinstance(sigma, torch.Tensor) and sigma == 0):
         return y
-    z = torch.randn(y.shape, generator=generator, dtype=y.dtype)
-    return y + z * (sigma.to(y.dtype) if isinstance(sigma, torch.Tensor) else sigma)
+    z = _normal_like(y, generator)
+    scale = sigma.to(y.dtype) if isinstance(sigma, torch.Tensor) else sigma
+    if torch.is_grad_enabled() and y.requires_grad:
+        return y + z * scale
+    return y.addcmul_(z, scale) if isinstance(scale, torch.Tensor) else y.add_(z, alpha=scale)  # y is fresh
 
 
 def analog_mvm(
@@ -157,7 +196,7 @@ def analog_mvm(
     adc: bool = True,
     ste: bool = False,
     out_noise: torch.Tensor | float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> torch.Tensor:
     """Crossbar products of DAC-quantised ``cols`` with ``weights``, each tile's partial sums through its ADC.
 
@@ -198,7 +237,7 @@ def conv_weights(weights: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor
 
 def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
                 attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False,
-                out_noise: torch.Tensor | float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                out_noise: torch.Tensor | float | None = None, generator: Generators = None) -> torch.Tensor:
     """A convolution whose groups each sit in one tile, for all instances at once: one grouped convolution
     (instance i's weights are group block i, ``kernel`` from :func:`conv_weights`), then the ADC per output
     channel and the GDC factor ``[I, 1, 1, 1|N]``. The same arithmetic as :func:`analog_mvm` on unrolled
@@ -227,7 +266,8 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
         y_max = y_max.expand(groups, n).reshape(1, groups * n).expand(instances, groups * n)
         y = fake_quant(y, y_max.reshape(1, -1, *ones), q.adc_bits, True, ste)
     if gdc is not None:  # [I, 1, 1, 1|N]
-        y = y * gdc.reshape(instances, 1, -1).expand(instances, groups, n).reshape(1, -1, *ones)
+        factor = gdc.reshape(instances, 1, -1).expand(instances, groups, n).reshape(1, -1, *ones)
+        y = y * factor if torch.is_grad_enabled() and y.requires_grad else y.mul_(factor)
     if instances == 1:
         return y
     return y.reshape(b, instances, -1, *spatial).transpose(0, 1).reshape(instances * b, -1, *spatial)

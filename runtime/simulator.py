@@ -6,16 +6,22 @@ devices at a time t after programming (drift + 1/f read noise) and returns a :cl
 thing the analog hook accepts. Each inference then runs DAC → crossbar MVM with the instance's conductances →
 ADC per tile → digital sum → drift compensation → bias and digital ops.
 
-Instances are a batch dimension: inputs are repeated ``instances`` times (instance-major) and every analog
-op multiplies each instance's slice with that instance's weights in one batched product.
+Instances run one after another over the same batch of inputs (:meth:`ChipState.instance`,
+:func:`run_outputs` with ``per_instance``): every op of instance k sees the shapes it would see if instance k
+were simulated alone, so its numbers do not depend on how many instances share the run, and its activations
+stay small enough to live in the caches (the elementwise work of DAC, ADC, output noise and compensation is
+most of a simulation's time). The hooks also accept an instance-major batch of several instances (used by
+``cimc diagnose``), computing each instance's products on its own.
 
 Read noise is drawn once per (instance, time): one read of the array per evaluation time, as when the chip is
 read out for a test set in one sitting (a conservative choice: the error is common to every input).
 
 Random streams: instance ``k``'s programming noise and drift exponents come from a generator seeded with a
 hash of ``(seed, k, "program")``, its read noise at time t from ``(seed, k, "read", t)``, the GDC reference
-read from ``(seed, k, "reference")`` and the converters' output noise at time t from ``(seed, k, "output", t)``:
-an instance's chip depends on nothing else. Every product is computed one instance at a time, so
+read from ``(seed, k, "reference")`` and the converters' output noise at time t from two streams,
+``(seed, k, "output", t)`` and ``(seed, k, "output-b", t)`` (each conversion's draws are cut in two halves,
+drawn at once on two threads when there are two):
+an instance's chip depends on nothing else. Every instance is computed on its own, so
 ``simulate(..., instance_range=(a, b))`` computes exactly instances a..b-1, and :func:`merge_results` of shards
 that cover 0..I-1 gives, bit for bit, the one-process result (the numbers a shard reduces are kept per
 instance and reduced once, in instance order, at the merge).
@@ -46,7 +52,7 @@ from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, 
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
            "check_simulation_inputs", "check_time", "format_duration", "ideal_hook", "instance_generators",
-           "merge_results", "parse_duration", "run_outputs", "simulate", "simulate_shard", "use"]
+           "instance_selectors", "merge_results", "parse_duration", "run_outputs", "simulate", "simulate_shard", "use"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,13 @@ class ChipState:
     gdc: dict[str, torch.Tensor] = field(default_factory=dict)  # use (node) → [I, 1, 1|G, 1|N]
     # Output (ADC input) noise is drawn per conversion, so per forward pass: one stream per instance and read
     # time (instance i's noise comes from noise_generator[i] alone).
-    noise_generator: list[torch.Generator] | None = None
+    noise_generator: list[tuple[torch.Generator, ...]] | None = None
+
+    def instance(self, k: int) -> ChipState:
+        """Instance ``k`` alone: its weights (views), GDC factors and output-noise stream."""
+        return ChipState(self.t_s, 1, {n: w[k : k + 1] for n, w in self.weights.items()},
+                         {n: g[k : k + 1] for n, g in self.gdc.items()},
+                         None if self.noise_generator is None else [self.noise_generator[k]])
 
 
 class Chip:
@@ -150,7 +162,8 @@ class Chip:
     def at(self, t_s: float, gdc: bool = True) -> ChipState:
         """Read every instance's devices ``t_s`` seconds after programming (drift, then read noise)."""
         weights = self._read(t_s, instance_generators(self.seed, self.instance_ids, "read", t_s))
-        noise_gens = instance_generators(self.seed, self.instance_ids, "output", t_s) if self.out_noise else None
+        noise_gens = list(zip(instance_generators(self.seed, self.instance_ids, "output", t_s),
+                              instance_generators(self.seed, self.instance_ids, "output-b", t_s))) if self.out_noise else None
         state = ChipState(t_s, self.instances, weights, noise_generator=noise_gens)
         if gdc and self.gdc_mode != "none":
             if self._reference is None:  # the read right after programming (t = 0), same devices
@@ -183,8 +196,8 @@ class Chip:
             # Instance by instance, each operand in its own (aligned) buffer: a product's kernel, and so its
             # rounding, may depend on the batch shape and on the operands' alignment, and instance i's numbers
             # must not depend on how many instances share the run. Output noise from instance i's stream.
-            y = torch.cat([analog_mvm(self.plans[step.name], c[i : i + 1].clone(), w[i], out_noise=sigma,
-                                      generator=None if gens is None else gens[i]) for i in range(instances)])
+            y = _joined([analog_mvm(self.plans[step.name], _own_buffer(c[i : i + 1]), w[i], out_noise=sigma,
+                                    generator=None if gens is None else gens[i]) for i in range(instances)])
             if step.name in state.gdc:  # digital rescale after the ADC: [I, 1, 1, 1|N] broadcasts over mvms, groups
                 y = y * state.gdc[step.name]
             return y.reshape(b, m, g, -1)
@@ -212,18 +225,20 @@ class Chip:
             gdc = state.gdc.get(step.name)
             sigma = self.out_noise.get(step.name)
             xs = x.reshape(instances, x.shape[0] // instances, *x.shape[1:])
-            return torch.cat([analog_conv(plan, xs[i], cache[layer][i], 1, plan.groups, step.attrs,
-                                          None if gdc is None else gdc[i : i + 1], out_noise=sigma,
-                                          generator=None if gens is None else gens[i]) for i in range(instances)])
+            return _joined([analog_conv(plan, xs[i], cache[layer][i], 1, plan.groups, step.attrs,
+                                        None if gdc is None else gdc[i : i + 1], out_noise=sigma,
+                                        generator=None if gens is None else gens[i]) for i in range(instances)])
 
         return run
 
-    def dac_hook(self, activity: dict[str, list[torch.Tensor]] | None = None) -> Callable[..., torch.Tensor]:
+    def dac_hook(self, activity: dict[str, list[torch.Tensor]] | None = None,
+                 instances: int | None = None) -> Callable[..., torch.Tensor]:
         """The executor's input hook: each analog layer's DAC, optionally recording input activity.
 
-        Activity is recorded per instance (the batch is instance-major): per forward pass and layer, an
-        ``[I, 3]`` tensor of (fraction of non-zero inputs, mean |x| / full scale, mean over MVMs of the peak)."""
-        instances = self.instances
+        Activity is recorded per instance (the batch is instance-major, ``instances`` of them, default all of
+        the chip's): per forward pass and layer, an ``[I, 3]`` tensor of (fraction of non-zero inputs,
+        mean |x| / full scale, mean over MVMs of the peak)."""
+        instances = instances or self.instances
 
         def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor:
             plan = self.plans[step.name]
@@ -241,6 +256,16 @@ class Chip:
             return xq
 
         return run
+
+
+def _own_buffer(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at the start of its own (aligned) allocation: copied unless it already is."""
+    return t if t.is_contiguous() and t.storage_offset() == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Instance results stacked on the batch axis (no copy for a single instance)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
@@ -262,21 +287,52 @@ def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str
     chip.executor.direct_hook = chip.conv_hook(state) if state is not None else None
 
 
+def instance_selectors(chip: Chip, state: ChipState,
+                       activity: list[dict[str, list[torch.Tensor]]] | None = None) -> list[Callable[[], None]]:
+    """One callable per instance of ``state`` that points the chip's executor at that instance alone (for
+    :func:`run_outputs`'s ``per_instance``); ``activity``, if given, gets one dict per instance. The hooks are
+    made once here, so their per-instance caches (convolution kernels) serve every batch."""
+    selectors = []
+    for k in range(state.instances):
+        one = state.instance(k)
+        hooks = (chip.hook(one), chip.dac_hook(None if activity is None else activity[k], instances=1),
+                 chip.conv_hook(one))
+
+        def select(hooks: tuple[Any, Any, Any] = hooks) -> None:
+            chip.executor.hook, chip.executor.input_hook, chip.executor.direct_hook = hooks
+
+        selectors.append(select)
+    return selectors
+
+
 def _finite(v: float) -> float | None:
     """JSON has no infinity: an SNR with no error at all is written as null."""
     return float(v) if math.isfinite(v) else None
 
 
 def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
-                tick: Callable[[int], None] | None = None) -> Any:
-    """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch."""
+                tick: Callable[[int], None] | None = None,
+                per_instance: Sequence[Callable[[], None]] | None = None) -> Any:
+    """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch.
+
+    ``per_instance`` (see :func:`instance_selectors`): run the batch once per instance, each selector pointing
+    the executor at its instance first; otherwise the batch is repeated ``instances`` times, instance-major,
+    in one pass."""
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
-            rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-            out = executor(rep)[0]
-            check_batch_axis(out, instances * len(xb), "the first output")
-            yield start, out.reshape(instances, len(xb), *out.shape[1:])
+            if per_instance is not None:
+                outs = []
+                for select in per_instance:
+                    select()
+                    outs.append(executor(xb)[0])
+                    check_batch_axis(outs[-1], len(xb), "the first output")
+                yield start, torch.stack(outs)
+            else:
+                rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
+                out = executor(rep)[0]
+                check_batch_axis(out, instances * len(xb), "the first output")
+                yield start, out.reshape(instances, len(xb), *out.shape[1:])
             if tick:
                 tick(len(xb))
 
@@ -293,16 +349,16 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
 
 def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
               y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
-              tick: Callable[[int], None] | None = None, extra: Sequence[str] = ()
-              ) -> dict[str, list[MetricAccumulator]]:
+              tick: Callable[[int], None] | None = None, extra: Sequence[str] = (),
+              per_instance: Sequence[Callable[[], None]] | None = None) -> dict[str, list[MetricAccumulator]]:
     """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data, one accumulator per instance:
     each instance is reduced on its own, so its numbers do not depend on how many instances share the run."""
     accs = {m: [MetricAccumulator(m, 1, classes) for _ in range(instances)] for m in (metric, *extra)}
-    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick)):
+    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick, per_instance)):
         yb = None if y is None else y[start : start + out.shape[1]]
         ref = None if reference is None else reference[i]
-        for per_instance in accs.values():
-            for k, acc in enumerate(per_instance):
+        for instance_accs in accs.values():
+            for k, acc in enumerate(instance_accs):
                 acc.add(out[k : k + 1], yb, ref)
     return accs
 
@@ -458,7 +514,7 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
                          f"give 0 <= a < b <= instances")
     from cimc.validate import samples_per_pass
 
-    samples_per_pass(compiled.model, instances, 1)  # one sample on every instance must fit the memory budget
+    samples_per_pass(compiled.model, 1, 1)  # instances run one after another: one sample must fit the budget
     return int(first), int(stop), metric
 
 
@@ -479,12 +535,11 @@ def simulate_shard(
     first, stop, metric = check_simulation_inputs(compiled, x, y, times_s, instances, instance_range, metric)
     from cimc.validate import samples_per_pass
 
-    batch_size = samples_per_pass(compiled.model, 1, batch_size)  # rows (samples x instances) per pass
+    # Samples per pass; every instance runs the same batches on its own (so a shard runs the whole run's).
+    per_run = samples_per_pass(compiled.model, 1, batch_size)
     started = time.perf_counter()
     count = stop - first
     chip = Chip(compiled, count, seed, first)
-    # The population, not the shard, fixes the samples per pass: every shard runs the whole run's batches.
-    per_run = max(1, batch_size // instances) if instances > 1 else batch_size
     gdc_modes = [True, False] if compare_gdc and chip.gdc_mode != "none" else [chip.gdc_mode != "none"]
     total = len(x) * (2 + len(times_s) * len(gdc_modes))
     bar = _progress(total, progress)
@@ -497,14 +552,15 @@ def simulate_shard(
         y = check_labels(y, classes)
     extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
 
-    def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick) -> dict[str, list[MetricAccumulator]]:
-        return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra)
+    def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick,
+                 per_instance: Sequence[Callable[[], None]] | None = None) -> dict[str, list[MetricAccumulator]]:
+        return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra, per_instance)
 
     use(chip, None)
     float_acc = evaluate(1, None)
     use(chip, ideal_hook(chip))
     quant_acc = evaluate(1)
-    activity: dict[str, list[torch.Tensor]] = {}
+    activity: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(count)]  # per instance: layer → passes
     values: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}
     relerr: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}
     class_correct: dict[bool, list[list[list[float]]]] = {gdc: [] for gdc in gdc_modes}
@@ -514,8 +570,8 @@ def simulate_shard(
         for gdc in gdc_modes:
             state = compensated if gdc == gdc_modes[0] else ChipState(
                 t, count, compensated.weights, noise_generator=compensated.noise_generator)
-            use(chip, chip.hook(state), activity if (gdc == gdc_modes[0] and t == times_s[0]) else None, state)
-            accs = evaluate(count)
+            accs = evaluate(count, per_instance=instance_selectors(
+                chip, state, activity if (gdc == gdc_modes[0] and t == times_s[0]) else None))
             values[gdc].append(_values(accs[metric]))
             rows = _class_rows(accs[metric])
             if rows is not None:
@@ -545,8 +601,8 @@ def simulate_shard(
         class_correct={name(g): v for g, v in class_correct.items()} if counts is not None else {},
         class_total=None if counts is None else [float(v) for v in counts[1]],
         # per instance: the mean over forward passes, each instance reduced on its own (shape-independent)
-        activity={layer: [[float(v) for v in np.stack([b[k].numpy() for b in vals]).mean(axis=0)] for k in range(count)]
-                  for layer, vals in activity.items()},
+        activity={layer: [[float(v) for v in np.stack([b[0].numpy() for b in activity[k][layer]]).mean(axis=0)]
+                          for k in range(count)] for layer in activity[0]},
         baselines=baselines, samples=len(x), wall_time_s=time.perf_counter() - started,
     )
 

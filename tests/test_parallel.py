@@ -182,3 +182,26 @@ def test_shards_merge_bit_for_bit_with_output_noise_and_any_metric(tiny, metric:
 def compiled_without_noise(path: Path, ds: Dataset) -> cimc.artifact.CompiledModel:
     target = load_target("aon-cim").with_overrides(**{"converters.output_noise": 0.0})
     return cimc.compile(path, target, calibration=ds, dac_bits=4, adc_bits=4)
+
+
+def test_output_noise_draws_do_not_depend_on_threads() -> None:
+    """Output noise is drawn from two streams per instance, two halves at once when torch has two threads:
+    the numbers must be the same with one thread, and laid out like the conversions they perturb."""
+    from cimc.runtime.analog import _normal_like
+
+    y = torch.zeros(8, 64, 16, 16).contiguous(memory_format=torch.channels_last)  # above the threading threshold
+    before = torch.get_num_threads()
+    draws = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            draws.append(_normal_like(y, (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(draws[0], draws[1])
+    z = draws[0]
+    assert z.stride() == y.stride() and z.shape == y.shape
+    flat = z.permute(0, 2, 3, 1).reshape(-1)  # memory order: the two halves come from the two streams
+    half = flat.numel() // 2
+    assert not torch.equal(flat[:half], flat[half:])
+    assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
