@@ -8,8 +8,11 @@ Events per matrix-vector product (MVM) of an analog layer, per placed tile:
 - ``dac``: one row-driver conversion per non-zero input row (``input_density``), energy scaled by bits;
 - ``array``: every active device conducts for its input's share of the pulse:
   ``device_power_w · t_pulse · mean_input_magnitude`` (pulse-width inputs);
-- ``adc``: one conversion (ADC + column sense) per active weight column; when a tile has more columns than
-  the array has ADCs, conversions run in turns (time-multiplexed);
+- ``adc``: one conversion per active weight column; when a tile has more columns than the array has ADCs,
+  conversions run in turns (time-multiplexed). A conversion costs a per-conversion energy scaled by bits
+  (``adc_energy_ref_j`` + ``adc_sense_energy_ref_j``) plus the converter's power ``adc_power_w`` times the
+  time it runs: its own conversion time after the pulse, or the whole integration window when it converts
+  during the integration (CCO) - so each chip's own timing sets its conversion energy;
 - ``periphery``: the fixed cost of an MVM that does not shrink with the bit width: ``column_energy_j`` per
   active column (bit-line precharge, integrator reset, read-out) plus ``mvm_energy_j`` per tile (decoders,
   sequencing);
@@ -334,6 +337,21 @@ def _pulse_s(target: Target, act: LayerActivity) -> float:
     return pulse
 
 
+def _converter_on_s(target: Target, pulse_s: float) -> float:
+    """Time one column converter draws ``adc_power_w`` per conversion, s.
+
+    A converter that works after the pulse (ramp / single-slope: the column charge sits passively on its
+    integration capacitor meanwhile) runs for its own conversion time. One that converts during the
+    integration (a current-controlled oscillator *is* the integrator, its counter counts the whole input
+    window) runs for the whole window: the longer of the pulse and its conversion time.
+    """
+    conv = target.converters
+    if conv.adc_bits is None:  # quantisation off: ideal and free
+        return 0.0
+    adc_s = conv.adc_time_ref_s * conv.scale(conv.adc_bits)
+    return max(pulse_s, adc_s) if conv.adc_during_integration else adc_s
+
+
 def _tile_time_s(target: Target, tile: TileShape, pulse_s: float) -> float:
     conv = target.converters
     adc_s = conv.adc_time_ref_s * conv.scale(conv.adc_bits)
@@ -359,7 +377,10 @@ def _analog_layer(target: Target, work: AnalogLayerWork, act: LayerActivity) -> 
     per_mvm_j = {
         "dac": phases * act.input_density * rows.sum() * conv.dac_energy_ref_j * conv.scale(conv.dac_bits),
         "array": phases * float((rows * cols).sum()) * target.array.devices_per_weight * device_j,
-        "adc": phases * cols.sum() * (conv.adc_energy_ref_j + conv.adc_sense_energy_ref_j) * conv.scale(conv.adc_bits),
+        "adc": phases * cols.sum() * (
+            (conv.adc_energy_ref_j + conv.adc_sense_energy_ref_j) * conv.scale(conv.adc_bits)
+            + conv.adc_power_w * _converter_on_s(target, pulse_s)
+        ),
         "periphery": phases * (cols.sum() * read.column_energy_j + len(tiles) * read.mvm_energy_j),
         "digital": digital_ops * dig.energy_per_op_j,
         "sram": rows.sum() * _activation_bytes(conv.dac_bits) * sram.read_energy_per_byte_j

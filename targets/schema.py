@@ -121,6 +121,14 @@ class ConverterConfig(BaseModel):
         description="Column current / sense energy per conversion at reference bits, J "
         "(HARDWARE.md: about as much again as the ADC)",
     )
+    adc_power_w: float = Field(
+        0.0,
+        ge=0,
+        description="Power of one column converter while it runs, W. It runs for its own conversion "
+        "(adc_time_ref_s at adc_bits) after the input pulse, or for the whole integration window "
+        "(max(pulse, conversion)) when adc_during_integration: a current-controlled oscillator integrates by "
+        "oscillating, a passive integration capacitor draws nothing",
+    )
     adc_during_integration: bool = Field(
         False, description="ADC converts while the input pulse is applied (CCO counting) instead of after it"
     )
