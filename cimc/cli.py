@@ -285,7 +285,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
-    _add_batch_size(p, "inputs per forward pass, all instances together (default 64)", 64)
+    _add_batch_size(p, "inputs per forward pass; each chip instance runs every batch on its own (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
     _add_threads_option(p)
     _add_backend_options(p, "chip instances")

@@ -385,7 +385,7 @@ class ShardResult:
     (density, mean magnitude, peak), and the instance-free baselines (float and quantised model)."""
 
     instance_range: tuple[int, int]
-    population: int  # instances in the whole run (fixes the samples per forward pass)
+    population: int  # instances in the whole run
     seed: int
     times_s: list[float]
     gdc_mode: str
@@ -487,8 +487,8 @@ def simulate(
     cosine agreement with the float model's outputs; label-free runs also report the relative error.
 
     ``instances`` chips make the population; ``instance_range=(a, b)`` computes only chips a..b-1 of it (a
-    shard; combine shards with :func:`merge_results`). The samples per forward pass follow ``instances``, so
-    a shard runs the same batches as the whole run.
+    shard; combine shards with :func:`merge_results`). Each instance runs every batch of ``batch_size``
+    samples on its own, so a shard runs the same batches as the whole run.
     """
     shard = simulate_shard(compiled, x, y, times_s, instances, seed, batch_size, compare_gdc, progress,
                            instance_range, metric=metric)
