@@ -29,11 +29,14 @@ instance and reduced once, in instance order, at the merge).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
+import queue
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,22 +290,55 @@ def use(chip: Chip, hook: Callable[..., torch.Tensor] | None, activity: dict[str
     chip.executor.direct_hook = chip.conv_hook(state) if state is not None else None
 
 
+Selector = Callable[[Executor], None]
+
+
 def instance_selectors(chip: Chip, state: ChipState,
-                       activity: list[dict[str, list[torch.Tensor]]] | None = None) -> list[Callable[[], None]]:
-    """One callable per instance of ``state`` that points the chip's executor at that instance alone (for
-    :func:`run_outputs`'s ``per_instance``); ``activity``, if given, gets one dict per instance. The hooks are
-    made once here, so their per-instance caches (convolution kernels) serve every batch."""
+                       activity: list[dict[str, list[torch.Tensor]]] | None = None) -> list[Selector]:
+    """One callable per instance of ``state`` that points an executor (the chip's, or a copy of it) at that
+    instance alone, for :func:`run_outputs`'s ``per_instance``; ``activity``, if given, gets one dict per
+    instance. The hooks are made once here, so their per-instance caches (convolution kernels) serve every
+    batch."""
     selectors = []
     for k in range(state.instances):
         one = state.instance(k)
         hooks = (chip.hook(one), chip.dac_hook(None if activity is None else activity[k], instances=1),
                  chip.conv_hook(one))
 
-        def select(hooks: tuple[Any, Any, Any] = hooks) -> None:
-            chip.executor.hook, chip.executor.input_hook, chip.executor.direct_hook = hooks
+        def select(executor: Executor, hooks: tuple[Any, Any, Any] = hooks) -> None:
+            executor.hook, executor.input_hook, executor.direct_hook = hooks
 
         selectors.append(select)
     return selectors
+
+
+class _InstanceWorkers:
+    """Runs the instances of a batch side by side on ``workers`` threads, each with its own shallow copy of the
+    executor (parameters and plan shared; hooks its own) and one torch thread: the cores go to whole
+    instances, which scales better than splitting each small operation. An instance's numbers are the same
+    whichever thread runs it and however many run at once (each op runs on one thread, on its own tensors)."""
+
+    def __init__(self, executor: Executor, workers: int):
+        self.idle: queue.SimpleQueue[Executor] = queue.SimpleQueue()
+        for _ in range(workers):
+            self.idle.put(copy.copy(executor))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cimc-instance",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+
+    def run(self, xb: torch.Tensor, selectors: Sequence[Selector]) -> list[torch.Tensor]:
+        def one(select: Selector) -> torch.Tensor:
+            executor = self.idle.get()
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    select(executor)
+                    return executor(xb)[0]
+            finally:
+                self.idle.put(executor)
+
+        return list(self.pool.map(one, selectors))
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def _finite(v: float) -> float | None:
@@ -311,22 +347,40 @@ def _finite(v: float) -> float | None:
 
 
 def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
-                tick: Callable[[int], None] | None = None,
-                per_instance: Sequence[Callable[[], None]] | None = None) -> Any:
+                tick: Callable[[int], None] | None = None, per_instance: Sequence[Selector] | None = None) -> Any:
     """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch.
 
     ``per_instance`` (see :func:`instance_selectors`): run the batch once per instance, each selector pointing
-    the executor at its instance first; otherwise the batch is repeated ``instances`` times, instance-major,
-    in one pass."""
+    an executor at its instance first; with several torch threads, that many instances run at once, one
+    thread each (the thread count is restored afterwards). Otherwise the batch is repeated ``instances``
+    times, instance-major, in one pass."""
+    threads = torch.get_num_threads()
+    workers = min(threads, len(per_instance)) if per_instance is not None else 1
+    side_by_side = _InstanceWorkers(executor, workers) if workers > 1 else None
+    try:
+        yield from _run_batches(executor, x, instances, batch_size, tick, per_instance, side_by_side)
+    finally:
+        if side_by_side is not None:
+            side_by_side.close()
+            torch.set_num_threads(threads)
+
+
+def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+                 tick: Callable[[int], None] | None, per_instance: Sequence[Selector] | None,
+                 side_by_side: _InstanceWorkers | None) -> Any:
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
             if per_instance is not None:
-                outs = []
-                for select in per_instance:
-                    select()
-                    outs.append(executor(xb)[0])
-                    check_batch_axis(outs[-1], len(xb), "the first output")
+                if side_by_side is not None:
+                    outs = side_by_side.run(xb, per_instance)
+                else:
+                    outs = []
+                    for select in per_instance:
+                        select(executor)
+                        outs.append(executor(xb)[0])
+                for out in outs:
+                    check_batch_axis(out, len(xb), "the first output")
                 yield start, torch.stack(outs)
             else:
                 rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
@@ -350,7 +404,7 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
 def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
               y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
               tick: Callable[[int], None] | None = None, extra: Sequence[str] = (),
-              per_instance: Sequence[Callable[[], None]] | None = None) -> dict[str, list[MetricAccumulator]]:
+              per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
     """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data, one accumulator per instance:
     each instance is reduced on its own, so its numbers do not depend on how many instances share the run."""
     accs = {m: [MetricAccumulator(m, 1, classes) for _ in range(instances)] for m in (metric, *extra)}
@@ -553,7 +607,7 @@ def simulate_shard(
     extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
 
     def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick,
-                 per_instance: Sequence[Callable[[], None]] | None = None) -> dict[str, list[MetricAccumulator]]:
+                 per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
         return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra, per_instance)
 
     use(chip, None)

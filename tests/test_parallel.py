@@ -205,3 +205,20 @@ def test_output_noise_draws_do_not_depend_on_threads() -> None:
     half = flat.numel() // 2
     assert not torch.equal(flat[:half], flat[half:])
     assert abs(float(z.mean())) < 0.02 and abs(float(z.std()) - 1) < 0.02
+
+
+def test_instances_side_by_side_same_numbers(compiled, tiny) -> None:  # type: ignore[no-untyped-def]
+    """With two torch threads the simulator runs two instances at once (one thread each): the numbers are
+    those of the one-thread run, and the thread count is given back."""
+    _, ds = tiny
+    kwargs = dict(drift="1s,24h", instances=3, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cimc.simulate(compiled, ds, **kwargs)
+        torch.set_num_threads(2)
+        two = cimc.simulate(compiled, ds, **kwargs)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert _numbers(one) == _numbers(two)
