@@ -147,7 +147,7 @@ _DRAW_POOL: ThreadPoolExecutor | None = None
 
 
 def _draw_pool() -> ThreadPoolExecutor:
-    global _DRAW_POOL  # noqa: PLW0603 - one lazily made worker for the whole process
+    global _DRAW_POOL  # one lazily made worker for the whole process
     if _DRAW_POOL is None:
         _DRAW_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cimc-noise")
     return _DRAW_POOL
