@@ -30,7 +30,7 @@ if (_SOURCE_ROOT / "pyproject.toml").is_file() and (_SOURCE_ROOT / "targets" / "
 
 from cimc.errors import CimcError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 # The API and its error type only; modules (cimc.api, cimc.data, ...) stay importable by name.
 __all__ = ["CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"]
 
