@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -184,6 +185,19 @@ def test_every_path_on_every_geometry(tmp_path_factory: pytest.TempPathFactory, 
     for series in result.data["series"]:
         for point in series["points"]:
             assert len(point["per_instance"]) == 3 and 0.0 <= point["mean"] <= 1.0
+    # the same numbers with two instances side by side on two threads, and from a shard holding chip 2 alone
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run_simulation(compiled, data.x, data.y, times_s=(1.0, 86400.0), instances=3, seed=g.seed)
+    finally:
+        torch.set_num_threads(before)
+    shard = run_simulation(compiled, data.x, data.y, times_s=(1.0, 86400.0), instances=3, seed=g.seed,
+                           instance_range=(2, 3))
+    for s_one, s_two, s_shard in zip(result.data["series"], two.data["series"], shard.data["series"]):
+        for p_one, p_two, p_shard in zip(s_one["points"], s_two["points"], s_shard["points"]):
+            assert p_one["per_instance"] == p_two["per_instance"]
+            assert p_shard["per_instance"] == p_one["per_instance"][2:]
     y_chip = cimc.run(compiled, data.x, time="24h", instances=3, instance=2)
     assert y_chip.shape == (len(data.x), CLASSES) and np.isfinite(y_chip).all()
 
