@@ -25,7 +25,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from cimc.errors import ModelError, UnsupportedOpError
+from cimc.errors import DataError, ModelError, UnsupportedOpError
 from cimc.ir import analog_matrix, classify, constant_array, is_analog, layer_of, node_attrs, static_shape
 from cimc.ops import OPS, _auto_pad, _conv_padding, _same_pads
 
@@ -623,6 +623,8 @@ class Executor(torch.nn.Module):
         return a.add_bias(a.from_columns(y, layout), self.bias(a))
 
     def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        if len(inputs) != len(self._input_slots):
+            self._input_count_error(len(inputs))
         vals: list[Any] = [None] * self._num_slots
         for s, x in zip(self._input_slots, inputs):
             vals[s] = x
@@ -650,6 +652,19 @@ class Executor(torch.nn.Module):
             for s in step.free:
                 vals[s] = None
         return [vals[s].contiguous() if isinstance(vals[s], torch.Tensor) else vals[s] for s in self._output_slots]
+
+    def _input_count_error(self, given: int) -> None:
+        """Calibration, simulation, diagnosis and fine-tuning feed one array of samples; a model with more
+        inputs needs the others fixed at compile time (or ``cimc run``, which takes one array per input)."""
+        names = self.input_names
+        if given < len(names):
+            rest = ", ".join(f"--input-value {n}=VALUE|FILE.npy" for n in names[given:])
+            raise DataError(
+                f"the model has {len(names)} inputs ({', '.join(names)}) but this command feeds its data to "
+                f"'{names[0]}' only: freeze the others when compiling ({rest}; e.g. a zero initial state), or run "
+                "one chip on every input with 'cimc run DIR --input X.npz' (one array per input name)"
+            )
+        raise DataError(f"the model has {len(names)} input(s) ({', '.join(names)}) but {given} were given")
 
     def _batch_error(self, step: _Step, inputs: Sequence[torch.Tensor], exc: Exception) -> None:
         """An op that fails only because the batch differs from the compiled one is the model's doing.

@@ -268,3 +268,40 @@ def test_run_writes_to_stdout_for_a_pipe(tmp_path: Path, run_cli) -> None:
     y = np.load(io.BytesIO(proc.stdout))
     ref = np.concatenate([run_ort(path, {"x": x[i : i + 1]})[0] for i in range(2)], axis=1)
     assert y.shape == (20, 2, 37) and rel_l2(y, ref) < 1e-5
+
+
+def _two_inputs(path: Path) -> Path:
+    """y = W1 x + W2 h: a sample input and a state-like second input, both batch-first."""
+    rng = np.random.default_rng(3)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.5, (8, 4)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.5, (8, 4)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("MatMul", ["h", "w2"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["y"])],
+        "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], initializer=[w1, w2])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_data_commands_on_a_two_input_model(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """Calibration, simulation and diagnosis feed one array: a model with a second input is refused in one
+    line naming the flag that freezes it; frozen, the same commands run."""
+    path = _two_inputs(tmp_path / "two.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(16, 8)).astype(np.float32), y=rng.integers(0, 4, 16))
+    res = run_cli("compile", path, "--target", "aon-cim", "--calib", tmp_path / "d.npz", "-o", tmp_path / "c")
+    assert res.code == 2 and "--input-value h=" in res.err and "Traceback" not in res.err
+    assert len(res.err.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    res = run_cli("compile", path, "--target", "aon-cim", "-o", tmp_path / "u", "-q")
+    assert res.code == 0
+    res = run_cli("simulate", tmp_path / "u", "--data", tmp_path / "d.npz", "--instances", "2", "--drift", "1s")
+    assert res.code == 2 and "--input-value h=" in res.err
+    np.save(tmp_path / "h0.npy", np.zeros((1, 8), np.float32))
+    res = run_cli("compile", path, "--target", "aon-cim", "--calib", tmp_path / "d.npz", "--input-value",
+                  f"h={tmp_path / 'h0.npy'}", "-o", tmp_path / "f", "-q")
+    assert res.code == 0, res.err
+    res = run_cli("simulate", tmp_path / "f", "--data", tmp_path / "d.npz", "--instances", "2", "--drift", "1s",
+                  "--json")
+    assert res.code == 0, res.err
