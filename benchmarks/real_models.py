@@ -553,7 +553,63 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
             entry = _error(exc)
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         res["compile"][target] = entry
+
+    res["chip"] = chip_stage(path, feeds, ref, [i.name for i in proto.graph.input], shapes, values)
     return res
+
+
+CHIP_TARGET = "aon-cim"
+
+
+def chip_stage(path: Path, feeds: dict[str, Any], ref: dict[str, Any], inputs: list[str],
+               shapes: dict[str, list[int]], values: dict[str, Any]) -> dict[str, Any]:
+    """The chip path as a user takes it: compile with calibration onto aon-cim (with as many arrays as the
+    refusal says it needs), every input but the first frozen at its value (what cimc asks of a model with
+    state inputs), then ``cimc.run`` of one chip instance 24 h after programming and ``cimc.simulate`` of two
+    instances (two threads: side by side) at 24 h; the chip's first output is compared with onnxruntime's float
+    output by relative L2 error (a sanity figure: one random input, calibrated on itself)."""
+    import numpy as np
+    import torch
+
+    import cimc
+    from cimc.data import Dataset
+    from cimc.errors import FitError
+
+    t0 = time.perf_counter()
+    first = next(n for n in inputs if n not in values)
+    frozen = {**values, **{n: feeds[n] for n in inputs if n != first and n not in values}}
+    kw: dict[str, Any] = {"input_shapes": {first: shapes[first]} if first in shapes else {}, "input_values": frozen,
+                          "calibration": Dataset(np.asarray(feeds[first]), None, "calib")}
+    entry: dict[str, Any] = {"target": CHIP_TARGET, "frozen": sorted(n for n in frozen if n not in values)}
+    try:
+        try:
+            compiled = cimc.compile(path, CHIP_TARGET, **kw)
+        except FitError as exc:
+            need = re.search(r"at least (\d+) array", str(exc))
+            if need is None:
+                raise
+            entry["arrays"] = int(need.group(1))
+            compiled = cimc.compile(path, CHIP_TARGET, arrays=entry["arrays"], **kw)
+        x = np.asarray(feeds[first])
+        y = np.asarray(cimc.run(compiled, x, time="24h", instance=0), dtype=np.float64).ravel()
+        want = np.asarray(next(iter(ref.values())), dtype=np.float64).ravel()
+        if y.shape != want.shape:
+            entry.update(status="mismatch", message=f"chip output has {y.size} values, onnxruntime {want.size}")
+        else:
+            norm = float(np.linalg.norm(want))
+            entry.update(status="ok", relerr=float(np.linalg.norm(y - want) / norm) if norm > 0 else None)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            sim = cimc.simulate(compiled, Dataset(x, None, "one"), drift="24h", instances=2, metric="relerr",
+                                compare_gdc=False)
+        finally:
+            torch.set_num_threads(threads)
+        entry["simulate_relerr"] = sim.data["series"][0]["points"][0]["mean"]
+    except Exception as exc:  # noqa: BLE001 - every failure is a measured outcome here
+        entry.update(_error(exc))
+    entry["seconds"] = round(time.perf_counter() - t0, 2)
+    return entry
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -632,6 +688,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
                and r["float"]["max_rel_l2"] <= MATCH_TOL]
     s["float_matches_ort"] = len(matched)
     s["ideal_ok_and_matches"] = sum(1 for r in matched if r["compile"]["ideal"].get("status") == "ok")
+    s["chip_ok"] = sum(1 for r in results if (r.get("chip") or {}).get("status") == "ok"
+                       and (r.get("chip") or {}).get("simulate_relerr") is not None)
     s["matches_with_constant_reference"] = sum(1 for r in matched if r["float"].get("constant_reference"))
     refused: Counter = Counter()
     crashes: list[dict[str, str]] = []
@@ -643,7 +701,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         if entry.get("status") == "refused":
             refused[_reason_class(entry.get("message", ""), r)] += 1
         for stage, e in [("inspect", r.get("inspect")), ("float", r.get("float"))] + [
-                (f"compile {t}", r["compile"].get(t)) for t in TARGETS]:
+                (f"compile {t}", r["compile"].get(t)) for t in TARGETS] + [("chip", r.get("chip"))]:
             if e and e.get("status") == "crash":
                 crashes.append({"model": r["name"], "stage": stage, "type": e["type"],
                                 "message": e.get("message", ""), "where": e.get("where", "")})
@@ -714,6 +772,17 @@ real models are larger than either and are refused with the numbers (see [target
 """
 
 
+def _chip_cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    if entry.get("status") != "ok":
+        return _status(entry)
+    def fmt(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+    extra = f" (+{entry['arrays']} arr.)" if entry.get("arrays") else ""
+    return f"{fmt(entry.get('relerr'))} / {fmt(entry.get('simulate_relerr'))}{extra}"
+
+
 def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> str:
     crashed = sorted({c["model"] for c in summary["crashes"]})
     lines = [
@@ -726,19 +795,20 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
         f"Float executor equal to onnxruntime (rel. L2 ≤ {MATCH_TOL:g} on every output): "
         f"{summary['float_matches_ort']} ({summary.get('matches_with_constant_reference', 0)} of them with constant "
         f"reference outputs); of those also compiled on ideal: {summary['ideal_ok_and_matches']}. "
+        f"Chip path (compile with calibration, `run` 24 h, `simulate` 2 chips): {summary.get('chip_ok', 0)} ok. "
         f"Models with a crash at any stage: {len(crashed)}{' (' + ', '.join(crashed) + ')' if crashed else ''}.",
         "",
-        "| model | package | nodes | analog | fix | rel. L2 | ideal | aon-cim | hermes | why not (first refusal or crash) |",
-        "|---|---|---:|---:|---|---:|---|---|---|---|",
+        "| model | package | nodes | analog | fix | rel. L2 | ideal | aon-cim | hermes | chip 24 h rel. err. | why not (first refusal or crash) |",
+        "|---|---|---:|---:|---|---:|---|---|---|---|---|",
     ]
     for r in results:
         if "harness_error" in r:
-            lines.append(f"| {r['name']} | {r.get('package', '')} | | | | | | | | harness: {r['harness_error'][:120]} |")
+            lines.append(f"| {r['name']} | {r.get('package', '')} | | | | | | | | | harness: {r['harness_error'][:120]} |")
             continue
         ins = r.get("inspect", {})
         comp = r["compile"]
         why = ""
-        for e in [ins] + [comp[t] for t in TARGETS] + [r.get("float") or {}]:
+        for e in [ins] + [comp[t] for t in TARGETS] + [r.get("float") or {}, r.get("chip") or {}]:
             if e.get("status") in ("refused", "crash"):
                 why = _one_line(e)
                 break
@@ -747,12 +817,15 @@ def to_markdown(results: list[dict[str, Any]], summary: dict[str, Any], meta: di
         lines.append(
             f"| {r['name']} | {r['package']} {r['version']} | {ins.get('nodes', '')} | {ins.get('analog_nodes', '')} "
             f"| {r.get('fix', '')} | {_fmt_err(r)} | {_status(comp.get('ideal'))} | {_status(comp.get('aon-cim'))} "
-            f"| {_status(comp.get('hermes'))} | {why} |"
+            f"| {_status(comp.get('hermes'))} | {_chip_cell(r.get('chip'))} | {why} |"
         )
     lines += ["", "`fix`: how dynamic dimensions / constant inputs were fixed — `api` through cimc's "
               "`input_shapes`/`input_values`, `file` by the benchmark in a copy of the file (cimc could not yet), "
               "`none` not needed. `(const.)`: onnxruntime's outputs are constant (placeholder weights), so the "
-              "comparison shows little.", ""]
+              "comparison shows little. `chip 24 h rel. err.`: relative L2 error of one aon-cim chip's first output "
+              "(compiled with calibration on the one random input, every other input frozen, more arrays if the "
+              "model needs them: `+N arr.`) against onnxruntime's float output, then the mean over two simulated "
+              "chips (`cimc.simulate`, metric relerr) — a sanity figure for the chip path, not an accuracy.", ""]
     lines += ["## Summary", "", "### Refusals on `ideal`, by what would lift them", "", "| reason | models |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in summary["refused_on_ideal_by_reason"].items()] or ["| (none) | 0 |"]
     lines += ["", "### Crashes", ""]
