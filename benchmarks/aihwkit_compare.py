@@ -9,10 +9,13 @@ Runs where both cimc and aihwkit import (docs/fidelity.md has the aihwkit build 
   target) and through aihwkit (``convert_to_analog`` of the same torch module), N chips, 1 s … 1 y, with and
   without global drift compensation. ``--variant`` picks the modelling choices (see ``VARIANTS``); the
   aihwkit settings used are printed.
+* ``gdc``: the drift-compensation factors both apply per layer (aihwkit: per tile) at 24 h, 30 d and 1 y,
+  against the exact factor of aihwkit's devices (not part of ``all``).
 * ``speed``: simulated inferences/s of both on the same inputs, same threads.
 
     python benchmarks/aihwkit_compare.py --part devices
     python benchmarks/aihwkit_compare.py --part accuracy --variant aihwkit-default --chips 25
+    python benchmarks/aihwkit_compare.py --part gdc --variant aligned --chips 10
     python benchmarks/aihwkit_compare.py --part speed --threads 1
 """
 
