@@ -135,7 +135,7 @@ def test_aihwkit_probe_readout_matches_the_exact_drift_factor():
     ranges = [(1.0, 4.0), (8.0, 8.0), (8.0, 8.0), (40.0, 4.0)]  # wide DAC ranges after the first layer
     alphas = {}
     for variant in ("aligned", "aligned-gdc"):
-        analog, settings = compare.aihwkit_analog(model, target, compare.VARIANTS[variant]["aihwkit"], True, True, ranges)
+        analog, _ = compare.aihwkit_analog(model, target, compare.VARIANTS[variant]["aihwkit"], True, True, ranges)
         torch.manual_seed(0)
         analog.program_analog_weights()
         analog.drift_analog_weights(31557600.0)
