@@ -83,9 +83,11 @@ def test_gdc_readout_onehot_undercompensates_layers_with_wide_input_ranges(mnist
                                  calibration=calib)
         chip = Chip(compiled, 2, seed=3)
         factors[readout] = chip.at(31557600.0).gdc
-        if readout == "onehot":  # same seed -> same factors
+        if readout == "onehot":  # same seed -> same factors, also for instance 1 simulated alone (a shard)
             again = Chip(compiled, 2, seed=3).at(31557600.0).gdc
             assert all(torch.equal(again[k], v) for k, v in factors[readout].items())
+            alone = Chip(compiled, 1, seed=3, first_instance=1).at(31557600.0).gdc
+            assert all(torch.equal(alone[k], v[1:]) for k, v in factors[readout].items())
             x_max = {name: plan.quant.x_max for name, plan in chip.plans.items()}
     for name, probe in factors["probe"].items():
         ratio = factors["onehot"][name] / probe
