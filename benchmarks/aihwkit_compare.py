@@ -9,10 +9,13 @@ Runs where both cimc and aihwkit import (docs/fidelity.md has the aihwkit build 
   target) and through aihwkit (``convert_to_analog`` of the same torch module), N chips, 1 s … 1 y, with and
   without global drift compensation. ``--variant`` picks the modelling choices (see ``VARIANTS``); the
   aihwkit settings used are printed.
+* ``gdc``: the drift-compensation factors both apply per layer (aihwkit: per tile) at 24 h, 30 d and 1 y,
+  against the exact factor of aihwkit's devices (not part of ``all``).
 * ``speed``: simulated inferences/s of both on the same inputs, same threads.
 
     python benchmarks/aihwkit_compare.py --part devices
     python benchmarks/aihwkit_compare.py --part accuracy --variant aihwkit-default --chips 25
+    python benchmarks/aihwkit_compare.py --part gdc --variant aligned --chips 10
     python benchmarks/aihwkit_compare.py --part speed --threads 1
 """
 
@@ -52,6 +55,12 @@ KS_TIMES_S = (1.0, 3600.0, 86400.0, 31557600.0)
 #              with halved inputs); "fixed" = one DAC full scale per layer and one ADC range per layer, both
 #              taken from cimc's calibration of the same model (noise management CONSTANT, no bound
 #              management): what a chip with fixed converter gains does, and cimc's model.
+#   gdc_readout: how aihwkit's global drift compensation estimates a tile's drift factor (absent = "onehot").
+#              "onehot" = aihwkit's GlobalDriftCompensation: the identity matrix (one-hot inputs of value 1
+#              in layer units) through the tile's full forward (DAC, output noise, ADC), programmed weights
+#              as reference; "probe" = cimc's estimate: its fixed calibration probe (gdc_probe: 32 vectors
+#              uniform over the DAC range, DAC-quantised) times the tile's weights, no output noise, no ADC
+#              (a long average), same reference. See ``probe_readout``.
 VARIANTS: dict[str, dict[str, Any]] = {
     # The comparison of the issue: aihwkit 1.2.0 InferenceRPUConfig defaults (target's bits) against cimc
     # as it was before converters.output_noise existed.
@@ -63,10 +72,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # Aligned on the chip-faithful choices, cimc's defaults: fixed calibrated converter ranges, output noise
     # 0.04 (the standard AIMC evaluation setting), the target's 1024-row tiles.
     "aligned": {"aihwkit": {"out_noise": 0.04, "tile_rows": 1024, "io": "fixed"}, "cimc": {}},
+    # Aligned, and aihwkit's drift-compensation readout replaced by cimc's probe estimate.
+    "aligned-gdc": {"aihwkit": {"out_noise": 0.04, "tile_rows": 1024, "io": "fixed", "gdc_readout": "probe"},
+                    "cimc": {}},
+    # Aligned the other way: cimc with aihwkit's readout (target device.gdc_readout: onehot).
+    "aligned-onehot": {"aihwkit": {"out_noise": 0.04, "tile_rows": 1024, "io": "fixed"},
+                       "cimc": {"device.gdc_readout": "onehot"}},
     # The same with 512-row tiles on both sides.
     "aligned-512": {"aihwkit": {"out_noise": 0.04, "tile_rows": 512, "io": "fixed"}, "cimc": {"array.rows": 512}},
     # Every layer in one tile on both sides (2048 rows): no row splits, so one ADC range per layer on both.
     "aligned-2048": {"aihwkit": {"out_noise": 0.04, "tile_rows": 2048, "io": "fixed"}, "cimc": {"array.rows": 2048}},
+    "aligned-2048-gdc": {"aihwkit": {"out_noise": 0.04, "tile_rows": 2048, "io": "fixed", "gdc_readout": "probe"},
+                         "cimc": {"array.rows": 2048}},
 }
 
 
@@ -270,26 +287,70 @@ def _analog_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def use_probe_readout(analog: nn.Module, dac_bits: int | None) -> None:
+    """Replace the drift-compensation readout of every tile of ``analog`` by cimc's estimate.
+
+    aihwkit's tile gets its drift factor from ``_forward_drift_readout_tensor``: its compensation's readout
+    tensor (one-hot rows for ``GlobalDriftCompensation``) through the tile's own forward, with DAC, output
+    noise and ADC; ``readout`` then takes the mean |output|, once with the programmed weights (the reference)
+    and once with the drifted ones. aihwkit has no setting for how that forward is done, so this sets, per
+    tile, a readout that computes cimc's: the fixed probe of :func:`cimc.runtime.calibration.gdc_probe`
+    (uniform over the DAC range, here in the tile's normalised input units, where the layer's full scale is 1)
+    through an unsigned DAC of ``dac_bits`` and times the tile's current weights, without output noise or ADC
+    (a chip averages its calibration read). The reference stays aihwkit's (programmed weights)."""
+    import types
+
+    from cimc.runtime.analog import fake_quant
+    from cimc.runtime.calibration import gdc_probe
+
+    for tile in analog.analog_tiles():
+        probe = fake_quant(gdc_probe(int(tile.tile.get_x_size())), 1.0, dac_bits, signed=False)
+
+        def readout(self: Any, reset_if: bool = False, exact_reference: bool = False,
+                    probe: torch.Tensor = probe) -> torch.Tensor | None:
+            if self.rpu_config.drift_compensation is None:
+                return None
+            weights = self.reference_combined_weights if exact_reference else self.tile.get_weights()
+            return probe.to(weights.dtype) @ weights.T  # [probes, out_size]
+
+        tile._forward_drift_readout_tensor = types.MethodType(readout, tile)
+
+
+def aihwkit_analog(model: MnistCnn, target: Any, choices: dict[str, Any], gdc: bool, torch_tile: bool,
+                   ranges: list[tuple[float, float]] | None) -> tuple[nn.Module, str]:
+    """``model`` converted to aihwkit with ``choices`` (per-layer converter ranges for io "fixed"), and the
+    settings used, as text."""
+    from aihwkit.nn.conversion import convert_to_analog
+
+    layer_ranges = dict(zip(_analog_modules(model), ranges or []))
+    rpu = aihwkit_config(target, choices, gdc, torch_tile)
+
+    def per_layer(name: str, module: nn.Module | None, config: Any) -> Any:
+        if choices["io"] != "fixed":
+            return config
+        return aihwkit_config(target, choices, gdc, torch_tile, layer_ranges[name])
+
+    settings = ("; ".join(f"{name}: {describe_aihwkit(per_layer(name, None, rpu))}" for name in _analog_modules(model))
+                if choices["io"] == "fixed" else describe_aihwkit(rpu))
+    analog = convert_to_analog(model, rpu, specific_rpu_config_fun=per_layer).eval()
+    readout = choices.get("gdc_readout", "onehot")
+    if gdc and readout == "probe":
+        use_probe_readout(analog, target.converters.dac_bits)
+    elif readout not in ("onehot", "probe"):
+        raise ValueError(f"unknown gdc_readout {readout!r}")
+    if gdc:
+        settings += f"; drift-compensation readout: {readout}"
+    return analog, settings
+
+
 def aihwkit_accuracy(model: MnistCnn, target: Any, choices: dict[str, Any], test: tuple[np.ndarray, np.ndarray],
                      chips: int, seed: int, torch_tile: bool = False,
                      ranges: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    from aihwkit.nn.conversion import convert_to_analog
-
     x, y = torch.from_numpy(test[0]), torch.from_numpy(test[1])
     out: dict[str, Any] = {}
-    layer_ranges = dict(zip(_analog_modules(model), ranges or []))
     for key, gdc in (("gdc", True), ("none", False)):
-        rpu = aihwkit_config(target, choices, gdc, torch_tile)
-
-        def per_layer(name: str, module: nn.Module, config: Any, gdc: bool = gdc) -> Any:
-            if choices["io"] != "fixed":
-                return config
-            return aihwkit_config(target, choices, gdc, torch_tile, layer_ranges[name])
-
-        out.setdefault("settings", "; ".join(
-            f"{name}: {describe_aihwkit(per_layer(name, None, rpu))}" for name in _analog_modules(model))
-            if choices["io"] == "fixed" else describe_aihwkit(rpu))
-        analog = convert_to_analog(model, rpu, specific_rpu_config_fun=per_layer).eval()
+        analog, settings = aihwkit_analog(model, target, choices, gdc, torch_tile, ranges)
+        out.setdefault("settings", settings)
         per_time: list[list[float]] = [[] for _ in TIMES_S]
         for chip in range(chips):
             torch.manual_seed(seed * 1000 + chip)
@@ -300,6 +361,56 @@ def aihwkit_accuracy(model: MnistCnn, target: Any, choices: dict[str, Any], test
                     pred = torch.cat([analog(x[s : s + 500]).argmax(1) for s in range(0, len(x), 500)])
                 per_time[i].append(float((pred == y).float().mean()))
         out[key] = per_time
+    return out
+
+
+GDC_TIMES_S = (86400.0, 30 * 86400.0, 31557600.0)
+
+
+def gdc_factors(model: MnistCnn, onnx_path: Path, target: Any, choices: dict[str, Any],
+                calib: tuple[np.ndarray, np.ndarray], chips: int, seed: int,
+                times_s: tuple[float, ...] = GDC_TIMES_S) -> list[dict[str, Any]]:
+    """The drift-compensation factors both simulators apply, per analog layer (aihwkit: per tile) and time.
+
+    For each of ``chips`` chips: cimc's factor (its probe, read at 0 s and at t, no ADC), aihwkit's
+    ``alpha`` (its readout as ``choices["gdc_readout"]`` says), and the exact factor of the same aihwkit
+    devices (mean |probe · W| with the programmed over the drifted weights, no noise, no converters).
+    Returns one row per (layer, tile, time) with the mean and std over chips of each."""
+    from cimc.compiler import compile_model
+    from cimc.data import Dataset
+    from cimc.runtime.simulator import Chip
+
+    compiled = compile_model(onnx_path, target, calibration=Dataset(calib[0][:256], calib[1][:256], "calib"))
+    chip = Chip(compiled, chips, seed=seed)
+    names = _analog_modules(model)
+    ours = {}
+    for t_s in times_s:
+        state = chip.at(t_s)
+        ours[t_s] = {name: state.gdc[step].reshape(-1).double().numpy() for name, step in zip(names, chip.steps)}
+    analog, _ = aihwkit_analog(model, target, choices, True, True, converter_ranges(compiled))
+    layers = {name: list(layer.analog_tiles()) for name, layer in analog.named_analog_layers() if name in names}
+    probes: dict[int, torch.Tensor] = {}
+    alpha: dict[tuple[str, int, float], list[float]] = {}
+    ideal: dict[tuple[str, int, float], list[float]] = {}
+    for c in range(chips):
+        torch.manual_seed(seed * 1000 + c)
+        analog.program_analog_weights()
+        programmed = {name: [t.tile.get_weights() for t in tiles] for name, tiles in layers.items()}
+        for t_s in times_s:
+            analog.drift_analog_weights(t_s)
+            for name, tiles in layers.items():
+                for k, (tile, w0) in enumerate(zip(tiles, programmed[name])):
+                    rows = w0.shape[1]
+                    p = probes.setdefault(rows, torch.rand(64, rows, generator=torch.Generator().manual_seed(rows)))
+                    w = tile.tile.get_weights()
+                    alpha.setdefault((name, k, t_s), []).append(float(tile.alpha))
+                    ideal.setdefault((name, k, t_s), []).append(float((p @ w0.T).abs().mean() / (p @ w.T).abs().mean()))
+    out = []
+    for (name, k, t_s), values in alpha.items():
+        a, e, o = np.asarray(values), np.asarray(ideal[(name, k, t_s)]), ours[t_s][name]
+        out.append({"layer": name, "tile": k, "tiles": len(layers[name]), "t_s": t_s,
+                    "cimc": (float(o.mean()), float(o.std())), "aihwkit": (float(a.mean()), float(a.std())),
+                    "exact": (float(e.mean()), float(e.std()))})
     return out
 
 
@@ -383,7 +494,8 @@ def _best(fn: Any, repeats: int) -> float:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["devices", "accuracy", "speed", "all"], default="all")
+    parser.add_argument("--part", choices=["devices", "accuracy", "gdc", "speed", "all"], default="all",
+                        help="gdc: the drift-compensation factors of both per layer (not part of all)")
     parser.add_argument("--target", default="aon-cim")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="aihwkit-default")
     parser.add_argument("--devices", type=int, default=200_000, help="devices per KS point")
@@ -426,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         ps = sorted(r["p"] for r in rows)
         print(f"{len(ps)} tests: smallest p {ps[0]:.3f}, median p {ps[len(ps) // 2]:.3f}, "
               f"p < 0.01: {sum(p < 0.01 for p in ps)}\n")
-    if args.part in ("accuracy", "speed", "all"):
+    if args.part in ("accuracy", "gdc", "speed", "all"):
         model, onnx_path = trained_model(Path(args.cache), args.seed)
         split = mnist()
         test = (split["test"][0][: args.samples], split["test"][1][: args.samples])
@@ -447,6 +559,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for key in ("gdc", "none"):
                 print(key, " | ".join(f"{m:.2f} ± {s:.2f}" for m, s, _ in summarise(c[key])))
+    if args.part == "gdc":
+        rows = gdc_factors(model, onnx_path, target, variant["aihwkit"], split["train"], args.chips, args.seed)
+        results["gdc"] = rows
+        print(f"drift-compensation factors, variant {args.variant} (aihwkit readout "
+              f"{variant['aihwkit'].get('gdc_readout', 'onehot')}), {args.chips} chips, mean ± std")
+        print("| layer | tile | time | cimc | aihwkit alpha | exact (aihwkit's devices) |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['layer']} | {r['tile'] + 1} of {r['tiles']} | {_label(r['t_s'])} | "
+                  + " | ".join(f"{r[k][0]:.3f} ± {r[k][1]:.3f}" for k in ("cimc", "aihwkit", "exact")) + " |")
     if args.part in ("speed", "all"):
         r = speed(model, onnx_path, target, VARIANTS["aihwkit-default"]["aihwkit"], test[0], args.chips, threads)
         results["speed"] = r

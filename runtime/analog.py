@@ -27,7 +27,7 @@ import onnx_ir as ir
 import torch
 
 __all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_conv", "analog_mvm", "conv_weights", "fake_quant", "layer_plans", "levels",
-           "probe_response"]
+           "onehot_response", "probe_response"]
 
 logger = logging.getLogger(__name__)
 
@@ -282,3 +282,26 @@ def probe_response(plan: LayerPlan, weights: torch.Tensor) -> torch.Tensor:
     x_max = plan.quant.x_max if plan.quant is not None else 1.0
     probe = gdc_probe(plan.rows, x_max).reshape(1, -1, 1, plan.rows).expand(1, -1, plan.groups, plan.rows)
     return analog_mvm(plan, dac(plan, probe), weights, adc=False)
+
+
+def onehot_response(plan: LayerPlan, weights: torch.Tensor, out_noise: torch.Tensor | float | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """aihwkit's drift-compensation readout (``GlobalDriftCompensation``), for comparison: outputs ``[I, K, G, N]``
+    of one read of each row driven alone at input 1.0 in the layer's units, through the DAC, the output noise
+    (``out_noise`` as in :func:`analog_mvm`, drawn from ``generator``) and the ADC of the row's own tile (aihwkit
+    reads each tile's rows through that tile only; the other tiles of a row-split layer are not converted).
+    ``weights`` ``[I or 1, G, K, N]``. A single, quantised read: for a layer whose DAC range is much wider than
+    1.0, a few DAC steps landing on a few ADC steps (docs/fidelity.md)."""
+    k = plan.rows
+    eye = dac(plan, torch.eye(k, dtype=weights.dtype).reshape(1, k, 1, k).expand(1, k, plan.groups, k).clone())
+    q = plan.quant
+    out = torch.zeros(weights.shape[0], k, plan.groups, plan.cols, dtype=weights.dtype)
+    for i, t in enumerate(plan.tiles):
+        part = torch.matmul(eye[:, t.r0 : t.r1, t.group, t.r0 : t.r1], weights[:, t.group, t.r0 : t.r1, t.c0 : t.c1])
+        if out_noise is not None:
+            sigma = out_noise[..., t.group, t.c0 : t.c1] if isinstance(out_noise, torch.Tensor) else out_noise
+            part = _add_output_noise(part, sigma, generator)
+        if q is not None and q.adc_bits is not None:
+            part = fake_quant(part, plan.y_max_tensor(i, part.dtype), q.adc_bits, True)
+        out[:, t.r0 : t.r1, t.group, t.c0 : t.c1] = part
+    return out

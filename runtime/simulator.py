@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from cimc.errors import DataError, InputError, ModelError
-from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, probe_response
+from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
@@ -118,6 +118,7 @@ class Chip:
         device = compiled.target.device
         self.device = build_device(device)
         self.gdc_mode = getattr(device, "gdc", "none")
+        self.gdc_readout = getattr(device, "gdc_readout", "probe")
         self.layer = {name: (self.plans[name].layer or name) for name in self.steps}  # use → block
         with torch.no_grad():
             self.ideal: dict[str, torch.Tensor] = {}  # block → [G, K, N], from its first use
@@ -149,9 +150,16 @@ class Chip:
             sigmas[name] = level * x_max * w_max.clamp_min(torch.finfo(w.dtype).tiny)
         return sigmas
 
-    def _probe_outputs(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _probe_outputs(self, weights: dict[str, torch.Tensor], purpose: str, t_s: float) -> dict[str, torch.Tensor]:
         """Each use's response to its fixed GDC probe (DAC-quantised, ADC not applied: a long average), read
-        from its block's devices."""
+        from its block's devices. With ``device.gdc_readout: onehot``, aihwkit's readout instead (one noisy,
+        quantised read of one-hot inputs; output noise from the streams of ``purpose`` and ``t_s``)."""
+        if self.gdc_readout == "onehot":
+            gens = instance_generators(self.seed, self.instance_ids, purpose, t_s)
+            return {name: torch.cat([onehot_response(self.plans[name], weights[layer][i : i + 1],
+                                                     self.out_noise.get(name), gens[i])
+                                     for i in range(weights[layer].shape[0])])
+                    for name, layer in self.layer.items()}
         # Per instance: with the probe broadcast over I instances the product is batched differently for each I.
         return {name: torch.cat([probe_response(self.plans[name], weights[layer][i : i + 1])
                                  for i in range(weights[layer].shape[0])])
@@ -171,8 +179,8 @@ class Chip:
         if gdc and self.gdc_mode != "none":
             if self._reference is None:  # the read right after programming (t = 0), same devices
                 ref_w = self._read(0.0, instance_generators(self.seed, self.instance_ids, "reference"))
-                self._reference = self._probe_outputs(ref_w)
-            now = self._probe_outputs(weights)
+                self._reference = self._probe_outputs(ref_w, "reference-readout", 0.0)
+            now = self._probe_outputs(weights, "gdc-readout", t_s)
             per_column = self.gdc_mode == "column"
             for name in now:
                 ref, cur = self._reference[name], now[name]  # [I, P, G, N]

@@ -146,6 +146,13 @@ class PcmIbmDevice(DeviceParamsBase):
     gdc: Literal["layer", "column", "none"] = Field(
         "layer", description="Global drift compensation granularity (HARDWARE.md: GDC, per-column variant)"
     )
+    gdc_readout: Literal["probe", "onehot"] = Field(
+        "probe",
+        description="How GDC measures the drift: 'probe' = a fixed calibration input (32 vectors uniform over "
+        "the DAC range) read without ADC, as a chip's averaged calibration read; 'onehot' = aihwkit's "
+        "GlobalDriftCompensation readout (each row alone at input 1.0 in layer units, one read through DAC, "
+        "output noise and ADC), for comparison (docs/fidelity.md)",
+    )
     weight_scale: Literal["layer", "column"] = Field(
         "layer", description="Granularity at which max|W| maps to g_max (HARDWARE.md: mapping, per layer)"
     )
