@@ -445,21 +445,18 @@ def speed(model: MnistCnn, onnx_path: Path, target: Any, choices: dict[str, Any]
 
     from cimc.compiler import compile_model
     from cimc.data import Dataset
-    from cimc.runtime.simulator import Chip, use
+    from cimc.runtime.simulator import Chip, instance_selectors, run_outputs
 
     torch.set_num_threads(threads)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     compiled = compile_model(onnx_path, target, calibration=Dataset(x[:256], np.zeros(min(256, len(x)), np.int64), "c"))
     chip = Chip(compiled, chips, seed=0)
     state = chip.at(86400.0)
-    use(chip, chip.hook(state), state=state)
-    per_run = max(1, 250 // chips)
+    selectors = instance_selectors(chip, state)  # what `simulate` runs: every chip over each batch of 64
 
     def run_cimc() -> None:
-        with torch.no_grad():
-            for s in range(0, len(xt), per_run):
-                xb = xt[s : s + per_run]
-                chip.executor(xb.repeat(chips, 1, 1, 1))
+        for _ in run_outputs(chip.executor, x, chips, 64, per_instance=selectors):
+            pass
 
     out = {"cimc": len(xt) * chips / _best(run_cimc, repeats)}
     for label, torch_tile in (("aihwkit C++ tile", False), ("aihwkit TorchInferenceRPUConfig", True)):
