@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = r
         fastest = max(v for k, v in r.items() if k != "cimc" and v == v)
         print(f"\n(c) simulated inferences/s, {threads} thread(s), {len(test[0])} digits, cimc with {args.chips} chips "
-              f"batched, aihwkit one chip: cimc {r['cimc']:,.0f}, aihwkit C++ {r['aihwkit C++ tile']:,.0f}, "
+              f"(each over batches of 64, side by side on the threads), aihwkit one chip: cimc {r['cimc']:,.0f}, aihwkit C++ {r['aihwkit C++ tile']:,.0f}, "
               f"aihwkit torch tile {r['aihwkit TorchInferenceRPUConfig']:,.0f}; cimc / fastest aihwkit "
               f"{r['cimc'] / fastest:.1f}x (load average {os.getloadavg()[0]:.1f})")
     if args.json:
