@@ -554,7 +554,9 @@ def run_one(model: RealModel, cache: Path, seed: int, fallback_fix: bool) -> dic
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         res["compile"][target] = entry
 
-    res["chip"] = chip_stage(path, feeds, ref, [i.name for i in proto.graph.input], shapes, values)
+    initializers = {t.name for t in proto.graph.initializer}  # old opsets list them among the inputs too
+    res["chip"] = chip_stage(path, feeds, ref, [i.name for i in proto.graph.input if i.name not in initializers],
+                             shapes, values)
     return res
 
 
@@ -576,7 +578,9 @@ def chip_stage(path: Path, feeds: dict[str, Any], ref: dict[str, Any], inputs: l
     from cimc.errors import FitError
 
     t0 = time.perf_counter()
-    first = next(n for n in inputs if n not in values)
+    first = next((n for n in inputs if n not in values), None)
+    if first is None or any(n not in feeds for n in inputs):
+        return {"status": "skipped", "message": "no sample input, or inputs the benchmark does not feed"}
     frozen = {**values, **{n: feeds[n] for n in inputs if n != first and n not in values}}
     kw: dict[str, Any] = {"input_shapes": {first: shapes[first]} if first in shapes else {}, "input_values": frozen,
                           "calibration": Dataset(np.asarray(feeds[first]), None, "calib")}
