@@ -773,7 +773,9 @@ relative L2 error ‖cimc − ort‖ / ‖ort‖ of cimc's float executor on the
 on every output, for seeded realistic inputs (images U[0, 1], audio N(0, 0.1), recurrent states N(0, 0.1),
 feature maps N(0, 1), byte ids in 0..256; dynamic dimensions fixed and sample-rate inputs frozen per model,
 see `MODELS` in the script). When a model does not match, the script compares every intermediate tensor of
-both runs and names the first node that differs.
+both runs and names the first node that differs. Then the chip path as a user takes it (`chip` column): compile
+with calibration on aon-cim (hermes when aon-cim's SRAM refuses; as many arrays as the refusal names), every
+input but the first frozen, `cimc run` of one chip at 24 h and `cimc simulate` of two chips side by side.
 
 Reading the numbers: a mismatch whose first differing node is a final `Sigmoid` is onnxruntime's, not
 cimc's: onnxruntime's CPU `Sigmoid` is a fast approximation (about 5e-8 absolute, e.g. σ(−17) = 8.9e-8
