@@ -17,8 +17,10 @@ import numpy as np
 
 import onnx_ir as ir
 
+from cimc.artifact import load_compiled  # re-exported: the API's way to open a compiled model
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
+from cimc.vocabulary import parse_times  # re-exported
 
 __all__ = ["load", "inspect", "compile", "simulate", "diagnose", "run", "load_compiled", "finetune"]
 
@@ -74,13 +76,6 @@ def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: A
     from cimc.compiler import compile_model
 
     return compile_model(model, target, **options)
-
-
-def load_compiled(path: Any) -> Any:
-    """A :class:`cimc.artifact.CompiledModel` from a directory (or the object itself)."""
-    from cimc.artifact import CompiledModel
-
-    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)
 
 
 def simulate(
@@ -258,14 +253,6 @@ def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
     from cimc.diagnosis import diagnose as run_diagnosis
 
     return run_diagnosis(compiled, data, **options)
-
-
-def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
-    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
-    from cimc.runtime.simulator import check_time, parse_duration
-
-    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
-    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
 
 
 def compiled_payload(compiled: Any) -> dict[str, Any]:

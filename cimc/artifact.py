@@ -26,10 +26,19 @@ from typing import Any
 
 import onnx_ir as ir
 
+from cimc import __version__
 from cimc.errors import InputError
+from cimc.frontend import _check_external_data
+from cimc.optional import import_pandas as _pandas
+from cimc.outputs import output_dir
+from cimc.plots import plot_occupancy
 from cimc.report import format_table, human, write_json_atomic, write_text_atomic
+from cimc.runtime.cost import estimate_cost
+from cimc.runtime.twin import build_qdq_twin
+from cimc.runtime.workload import model_workload
+from cimc.targets import load_target, target_yaml
 
-__all__ = ["ARTIFACT_FORMAT", "CompiledModel", "sha256_file"]
+__all__ = ["ARTIFACT_FORMAT", "CompiledModel", "load_compiled", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +131,6 @@ class CompiledModel:
 
     def to_pandas(self) -> Any:
         """One row per scheduled layer of report.json: name, op, kind, cycles, energy, placement (needs pandas)."""
-        from cimc.runtime.simulator import _pandas
-
         pd = _pandas()
         rows = []
         for row in self.report()["layers"]:
@@ -134,8 +141,6 @@ class CompiledModel:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """The occupancy figure (a matplotlib Figure; also saved to ``path`` if given)."""
-        from cimc.plots import plot_occupancy
-
         return plot_occupancy(self, path)
 
     def summary_table(self) -> str:
@@ -217,9 +222,6 @@ class CompiledModel:
         another folder); it may not be or contain one of ``inputs`` (:mod:`cimc.outputs`). Only cimc's own
         files in it are replaced.
         """
-        from cimc.outputs import output_dir
-        from cimc.targets import target_yaml
-
         out = Path(out_dir)
         with output_dir(out, "compiled", inputs, force=force) as tmp:
             ir.save(self.model, tmp / "model.onnx")
@@ -228,17 +230,11 @@ class CompiledModel:
             write_json_atomic(tmp / "schedule.trace.json", self.chrome_trace())
             files = ["model.onnx", "target.yaml", "report.json", "schedule.trace.json"]
             if any("cimc.quant" in n.metadata_props for n in self.model.graph):
-                from cimc.passes.quantize import build_qdq_twin
-
                 ir.save(build_qdq_twin(self.model), tmp / "model.qdq.onnx")
                 files.append("model.qdq.onnx")
             if plots:
-                from cimc.plots import plot_occupancy
-
                 plot_occupancy(self, tmp / "occupancy.png")
                 files.append("occupancy.png")
-            from cimc import __version__
-
             write_json_atomic(
                 tmp / "manifest.json",
                 {"format": ARTIFACT_FORMAT, "cimc_version": __version__, "source": self.source,
@@ -250,10 +246,6 @@ class CompiledModel:
     @classmethod
     def load(cls, path: str | Path) -> CompiledModel:
         """Read a compiled-model directory (or its model.onnx) back."""
-        from cimc.runtime.cost import estimate_cost
-        from cimc.runtime.workload import model_workload
-        from cimc.targets import load_target
-
         p = Path(path)
         folder = p.parent if p.suffix == ".onnx" else p
         manifest_path = folder / "manifest.json"
@@ -321,8 +313,6 @@ def _load_compiled_onnx(path: Path) -> ir.Model:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from cimc.frontend import _check_external_data
-
     if not path.is_file():
         raise InputError(f"{path}: missing; the compiled-model folder is incomplete: recompile the model")
     try:
@@ -343,3 +333,8 @@ def _ranges(values: list[int]) -> str:
     if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
         return f"{values[0]}-{values[-1]}"
     return ",".join(map(str, values))
+
+
+def load_compiled(path: str | Path | CompiledModel) -> CompiledModel:
+    """A :class:`CompiledModel` from a directory (or the object itself)."""
+    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)

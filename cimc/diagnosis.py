@@ -40,23 +40,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.artifact import load_compiled
 from cimc.errors import DataError, InputError
+from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS
+from cimc.vocabulary import CAUSES, LOW_SNR_DB, parse_times
 
 __all__ = ["CAUSES", "DiagnoseResult", "diagnose"]
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dac", "adc", "output", "programming", "drift", "read")
-_CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "output": "output (periphery) noise",
-                 "programming": "programming noise",
-                 "drift": "drift (compensated)", "read": "read noise", "all": "all together"}
 # Device noise sources as target fields: a cause keeps its own scale and zeroes the others.
 _DEVICE_SCALES = {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}
 # Advice thresholds (explained in docs/diagnose.md).
 CLIP_WARN = 0.01  # more than 1 % of conversions at full scale: the ADC range is too small
 LEVELS_WARN = 0.10  # fewer than 10 % of the ADC's levels used: the range is too large
 LOW_K_ROWS = 32  # a depthwise layer with this few rows sums too few products to average noise out
-LOW_SNR_DB = 20.0
 
 
 @dataclass
@@ -385,7 +383,6 @@ def diagnose(
     (labels optional: without them the metric is cosine agreement with the float model). ``time``: when after
     programming (e.g. "24h"). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
     """
-    from cimc.api import load_compiled, parse_times
     from cimc.data import Dataset, load_dataset
     from cimc.runtime.metrics import LABEL_METRICS, check_labels, check_metric, default_metric, higher_is_better
     from cimc.runtime.simulator import _progress, format_duration, run_outputs

@@ -43,7 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.console import format_table, progress_bar
 from cimc.errors import DataError, InputError, ModelError
+from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
 from cimc.runtime.devices import build_device, gdc_factor
@@ -51,6 +53,7 @@ from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
                                   format_score, higher_is_better, is_percent, per_class_accuracy)
 from cimc.runtime.workload import model_workload
+from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
@@ -474,8 +477,6 @@ class SimulationResult:
     shard: ShardResult | None = None
 
     def table(self) -> str:
-        from cimc.report import format_table
-
         d = self.data
         metric = d.get("metric", "accuracy")
         pct = is_percent(metric)
@@ -514,20 +515,6 @@ class SimulationResult:
                  **{k: p[k] for k in ("mean", "std", "min", "max")}}
                 for s in self.data["series"] for p in s["points"]]
         return pd.DataFrame(rows)
-
-    def plot(self, path: Any = None) -> Any:
-        """The drift figure (a matplotlib Figure; also saved to ``path`` if given)."""
-        from cimc.plots import plot_drift
-
-        return plot_drift(self.data, path)
-
-
-def _pandas() -> Any:
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("to_pandas() needs pandas: pip install pandas") from exc
-    return pd
 
 
 def simulate(
@@ -574,8 +561,6 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
     if not 0 <= first < stop <= instances:
         raise InputError(f"instance range {first}..{stop - 1} is not inside 0..{instances - 1}; "
                          f"give 0 <= a < b <= instances")
-    from cimc.validate import samples_per_pass
-
     samples_per_pass(compiled.model, 1, 1)  # instances run one after another: one sample must fit the budget
     return int(first), int(stop), metric
 
@@ -595,8 +580,6 @@ def simulate_shard(
 ) -> ShardResult:
     """Chips ``instance_range`` (default: all ``instances``) of the population: per-instance numbers."""
     first, stop, metric = check_simulation_inputs(compiled, x, y, times_s, instances, instance_range, metric)
-    from cimc.validate import samples_per_pass
-
     # Samples per pass; every instance runs the same batches on its own (so a shard runs the whole run's).
     per_run = samples_per_pass(compiled.model, 1, batch_size)
     started = time.perf_counter()
@@ -760,6 +743,4 @@ def _cost_summary(cost: Any) -> dict[str, Any]:
 def _progress(total: int, enabled: bool, desc: str = "simulating") -> Any:
     if not enabled:
         return None
-    from cimc.report import progress_bar
-
     return progress_bar(total=total, unit="inf", desc=desc)
