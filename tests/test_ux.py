@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +148,47 @@ def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_pat
     with caplog.at_level("WARNING", logger="cimc.export"):
         export_mapping(plain, tmp_path / "plain-bundle")
     assert "not calibrated" in caplog.text
+
+
+def _readme_python_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S)
+    assert match, "README.md has a '## Python API' section with a python block"
+    return match.group(1)
+
+
+def test_readme_python_snippet_runs_as_a_plain_script(tmp_path: Path) -> None:
+    """The README's API snippet, saved as a script without ``if __name__ == "__main__":`` and run with python:
+    ``workers=2`` used to make each spawned worker re-run the script and the parent hang (issue 22)."""
+    model = MatMulMlp()
+    export_onnx(model, torch.randn(1, 20), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    for name, n in (("val", 32), ("test", 24)):
+        x = rng.normal(size=(n, 20)).astype(np.float32)
+        y = model(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)  # the float model's own answers
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    script = tmp_path / "api.py"
+    script.write_text(_readme_python_snippet() + "print('SNIPPET DONE', len(rows))\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SNIPPET DONE 3" in proc.stdout and "bootstrapping phase" not in proc.stderr
+    assert (tmp_path / "build" / "manifest.json").is_file() and (tmp_path / "sweep" / "sweep.csv").is_file()
+
+
+def test_script_defined_payload_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """A plain script whose workers would need something defined in the script itself: one line, no hang."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "from cimc.errors import CimcError\n"
+        "from cimc.parallel import LocalBackend\n"
+        "class Mine:\n    pass\n"
+        "def task(shared, i):\n    return i\n"
+        "try:\n"
+        "    list(LocalBackend(2, threads=1).run(task, [1, 2], shared=Mine()))\n"
+        "except CimcError as exc:\n    print('REFUSED', exc)\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout and "if __name__" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
