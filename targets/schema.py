@@ -40,7 +40,7 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 _MAX_TIME_S = 1.0  # one conversion, pulse or settle
 _MAX_ENERGY_J = 1e-3  # one conversion, op, byte or MVM
 _MAX_POWER_W = 1e3
-_MAX_DIM = 1 << 16  # rows or device columns of one array
+_MAX_DIM = 8192  # rows or device columns of one array (an export writes rows x cols conductances)
 _MAX_COUNT = 1 << 20  # arrays, ADCs, ops per cycle
 
 
