@@ -192,3 +192,83 @@ def test_script_defined_payload_fails_at_once_in_one_line(tmp_path: Path) -> Non
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "REFUSED" in proc.stdout and "if __name__" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ issue 22: small ones
+def test_json_before_the_command_and_refused_where_it_does_not_apply(run_cli, tmp_path: Path) -> None:
+    path = export_onnx(MatMulMlp(), torch.randn(1, 20), tmp_path / "mlp.onnx")
+    res = run_cli("--json", "inspect", path)
+    assert res.code == 0 and json.loads(res.out)["totals"]["analog_nodes"] >= 1
+    res = run_cli("--json", "run", tmp_path / "nothere", "--input", "x.npy", "-o", tmp_path / "y.npy")
+    assert res.code == 2 and res.err.count("\n") == 1 and "--json is not available for 'run'" in res.err
+
+
+def test_missing_compiled_folder_says_no_such_folder(run_cli, tmp_path: Path) -> None:
+    res = run_cli("simulate", tmp_path / "nothere_dir", "--data", "kws-test")
+    assert res.code == 2 and "nothere_dir: no such folder" in res.err and res.err.count("\n") == 1
+
+
+def test_diagnose_takes_threads() -> None:
+    from cimc.cli import build_parser
+
+    args = build_parser().parse_args(["diagnose", "build", "--data", "d.npz", "--threads", "1"])
+    assert args.threads == 1
+
+
+def test_no_negative_zero_in_diagnose_costs() -> None:
+    from cimc.diagnosis import _cost_text
+
+    assert _cost_text("mse", 1e-9) == "+0.0000" and _cost_text("mse", -1e-9) == "+0.0000"
+    assert _cost_text("accuracy", 1e-7) == "+0.00 pts" and _cost_text("accuracy", 0.0123) == "-1.23 pts"
+
+
+def test_progress_bars_of_sweeps_and_shards_do_not_redraw_into_a_log(monkeypatch) -> None:
+    import io
+
+    from cimc.api import _shard_bar
+    from cimc.sweeps import _points_bar
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for bar in (_points_bar(3, 1, True), _shard_bar(3, True)):
+        for _ in range(2):
+            bar.update(1)
+        bar.close()
+    assert "\r" not in log.getvalue()
+
+
+def test_shape_mismatch_names_the_reshape_and_one_hot_labels_are_recognised(mnist_build, tmp_path: Path) -> None:
+    from cimc.errors import DataError
+
+    build, data = mnist_build
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x=data.x[:8].reshape(8, -1), y=data.y[:8])
+    with pytest.raises(DataError, match=r"per sample but the model takes \(1, 28, 28\); the sizes agree: reshape it, "
+                                        r"x = x\.reshape\(len\(x\), 1, 28, 28\)"):
+        cimc.simulate(build, str(flat), drift="1s", instances=1)
+    one_hot = tmp_path / "onehot.npz"
+    np.savez(one_hot, x=data.x[:8], y=np.eye(10, dtype=np.float32)[data.y[:8]])
+    with pytest.raises(DataError, match=r"looks one-hot; store one integer class label per sample: "
+                                        r"y = y\.argmax\(axis=1\)"):
+        load_dataset(str(one_hot))
+
+
+def test_ideal_target_does_not_claim_quantised_converters(tmp_path: Path) -> None:
+    path = export_onnx(MatMulMlp(), torch.randn(1, 20), tmp_path / "mlp.onnx")
+    calib = Dataset(np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32), None, "calib")
+    text = cimc.compile(path, "ideal", calibration=calib, out_dir=tmp_path / "b").summary_table()
+    assert "nothing is quantised" in text and "quantised twin" not in text
+    text = cimc.compile(path, "aon-cim", calibration=calib, out_dir=tmp_path / "c").summary_table()
+    assert "converters calibrated (DAC 8 bits, ADC 8 bits; model.qdq.onnx is the quantised twin)" in text
+
+
+def test_demo_promises_no_duration(monkeypatch, tmp_path: Path) -> None:
+    import cimc.demo as demo
+
+    said: list[str] = []
+    monkeypatch.setattr(demo, "_say", said.append)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("mine")
+    with pytest.raises(cimc.CimcError):
+        demo.run_demo(tmp_path / "x", progress=False)  # refused after its first line
+    assert said and " min " not in said[0] and "--instances 2" in said[0]
