@@ -139,7 +139,7 @@ def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_pat
     build, _ = mnist_build
     res = run_cli("export", build, "-o", tmp_path / "bundle", "-q")
     assert res.code == 0 and res.out == ""
-    res = run_cli("verify", tmp_path / "bundle", "--json")
+    res = run_cli("verify", tmp_path / "bundle", "--json", "--model", build)  # not beside it: named
     doc = json.loads(res.out)
     assert res.code == 0 and doc["ok"] is True and doc["problems"] == [] and doc["layers_checked"] >= 1
     plain = cimc.compile(builtin.mnist_model(), "aon-cim", out_dir=tmp_path / "plain")
