@@ -37,7 +37,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-__all__ = ["CASE_FIELDS", "TargetCase", "run_case", "target_overrides", "main"]
+__all__ = ["CASE_FIELDS", "TUPLE_FIELDS", "TargetCase", "main", "run_case", "target_overrides"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +81,28 @@ def _schema_fields() -> dict[str, tuple[float | None, float | None, bool]]:
     return fields
 
 
+def _tuple_fields() -> dict[str, tuple[float, float, int]]:
+    """Dotted path → (low, high, length) of the device's coefficient and clip-range tuples."""
+    from cimc.targets import PcmIbmDevice
+    from cimc.targets.schema import _DEVICE_BOUNDS
+
+    return {f"device.{name}": (*_DEVICE_BOUNDS[name], len(info.default)) for name, info in
+            PcmIbmDevice.model_fields.items() if name in _DEVICE_BOUNDS and isinstance(info.default, tuple)}
+
+
+TUPLE_FIELDS = _tuple_fields()
+
+
 CASE_FIELDS = _schema_fields()
 
 
 def _values(path: str) -> st.SearchStrategy[Any]:
     """Boundary and hostile values for one field, plus values inside its range."""
+    if path in TUPLE_FIELDS:
+        lo_t, hi_t, length = TUPLE_FIELDS[path]
+        entry = st.one_of(st.sampled_from([lo_t, hi_t, 0.0, -1e308, math.nan, math.inf, hi_t * 2 + 1]),
+                          st.floats(lo_t, hi_t, allow_nan=False))
+        return st.one_of(st.lists(entry, min_size=length, max_size=length), st.lists(entry, max_size=length + 1))
     low, high, is_int = CASE_FIELDS[path]
     lo = low if low is not None else -1e6
     hi = high if high is not None else 1e6
@@ -104,7 +121,8 @@ def _values(path: str) -> st.SearchStrategy[Any]:
 def target_overrides(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     """A preset and a few field → value overrides (dotted paths)."""
     base = draw(st.sampled_from(PRESETS))
-    paths = draw(st.lists(st.sampled_from(sorted(CASE_FIELDS)), min_size=1, max_size=4, unique=True))
+    paths = draw(st.lists(st.sampled_from(sorted([*CASE_FIELDS, *TUPLE_FIELDS])), min_size=1, max_size=4,
+                          unique=True))
     return base, {p: draw(_values(p)) for p in paths}
 
 

@@ -38,8 +38,8 @@ from cimc.errors import InputError
 __all__ = [
     "FILE_MARK",
     "KINDS",
-    "OutputKind",
     "TMP_PREFIX",
+    "OutputKind",
     "check_output_dir",
     "check_output_file",
     "clean_stale_temporaries",

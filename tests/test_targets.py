@@ -199,8 +199,8 @@ def test_targets_show_keeps_preset_comments(run_cli, tmp_path):
 
 # ------------------------------------------------------------------------------------------ issue 22: hostile targets
 @pytest.mark.parametrize(("section", "field", "value", "message"), [
-    ("converters", "adc_bits", 1, r"converters\.adc_bits: Input should be greater than or equal to 2; a converter has "
-                                  r"2 to 16 bits, or 0 / null for no quantisation"),
+    ("converters", "adc_bits", 1, (r"converters\.adc_bits: Input should be greater than or equal to 2; a converter "
+                                   r"has 2 to 16 bits, or 0 / null for no quantisation")),
     ("converters", "dac_bits", 1, r"converters\.dac_bits: Input should be greater than or equal to 2"),
     ("converters", "output_noise", 1e308, r"converters\.output_noise: Input should be less than or equal to 100"),
     ("converters", "adc_energy_ref_j", float("inf"), r"converters\.adc_energy_ref_j: Input should be a finite number"),

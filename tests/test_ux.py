@@ -152,7 +152,7 @@ def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_pat
 
 def _readme_python_snippet() -> str:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    match = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S)
+    match = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.DOTALL)
     assert match, "README.md has a '## Python API' section with a python block"
     return match.group(1)
 
@@ -263,7 +263,7 @@ def test_ideal_target_does_not_claim_quantised_converters(tmp_path: Path) -> Non
 
 
 def test_demo_promises_no_duration(monkeypatch, tmp_path: Path) -> None:
-    import cimc.demo as demo
+    from cimc import demo
 
     said: list[str] = []
     monkeypatch.setattr(demo, "_say", said.append)
