@@ -306,9 +306,9 @@ def _simulate_shard_task(shared: dict[str, Any], instance_range: tuple[int, int]
 def _shard_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, unit="shard", desc="simulating", leave=False, dynamic_ncols=True)
+    return progress_bar(total, "simulating", unit="shard")  # redraws only on a terminal
 
 
 def run(
@@ -322,6 +322,7 @@ def run(
     seed: int = 0,
     ideal: bool = False,
     all_outputs: bool = False,
+    force: bool = False,
 ) -> Any:
     """Raw outputs of the compiled model on one chip instance at ``time`` after programming.
 
@@ -329,7 +330,8 @@ def run(
     file with one array per input name; first axis = samples. ``instance`` picks one of ``instances`` chips
     drawn with ``seed`` (the same devices ``simulate`` draws). Returns the first output as an array, or with
     ``all_outputs`` a ``{output name: array}`` dict. ``output``: ``.npy`` (the first output; several outputs
-    need ``.npz``) or ``.npz`` (every output, by name), written atomically.
+    need ``.npz``) or ``.npz`` (every output, by name), written atomically and marked as cimc's (an existing
+    file cimc did not write is replaced only with ``force``: :func:`cimc.outputs.check_output_file`).
     """
     import torch
 
@@ -348,7 +350,7 @@ def run(
     if out_path is not None:
         from cimc.outputs import check_output_file
 
-        check_output_file(out_path, out_path.suffix, [compiled, inputs])
+        check_output_file(out_path, out_path.suffix, [compiled, inputs], force=force)
     arrays = _read_inputs(inputs, c.model)
     in_axes = [axis if shape else None for _, shape, _, axis in _input_specs(c.model)]  # None: a scalar input
     n = instances or instance + 1
@@ -405,14 +407,17 @@ def run(
     if out_path is not None:
         import io
 
+        from cimc.outputs import mark_npy, mark_npz
         from cimc.report import write_bytes_atomic
 
         buf = io.BytesIO()
         if out_path.suffix == ".npz":
             np.savez(buf, **named)
+            data = mark_npz(buf.getvalue())
         else:
             np.save(buf, results[0])
-        write_bytes_atomic(out_path, buf.getvalue())
+            data = mark_npy(buf.getvalue())
+        write_bytes_atomic(out_path, data)
     return named if all_outputs else results[0]
 
 
@@ -427,11 +432,13 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
     output: str | os.PathLike[str] | None = None,
+    force: bool = False,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Noise-aware fine-tuning; returns ``(model, history)`` and writes ``output`` (.onnx, atomically) if given.
 
     See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
+    An existing ``output`` that cimc did not write (no ``cimc.finetune`` metadata) is replaced only with ``force``.
     """
     from cimc.outputs import check_output_file
     from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
@@ -439,11 +446,11 @@ def finetune(
 
     sources = [model, train, val]
     if output is not None:  # refuse a bad -o before the training, not after it
-        check_output_file(output, ".onnx", sources)
+        check_output_file(output, ".onnx", sources, force=force)
     tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
                                   seed=seed, progress=progress, **options)
     if output is not None:
-        save_finetuned(tuned, output, sources)
+        save_finetuned(tuned, output, sources, force=force)
     return tuned, history
 
 

@@ -208,8 +208,16 @@ class CompiledModel:
         calibrated = any("cimc.quant" in n.metadata_props for n in self.model.graph)
         digital = json.loads(self.model.metadata_props.get("cimc.digital", "[]"))
         notes = [f"batch dimension fixed at {batch} (model.onnx, model.qdq.onnx and the schedule)"]
-        notes.append("converters calibrated (model.qdq.onnx is the quantised twin)" if calibrated else
-                     "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        conv = self.target.converters
+        if not calibrated:
+            notes.append("converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        elif conv.dac_bits is None and conv.adc_bits is None:  # e.g. the ideal target: nothing to quantise
+            notes.append("converters off on this target (dac_bits and adc_bits null): nothing is quantised, "
+                         "model.qdq.onnx computes the float model")
+        else:
+            bits = ", ".join(f"{name} {b} bits" if b else f"{name} off" for name, b in
+                             (("DAC", conv.dac_bits), ("ADC", conv.adc_bits)))
+            notes.append(f"converters calibrated ({bits}; model.qdq.onnx is the quantised twin)")
         if digital:
             notes.append(f"kept digital: {', '.join(digital)}")
         return "; ".join(notes)
@@ -249,6 +257,9 @@ class CompiledModel:
         p = Path(path)
         folder = p.parent if p.suffix == ".onnx" else p
         manifest_path = folder / "manifest.json"
+        if not p.exists():
+            raise InputError(f"{p}: no such folder; give the compiled-model directory 'cimc compile MODEL.onnx -o DIR' "
+                             "wrote")
         if not folder.is_dir() or not manifest_path.is_file():
             raise InputError(
                 f"{p}: not a compiled-model directory (no manifest.json); run 'cimc compile MODEL.onnx -o DIR' first"

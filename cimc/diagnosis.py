@@ -383,7 +383,7 @@ def diagnose(
     (labels optional: without them the metric is cosine agreement with the float model). ``time``: when after
     programming (e.g. "24h"). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
     """
-    from cimc.data import Dataset, load_dataset
+    from cimc.data import Dataset, load_dataset, reshape_hint
     from cimc.runtime.metrics import LABEL_METRICS, check_labels, check_metric, default_metric, higher_is_better
     from cimc.runtime.simulator import _progress, format_duration, run_outputs
 
@@ -402,7 +402,8 @@ def diagnose(
         raise DataError("no samples to diagnose on; give data with at least one sample")
     expected = tuple(c.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     metric = metric or default_metric(y)
     check_metric(metric, y)
     calibrated = any("cimc.quant" in n.metadata_props for n in c.analog_nodes())
@@ -506,6 +507,7 @@ def _json_db(v: float) -> float | None:
 def _cost_text(metric: str, cost: float) -> str:
     from cimc.runtime.metrics import is_percent
 
+    # Rounded first, then + 0.0: a loss that rounds to nothing prints +0.0000, not -0.0000.
     if is_percent(metric):
-        return f"{-100 * cost:+.2f} pts"
-    return f"{-cost:+.4f}"
+        return f"{round(-100 * cost, 2) + 0.0:+.2f} pts"
+    return f"{round(-cost, 4) + 0.0:+.4f}"

@@ -237,7 +237,8 @@ def mapping_schema() -> dict[str, Any]:
             "compiled_dir": {"type": ["string", "null"]},
             "compiled_model_sha256": {"oneOf": [_SHA, {"type": "null"}]},
             "pipeline": {"type": "string"},
-        }
+        },
+        optional=("compiled_dir",),  # written by cimc <= 0.2.0 only: a path means nothing once a bundle is shipped
     )
     root = _obj(
         {

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from cimc.console import format_table, progress_bar
+from cimc.data import reshape_hint
 from cimc.errors import DataError, InputError, ModelError
 from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
@@ -552,7 +553,8 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     for t in times_s:
         check_time(t)
     if isinstance(instances, bool) or int(instances) != instances or instances < 1:
