@@ -38,12 +38,12 @@ import onnx_ir as ir
 
 from cimc.errors import InputError
 from cimc.ir import is_analog, weight_value
+from cimc.runtime.workload import REPLICA_KEY
 
 __all__ = ["MAX_REPLICAS", "REPLICA_KEY", "REPLICATION_KEY", "replicate_layers", "replication_of"]
 
 logger = logging.getLogger(__name__)
 
-REPLICA_KEY = "cimc.replica"
 REPLICATION_KEY = "cimc.replication"
 MAX_REPLICAS = 64  # far beyond what pays (√r): a larger r is a typo
 

@@ -24,11 +24,13 @@ import onnx_ir as ir
 from cimc.ir import is_analog, layer_of, node_attrs, placements_of, static_shape, to_networkx
 from cimc.runtime.cost import AnalogLayerWork, DigitalOpWork, TileShape, Workload
 
-__all__ = ["activation_bytes", "build_workload", "digital_ops", "execution_order", "model_execution",
+__all__ = ["REPLICA_KEY", "activation_bytes", "build_workload", "digital_ops", "execution_order", "model_execution",
            "model_workload"]
 
 logger = logging.getLogger(__name__)
 
+REPLICA_KEY = "cimc.replica"  # node metadata of weight replication (cimc.passes.replicate): {"of", "index", "count"}
+_MATRIX_OPS = {"MatMul", "Gemm", "Conv", "Einsum", "ConvTranspose"}  # their digital ops are 2 x MACs
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "Split", "Slice",
           "Gather", "Expand", "Tile", "Pad", "Cast", "Shape", "GatherElements", "GatherND", "DepthToSpace",
           "SpaceToDepth", "Trilu", "OneHot", "Size", "Range", "ConstantOfShape", "EyeLike", "CastLike"}
@@ -110,11 +112,14 @@ def build_workload(order: list[ir.Node], name: str = "", execution: str | None =
         if is_analog(node) and "cimc.matrix" in node.metadata_props:
             m = json.loads(node.metadata_props["cimc.matrix"])
             tiles = tuple(TileShape(t["rows"], t["cols"], t["array"]) for t in placements_of(node))
+            replica = json.loads(node.metadata_props.get(REPLICA_KEY) or "{}")
             layers.append(AnalogLayerWork(node.name, m["rows"], m["cols"] * m["groups"], m["mvms"], tiles,
-                                          layer=layer_of(node)))
+                                          layer=layer_of(node), replicas=int(replica.get("count", 1))))
         else:
             ins = sum(_numel(v) for v in node.inputs if v is not None and not v.is_initializer())
-            layers.append(DigitalOpWork(node.name, node.op_type, _numel(node.outputs[0]), digital_ops(node), ins))
+            ops = digital_ops(node)
+            macs = ops // 2 if node.op_type in _MATRIX_OPS else 0
+            layers.append(DigitalOpWork(node.name, node.op_type, _numel(node.outputs[0]), ops, ins, macs))
     return Workload(tuple(layers), name=name, execution=execution)
 
 
