@@ -67,8 +67,13 @@ def digital_ops(node: ir.Node) -> int:
         return out * math.prod(node_attrs(node).get("kernel_shape", [1]))
     if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax"):
         return _numel(node.inputs[0])
-    if node.op_type in ("MatMul", "Gemm", "Conv"):  # activation × activation products stay digital
-        k = (static_shape(node.inputs[0]) or (1,))[-1]
+    if node.op_type == "Conv":  # a convolution kept digital: C_in/groups · kernel MACs per output
+        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        return 2 * out * math.prod(w[1:]) if w else 0
+    if node.op_type in ("MatMul", "Gemm"):  # activation × activation products stay digital
+        a = static_shape(node.inputs[0]) or (1,)
+        trans_a = node.op_type == "Gemm" and node_attrs(node).get("transA", 0)
+        k = a[0] if trans_a and len(a) == 2 else a[-1]
         return 2 * out * k
     if node.op_type == "Einsum":  # a multiply and an add for every point of the joint index space
         return 2 * _einsum_points(node)
