@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +96,21 @@ def simulate(
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
-    metric: str | None = None,
+    metric: str | Callable[..., float] | None = None,
     instance_range: tuple[int, int] | None = None,
     workers: int | None = None,
     ray: str | None = None,
+    yield_target: float | str | None = None,
 ) -> Any:
     """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
     ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name; ``y`` is optional.
-    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: accuracy, top5, cosine, mse,
-    snr or relerr (see :mod:`cimc.runtime.metrics`; default accuracy with labels, cosine agreement with the
-    float model without). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written there.
+    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: a name (accuracy, top5, auc,
+    detect@0.5, cosine, mse, snr, relerr, module:function), a :class:`cimc.runtime.metrics.Metric` or a
+    ``callable(outputs, labels_or_reference) -> float`` (see :mod:`cimc.runtime.metrics`; the default fits the
+    data and the output). ``yield_target``: also report the share of chip instances meeting this value (metric
+    units; "90%" for shares). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written
+    there.
 
     ``instance_range=(a, b)``: only chips a..b-1 of the ``instances`` (merge shards with
     :func:`cimc.runtime.simulator.merge_results`). ``workers=N`` splits the instances over N local processes,
@@ -132,7 +136,7 @@ def simulate(
     if workers is None and ray is None:
         result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
                                 compare_gdc=compare_gdc, progress=progress, metric=metric,
-                                instance_range=instance_range)
+                                instance_range=instance_range, yield_target=yield_target)
     else:
         from cimc.parallel import get_backend, split_range
 
@@ -151,7 +155,7 @@ def simulate(
                     bar.update(1)
             if bar is not None:
                 bar.close()
-        result = merge_results(c, shards)
+        result = merge_results(c, shards, yield_target=yield_target)
         result.timings["wall_time_s"] = _time.perf_counter() - started
         result.timings["shards"] = len(ranges)
     result.data["data"] = ds.name

@@ -241,6 +241,11 @@ def _add_compile(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulate / run
+_METRIC_HELP = ("end metric: {names}; topK; auc or auc[COLUMN] and detect@THRESHOLD or detect@T[COLUMN] (labels "
+                "needed; a one-value output is the score, positives labelled 1); or module:function, a Python "
+                "function(outputs, labels or float outputs) -> float. Default: accuracy with labels (auc for a "
+                "one-value output); without labels cosine to the float model, snr for outputs of 8 values or fewer")
+
 def _add_backend_options(p: Any, what: str) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, metavar="N",
@@ -260,7 +265,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
-        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray,
+        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray, yield_target=args.yield_target,
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -279,9 +284,10 @@ def _add_simulate(sub: Any) -> None:
                    "name (kws-test)")
     p.add_argument("--drift", default="1s,1h,24h,30d,1y",
                    help=f"comma-separated times after programming (default 1s,1h,24h,30d,1y); {DURATION_HELP}")
-    p.add_argument("--metric", choices=METRICS,
-                   help="accuracy/top5 need labels; cosine, mse, snr, relerr compare with the float model's outputs "
-                   "(default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
+    p.add_argument("--yield-target", metavar="VALUE",
+                   help="also report the chip yield: the share of chip instances whose metric meets VALUE (in the "
+                   "metric's units; 0.9 or 90%% for shares) at each time")
     p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
@@ -299,6 +305,7 @@ def _add_simulate(sub: Any) -> None:
 def _diagnose(args: argparse.Namespace) -> int:
     from cimc.diagnosis import diagnose
 
+    _threads(args)
     out = args.output or str(Path(args.compiled) / "diagnose")
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
                       samples=args.samples, batch_size=args.batch_size, metric=args.metric,
@@ -320,10 +327,13 @@ def _add_diagnose(sub: Any) -> None:
     p.add_argument("--data", required=True, help=".npz with x (and optionally y), or a builtin name (kws-test)")
     p.add_argument("--time", default="24h", help=f"time after programming to diagnose at (default 24h); {DURATION_HELP}")
     p.add_argument("--instances", type=int, default=5, help="chip instances (Monte Carlo draws, default 5)")
-    p.add_argument("--metric", choices=METRICS, help="end metric (default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
     p.add_argument("--samples", type=int, default=512, help="use the first N samples (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    p.add_argument("--no-try", dest="try_advice", action="store_false",
+                   help="do not try the advice on the simulator (no measured gains; faster)")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
     _add_force(p)
     _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
