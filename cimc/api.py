@@ -20,7 +20,7 @@ import onnx_ir as ir
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
 
-__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "run", "load_compiled", "finetune"]
+__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "harden", "run", "load_compiled", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,40 @@ def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
     from cimc.diagnosis import diagnose as run_diagnosis
 
     return run_diagnosis(compiled, data, **options)
+
+
+def harden(
+    compiled: Any,
+    data: Any,
+    *,
+    time: str | float = "24h",
+    goal: float | None = None,
+    drop: float | str | None = None,
+    metric: str | Callable[..., float] | None = None,
+    instances: int = 5,
+    seed: int = 0,
+    samples: int | None = None,
+    batch_size: int = 64,
+    calibration: Any = None,
+    training: Any = None,
+    validation: Any = None,
+    finetune_method: str | None = None,
+    max_rounds: int = 3,
+    max_trials: int = 10,
+    min_gain: float = 0.0,
+    progress: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Any:
+    """Try mitigations on the simulator until the compiled model meets ``goal`` (or loses at most ``drop``
+    against the float model) at ``time``; see :func:`cimc.harden.harden`. Returns a
+    :class:`cimc.harden.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
+    from cimc.harden import harden as run_harden
+
+    return run_harden(compiled, data, time=time, goal=goal, drop=drop, metric=metric, instances=instances, seed=seed,
+                      samples=samples, batch_size=batch_size, calibration=calibration, training=training,
+                      validation=validation, finetune_method=finetune_method, max_rounds=max_rounds,
+                      max_trials=max_trials, min_gain=min_gain, progress=progress, out_dir=out_dir, force=force)
 
 
 def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:

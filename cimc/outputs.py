@@ -77,6 +77,10 @@ KINDS: dict[str, OutputKind] = {
         "diagnosis folder", "diagnose.json", "cimc-diagnose/", (r"diagnose\.json", r"diagnose\.png", r"timings\.json"),
     ),
     "demo": OutputKind("demo folder", "manifest.json", "cimc-demo/", (r"manifest\.json",)),
+    "harden": OutputKind(
+        "hardening folder", "harden.json", "cimc-harden/",
+        (r"harden\.json", r"harden\.png", r"harden\.txt", r"timings\.json"),
+    ),
 }
 
 

@@ -47,15 +47,38 @@ import torch
 
 from cimc.errors import DataError, InputError
 
-__all__ = ["LABEL_METRICS", "METRICS", "LOW_DIMENSIONAL", "Auc", "Detection", "FunctionMetric", "Metric",
-           "MetricAccumulator", "SumMetric", "TopK", "check_labels", "check_metric", "check_yield_target", "chip_yield",
-           "default_metric", "format_score", "get_metric", "higher_is_better", "is_percent", "metric_name",
-           "needs_labels", "output_size", "per_class_accuracy", "register_metric", "roc_auc"]
+__all__ = [
+    "LABEL_METRICS",
+    "LOW_DIMENSIONAL",
+    "METRICS",
+    "Auc",
+    "Detection",
+    "FunctionMetric",
+    "Metric",
+    "MetricAccumulator",
+    "SumMetric",
+    "TopK",
+    "check_labels",
+    "check_metric",
+    "check_yield_target",
+    "chip_yield",
+    "default_metric",
+    "format_score",
+    "get_metric",
+    "higher_is_better",
+    "is_percent",
+    "metric_name",
+    "needs_labels",
+    "output_size",
+    "per_class_accuracy",
+    "register_metric",
+    "roc_auc",
+]
 
 logger = logging.getLogger(__name__)
 
-from cimc.data import check_labels  # noqa: E402  (re-exported: one label check for every data path)
-from cimc.vocabulary import LABEL_METRICS, METRICS  # noqa: E402  (the CLI reads them without torch)
+from cimc.data import check_labels
+from cimc.vocabulary import LABEL_METRICS, METRICS
 
 # An output with at most this many values per sample gets an error metric by default, not cosine: the cosine
 # of one sigmoid output is always 1, and of two or three values nearly so.
@@ -279,7 +302,7 @@ class FunctionMetric(Metric):
         for parts in state["out"]:
             try:
                 v = float(self.fn(np.concatenate(parts), second))
-            except Exception as exc:  # a user's function: say whose it is, in one line
+            except Exception as exc:  # noqa: BLE001 - a user's function: say whose it is, in one line
                 raise InputError(f"metric {self.name} failed: {type(exc).__name__}: {exc}") from None
             out.append(v)
         return np.asarray(out, dtype=np.float64)
