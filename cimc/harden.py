@@ -163,6 +163,8 @@ def harden(
         from cimc.outputs import check_output_dir
 
         check_output_dir(out_dir, "compiled", inputs, force=force)
+    if goal is not None and drop is not None:
+        raise InputError("give --goal or --drop, not both")
     if instances < 1:
         raise InputError(f"--instances must be at least 1 (got {instances})")
     if max_rounds < 1:
