@@ -14,8 +14,15 @@ from torch import nn
 import cimc
 from cimc.data import Dataset
 from cimc.errors import DataError, InputError
-from cimc.runtime.metrics import (MetricAccumulator, check_yield_target, chip_yield, default_metric, format_score,
-                                  get_metric, roc_auc)
+from cimc.runtime.metrics import (
+    MetricAccumulator,
+    check_yield_target,
+    chip_yield,
+    default_metric,
+    format_score,
+    get_metric,
+    roc_auc,
+)
 from tests.models import export_onnx
 
 # Two chip instances, four samples, one score per sample.
