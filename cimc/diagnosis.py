@@ -531,6 +531,7 @@ def diagnose(
         "data": ds.name,
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
+        "percent": is_percent(metric),
         "float_metric": float_metric,
         "chip_metric": chip_metric,
         "converters_modelled": calibrated,

@@ -187,7 +187,7 @@ def harden(
 
     first = evaluate(c)
     goal_value = _goal_value(metric_id, first.float_score, goal, drop_value)
-    steps: list[dict[str, Any]] = [_step(0, 0, "as compiled", "", first, True, None)]
+    steps: list[dict[str, Any]] = [_step(0, 0, "as compiled", "", first, True, None, kind="start")]
     state = _State(c, c, Decisions(), first)
     stopped = ""
     for round_no in range(1, max_rounds + 1):
@@ -253,9 +253,9 @@ class _State:
 
 
 def _step(number: int, round_no: int, change: str, why: str, m: Any, kept: bool, gain: float | None,
-          error: str | None = None) -> dict[str, Any]:
-    return {"step": number, "round": round_no, "change": change, "why": why, "kept": kept, "gain": gain,
-            "measurement": None if m is None else m.to_dict(), "error": error}
+          error: str | None = None, kind: str = "", layer: str = "") -> dict[str, Any]:
+    return {"step": number, "round": round_no, "kind": kind, "layer": layer, "change": change, "why": why,
+            "kept": kept, "gain": gain, "measurement": None if m is None else m.to_dict(), "error": error}
 
 
 def _round(state: _State, round_no: int, steps: list[dict[str, Any]], x: np.ndarray, y: np.ndarray | None,
@@ -288,10 +288,12 @@ def _round(state: _State, round_no: int, steps: list[dict[str, Any]], x: np.ndar
     for t in trials:
         number = len(steps)
         if t.get("gain") is None:
-            steps.append(_step(number, round_no, t["text"], t["why"], None, False, None, t.get("error")))
+            steps.append(_step(number, round_no, t["text"], t["why"], None, False, None, t.get("error"),
+                               t["kind"], t["layer"]))
             continue
         if t["gain"] <= min_gain:  # ranked by gain: the rest did not help alone either
-            steps.append(_step(number, round_no, t["text"], t["why"], t["_measurement"], False, t["gain"]))
+            steps.append(_step(number, round_no, t["text"], t["why"], t["_measurement"], False, t["gain"],
+                               kind=t["kind"], layer=t["layer"]))
             continue
         if _met(state.best.value, goal, higher):
             break
@@ -303,11 +305,12 @@ def _round(state: _State, round_no: int, steps: list[dict[str, Any]], x: np.ndar
                 variant = build(root, decisions, calib, source=state.source, seed=seed)
                 m = evaluate(variant)
             except InputError as exc:
-                steps.append(_step(number, round_no, t["text"], t["why"], None, False, None, str(exc)))
+                steps.append(_step(number, round_no, t["text"], t["why"], None, False, None, str(exc), t["kind"],
+                                   t["layer"]))
                 continue
         gain = sign * (m.value - state.best.value)
         keep = gain > min_gain
-        steps.append(_step(number, round_no, t["text"], t["why"], m, keep, gain))
+        steps.append(_step(number, round_no, t["text"], t["why"], m, keep, gain, kind=t["kind"], layer=t["layer"]))
         if keep:
             state.compiled, state.decisions, state.best = variant, decisions, m
             state.kept.append(t["text"])
@@ -331,11 +334,11 @@ def _finetune_step(state: _State, steps: list[dict[str, Any]], training: Any, va
         variant = build(root, state.decisions, calib, source=tuned, seed=seed)
         m = evaluate(variant)
     except InputError as exc:
-        steps.append(_step(number, 0, change, "training data given", None, False, None, str(exc)))
+        steps.append(_step(number, 0, change, "training data given", None, False, None, str(exc), "finetune"))
         return
     gain = (1.0 if higher else -1.0) * (m.value - state.best.value)
     keep = gain > min_gain
-    steps.append(_step(number, 0, change, "training data given", m, keep, gain))
+    steps.append(_step(number, 0, change, "training data given", m, keep, gain, kind="finetune"))
     if keep:
         state.compiled, state.best, state.source = variant, m, tuned
         state.kept.append(change)
@@ -404,7 +407,8 @@ def plot_harden(data: dict[str, Any], path: Any = None) -> Any:
     ax_e.set_ylabel("energy, uJ", color="tab:orange", fontsize=9)
     ax_l.set_ylabel("latency, ms", color="tab:purple", fontsize=9)
     ax_e.set_xticks(xs)
-    ax_e.set_xticklabels([_short(s["change"]) for s in steps], rotation=35, ha="right", fontsize=7)
+    ax_e.set_xticklabels([_short(f"{s['step']}: {s['kind']} {s['layer']}".strip()) for s in steps], rotation=35,
+                         ha="right", fontsize=7)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110, metadata={"Software": None})
