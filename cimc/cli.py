@@ -262,6 +262,11 @@ def _add_compile(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulate / run
+_METRIC_HELP = ("end metric: {names}; topK; auc or auc[COLUMN] and detect@THRESHOLD or detect@T[COLUMN] (labels "
+                "needed; a one-value output is the score, positives labelled 1); or module:function, a Python "
+                "function(outputs, labels or float outputs) -> float. Default: accuracy with labels (auc for a "
+                "one-value output); without labels cosine to the float model, snr for outputs of 8 values or fewer")
+
 def _add_backend_options(p: Any, what: str) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, metavar="N",
@@ -281,7 +286,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
-        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray,
+        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray, yield_target=args.yield_target,
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -300,9 +305,10 @@ def _add_simulate(sub: Any) -> None:
                    "name (kws-test)")
     p.add_argument("--drift", default="1s,1h,24h,30d,1y",
                    help=f"comma-separated times after programming (default 1s,1h,24h,30d,1y); {DURATION_HELP}")
-    p.add_argument("--metric", choices=METRICS,
-                   help="accuracy/top5 need labels; cosine, mse, snr, relerr compare with the float model's outputs "
-                   "(default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
+    p.add_argument("--yield-target", metavar="VALUE",
+                   help="also report the chip yield: the share of chip instances whose metric meets VALUE (in the "
+                   "metric's units; 0.9 or 90%% for shares) at each time")
     p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
@@ -324,7 +330,8 @@ def _diagnose(args: argparse.Namespace) -> int:
     out = args.output or str(Path(args.compiled) / "diagnose")
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
                       samples=args.samples, batch_size=args.batch_size, metric=args.metric,
-                      progress=_progress_enabled(args), out_dir=out, force=args.force)
+                      progress=_progress_enabled(args), out_dir=out, force=args.force, try_advice=args.try_advice,
+                      calibration=args.calib)
     if args.json:
         _print_json({**result.data, "output": out})
     elif not args.quiet:
@@ -342,14 +349,74 @@ def _add_diagnose(sub: Any) -> None:
     p.add_argument("--data", required=True, help=".npz with x (and optionally y), or a builtin name (kws-test)")
     p.add_argument("--time", default="24h", help=f"time after programming to diagnose at (default 24h); {DURATION_HELP}")
     p.add_argument("--instances", type=int, default=5, help="chip instances (Monte Carlo draws, default 5)")
-    p.add_argument("--metric", choices=METRICS, help="end metric (default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
     p.add_argument("--samples", type=int, default=512, help="use the first N samples (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    p.add_argument("--calib", help="calibration data for the advice that maps the model again (default: --data)")
+    p.add_argument("--no-try", dest="try_advice", action="store_false",
+                   help="do not try the advice on the simulator (no measured gains; faster)")
     _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
     _add_force(p)
     _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
+
+
+# ------------------------------------------------------------------------------------------ harden
+@command("harden")
+def _harden(args: argparse.Namespace) -> int:
+    import cimc.api as api
+
+    _threads(args)
+    goal = None if args.goal is None else _goal_number(args.goal)
+    result = api.harden(args.compiled, args.data, time=args.time, goal=goal, drop=args.drop, metric=args.metric,
+                        instances=args.instances, seed=args.seed, samples=args.samples, batch_size=args.batch_size,
+                        calibration=args.calib, training=args.finetune, validation=args.val,
+                        finetune_method=args.method, max_rounds=args.rounds, progress=_progress_enabled(args),
+                        out_dir=args.output, force=args.force)
+    if args.json:
+        _print_json({**result.data, "output": args.output})
+    elif not args.quiet:
+        print(result.table())
+        print(f"\nwrote {args.output}/ (the hardened compiled model) and {args.output}/harden/ (harden.json, "
+              "harden.png, harden.txt)")
+    return 0
+
+
+def _goal_number(text: str) -> float:
+    """``--goal``: a number in the metric's units, or a percentage ("97%" = 0.97)."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise InputError(f"--goal {text!r} is not a number; write e.g. 0.97 or 97%") from None
+
+
+def _add_harden(sub: Any) -> None:
+    from cimc.vocabulary import DURATION_HELP, METRICS
+
+    p = sub.add_parser("harden", help="try mitigations on the simulator (digital layers, converter ranges, per-column "
+                       "scales, drift compensation, replication, fine-tuning) until the model meets a goal")
+    p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
+    p.add_argument("--data", required=True, help=".npz with x (and optionally y) the metric is measured on")
+    p.add_argument("--time", default="24h", help=f"time after programming to harden for (default 24h); {DURATION_HELP}")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--goal", help="metric value to reach, e.g. 0.97 or 97%% (default: improve until nothing helps)")
+    goal.add_argument("--drop", help="or the most the chip may lose against the float model, e.g. 1%% (= 0.01)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
+    p.add_argument("--instances", type=int, default=5, help="chip instances each step is measured on (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same steps")
+    p.add_argument("--samples", type=int, help="use only the first N samples of --data")
+    p.add_argument("--calib", help="calibration data for steps that map the model again (default: --data)")
+    p.add_argument("--finetune", metavar="TRAIN", help="training data: noise-aware fine-tuning is the last step")
+    p.add_argument("--val", help="validation data for the fine-tuning")
+    p.add_argument("--method", help="fine-tuning method (default: the fine-tuner's; see cimc finetune --help)")
+    p.add_argument("--rounds", type=int, default=3, help="diagnose-and-try rounds at most (default 3)")
+    _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    _add_threads_option(p)
+    p.add_argument("-o", "--output", required=True, help="directory for the hardened compiled model")
+    _add_force(p)
+    _add_output_flags(p, json_help="print harden.json's content as one JSON document")
 
 
 @command("run")
@@ -552,6 +619,7 @@ def _add_finetune(sub: Any) -> None:
 
 _PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_sweep, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
 _PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_simulate) + 1, _add_diagnose)
+_PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_diagnose) + 1, _add_harden)
 
 
 def build_parser() -> argparse.ArgumentParser:

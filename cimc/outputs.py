@@ -96,6 +96,10 @@ KINDS: dict[str, OutputKind] = {
     "sweep": OutputKind(
         "sweep folder", "sweep.json", "cimc-sweep/", (r"sweep\.json", r"sweep\.csv", r"pareto\.png"),
     ),
+    "harden": OutputKind(
+        "hardening folder", "harden.json", "cimc-harden/",
+        (r"harden\.json", r"harden\.png", r"harden\.txt", r"timings\.json"),
+    ),
 }
 
 

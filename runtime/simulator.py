@@ -51,8 +51,9 @@ from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, laye
 from cimc.runtime.cost import SYSTEM_OPS_DEFINITION, LayerActivity, estimate_cost, explain_measured
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
-from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
-                                  format_score, higher_is_better, is_percent, per_class_accuracy)
+from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_target, chip_yield, default_metric,
+                                  format_score, get_metric, higher_is_better, is_percent, metric_name, needs_labels,
+                                  output_size, per_class_accuracy)
 from cimc.runtime.workload import model_workload
 from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
@@ -123,6 +124,7 @@ class Chip:
         self.device = build_device(device)
         self.gdc_mode = getattr(device, "gdc", "none")
         self.gdc_readout = getattr(device, "gdc_readout", "probe")
+        self.gdc_gain = float(getattr(device, "gdc_gain", 1.0))
         self.layer = {name: (self.plans[name].layer or name) for name in self.steps}  # use → block
         with torch.no_grad():
             self.ideal: dict[str, torch.Tensor] = {}  # block → [G, K, N], from its first use
@@ -192,6 +194,8 @@ class Chip:
                 # instance's factor must not depend on how many instances share the batch.
                 state.gdc[name] = torch.cat([gdc_factor(ref[i : i + 1], cur[i : i + 1], per_column=per_column)
                                              for i in range(self.instances)])
+                if self.gdc_gain != 1.0:  # shrink towards 1: less noise amplified with the signal
+                    state.gdc[name] = 1.0 + self.gdc_gain * (state.gdc[name] - 1.0)
         return state
 
     def hook(self, state: ChipState) -> Callable[..., torch.Tensor]:
@@ -490,9 +494,14 @@ class SimulationResult:
                 vs = "" if base is None or p["mean"] is None else f"{scale * (p['mean'] - base):+.2f}" if pct else ""
                 rows.append([series["label"], p["label"], *(fmt(p[k]) if p[k] is not None else "inf"
                                                            for k in ("mean", "std", "min")), vs])
+                if "yield" in p:
+                    rows[-1].append(f"{100 * p['yield']:.0f} %")
         unit = " %" if pct else (" dB" if metric == "snr" else "")
-        head = format_table(["drift compensation", "time", f"{metric} mean{unit}", "std", "min", "vs float"], rows,
-                            right=(2, 3, 4, 5))
+        columns = ["drift compensation", "time", f"{metric} mean{unit}", "std", "min", "vs float"]
+        if d.get("yield_target") is not None:
+            columns.append(f"yield ({'>=' if d.get('higher_is_better', True) else '<='} "
+                           f"{format_score(metric, d['yield_target'])})")
+        head = format_table(columns, rows, right=tuple(range(2, len(columns))))
         c = d["cost"]
         if pct:
             baseline = (f"float model: {format_score(metric, d['float_score'])}   quantised, ideal devices: "
@@ -527,8 +536,9 @@ def simulate(
     batch_size: int = 64,
     compare_gdc: bool = True,
     progress: bool = False,
-    metric: str | None = None,
+    metric: str | Any | None = None,
     instance_range: tuple[int, int] | None = None,
+    yield_target: float | str | None = None,
 ) -> SimulationResult:
     """Monte Carlo ``metric`` of ``compiled`` on (x, y) at each time after programming.
 
@@ -541,14 +551,14 @@ def simulate(
     """
     shard = simulate_shard(compiled, x, y, times_s, instances, seed, batch_size, compare_gdc, progress,
                            instance_range, metric=metric)
-    return merge_results(compiled, [shard])
+    return merge_results(compiled, [shard], yield_target=yield_target)
 
 
 def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
                             instances: int, instance_range: tuple[int, int] | None = None,
                             metric: str | None = None) -> tuple[int, int, str]:
     """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
-    metric = metric or default_metric(y)
+    metric = metric_name(metric) or default_metric(y, output_size(compiled.model))
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
@@ -594,9 +604,8 @@ def simulate_shard(
     # The float run first: its outputs are the reference of the agreement metrics and fix the class count.
     reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
     classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1]) if reference else 0
-    if metric in LABEL_METRICS:
-        y = check_labels(y, classes)
-    extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
+    y = get_metric(metric).check_labels(y, classes)
+    extra = ("relerr",) if not needs_labels(metric) and metric != "relerr" else ()
 
     def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick,
                  per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
@@ -653,10 +662,12 @@ def simulate_shard(
     )
 
 
-def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult]) -> SimulationResult:
+def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult],
+                  yield_target: float | str | None = None) -> SimulationResult:
     """One result from shards of the same run (any order): per-instance numbers concatenated in instance
     order, then reduced (mean, std, min, max, per class); the same bytes as computing every instance in one
-    process."""
+    process. With ``yield_target`` (in the metric's units; "90%" for shares) each point also carries the chip
+    yield: the share of instances that meet it."""
     parts = sorted((s.shard if isinstance(s, SimulationResult) else s for s in shards),  # type: ignore[misc]
                    key=lambda r: r.instance_range[0])
     if not parts or any(p is None for p in parts):
@@ -684,6 +695,7 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         baselines=head.baselines, samples=head.samples, wall_time_s=max(p.wall_time_s for p in parts),
     )
     metric = merged.metric
+    target_value = check_yield_target(metric, yield_target)
     series = []
     for mode in merged.modes:
         points = []
@@ -691,6 +703,8 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
             acc = np.asarray(per_instance, dtype=np.float64)
             point = {"label": format_duration(t), "t_s": t, "mean": _finite(acc.mean()), "std": _finite(acc.std()),
                      "min": _finite(acc.min()), "max": _finite(acc.max()), "per_instance": [_finite(a) for a in acc]}
+            if target_value is not None:
+                point["yield"] = chip_yield(acc, target_value, higher_is_better(metric))
             if merged.class_correct and merged.class_total is not None:
                 point["per_class"] = per_class_accuracy(np.asarray(merged.class_correct[mode][i], dtype=np.float64),
                                                         np.asarray(merged.class_total, dtype=np.float64))
@@ -714,9 +728,12 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         "samples": merged.samples,
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
-        "float_score": b["float_score"] if metric in LABEL_METRICS else None,
+        "float_score": b["float_score"] if needs_labels(metric) else None,
         "quantized_score": b["quantized_score"],
+        "percent": is_percent(metric),
     }
+    if target_value is not None:
+        data["yield_target"] = target_value
     if (first, stop) != (0, merged.population):
         data["instance_range"] = [first, stop]
     if metric == "accuracy":  # the names every earlier results.json used
