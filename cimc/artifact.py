@@ -105,6 +105,10 @@ class CompiledModel:
             "pipeline": self.pipeline,
             "ops_definition": cost["ops_definition"],
             "tops_per_w": cost["tops_per_w"],
+            "analog_tops_per_w": cost["tops_per_w"],
+            "system_tops_per_w": cost["system_tops_per_w"],
+            "system_ops_definition": cost["system_ops_definition"],
+            "model_macs": cost["model_macs"],
             "tops": cost["tops"],
             "energy_per_inference_j": cost["total_energy_j"],
             "energy_breakdown_j": cost["energy_j"],
@@ -120,6 +124,7 @@ class CompiledModel:
             "crossbar_layers": mapping.get("layers", len(self.analog_nodes())),
             "analog_uses": mapping.get("analog_nodes", len(self.analog_nodes())),
             "shared_weights": mapping.get("shared_weights", {}),
+            "replication": mapping.get("replication", {}),
             "sram_peak_bytes": self.schedule.get("sram_peak_bytes"),
             "execution": self.cost.execution,
             "execution_requested": mapping.get("execution_requested", self.target.execution),
@@ -193,12 +198,16 @@ class CompiledModel:
                 f"{mode}{' (chosen)' if mode == r['execution'] else ''}: {ch['arrays_used']} cores, latency "
                 f"{human(ch['latency_s'], 's')}, {ch['inferences_per_s']:.4g} inferences/s"
                 for mode, ch in sorted(choices.items())))
+        digital_macs = r["model_macs"] - sum(
+            c.model_macs for c in self.cost.layers if c.kind == "analog")
+        moved = f", {digital_macs:,} of the model's MACs on the digital unit" if digital_macs else ""
         return (
             f"{table}\n\n" + "\n".join(lines) + "\n"
-            f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
-            f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
-            f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
-            f"(ops = 2 x analog MACs)\n{self._notes()}"
+            f"per inference: energy {human(r['energy_per_inference_j'], 'J')} ({parts}), latency "
+            f"{human(r['latency_s'], 's')}; {r['macs']:,} analog MACs{moved}\n"
+            f"throughput {r['inferences_per_s']:.4g} inferences/s; system efficiency {r['system_tops_per_w']:.3g} "
+            f"TOPS/W (the model's ops, analog and digital, over all energy); analog {r['tops_per_w']:.3g} TOPS/W "
+            f"(ops = 2 x analog MACs, the figure papers quote)\n{self._notes()}"
         )
 
     def _notes(self) -> str:
@@ -208,10 +217,22 @@ class CompiledModel:
         calibrated = any("cimc.quant" in n.metadata_props for n in self.model.graph)
         digital = json.loads(self.model.metadata_props.get("cimc.digital", "[]"))
         notes = [f"batch dimension fixed at {batch} (model.onnx, model.qdq.onnx and the schedule)"]
-        notes.append("converters calibrated (model.qdq.onnx is the quantised twin)" if calibrated else
-                     "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        conv = self.target.converters
+        if not calibrated:
+            notes.append("converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        elif conv.dac_bits is None and conv.adc_bits is None:  # e.g. the ideal target: nothing to quantise
+            notes.append("converters off on this target (dac_bits and adc_bits null): nothing is quantised, "
+                         "model.qdq.onnx computes the float model")
+        else:
+            bits = ", ".join(f"{name} {b} bits" if b else f"{name} off" for name, b in
+                             (("DAC", conv.dac_bits), ("ADC", conv.adc_bits)))
+            notes.append(f"converters calibrated ({bits}; model.qdq.onnx is the quantised twin)")
         if digital:
             notes.append(f"kept digital: {', '.join(digital)}")
+        replication = self.mapping.get("replication") or {}
+        if replication:
+            notes.append("replicated (copies averaged on the digital unit): "
+                         + ", ".join(f"{name} x{r}" for name, r in replication.items()))
         return "; ".join(notes)
 
     # ------------------------------------------------------------------------------------ save/load
@@ -249,6 +270,9 @@ class CompiledModel:
         p = Path(path)
         folder = p.parent if p.suffix == ".onnx" else p
         manifest_path = folder / "manifest.json"
+        if not p.exists():
+            raise InputError(f"{p}: no such folder; give the compiled-model directory 'cimc compile MODEL.onnx -o DIR' "
+                             "wrote")
         if not folder.is_dir() or not manifest_path.is_file():
             raise InputError(
                 f"{p}: not a compiled-model directory (no manifest.json); run 'cimc compile MODEL.onnx -o DIR' first"

@@ -119,7 +119,7 @@ def plot_drift(results: dict[str, Any], path: str | os.PathLike[str] | None = No
     the quantised twin as horizontal lines. Accuracies use a fixed span (float − 30 … float + 2 points,
     widened only to show every band) so a small drop looks small."""
     metric = results.get("metric", "accuracy")
-    pct = metric in ("accuracy", "top5")
+    pct = results.get("percent", metric in ("accuracy", "top5"))  # detect@T is a share too
     scale = 100.0 if pct else 1.0
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     lows: list[float] = []
@@ -202,7 +202,7 @@ def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = No
                   "hatched bar at the right edge: no error from that cause; dashed line: 20 dB", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     metric = data["metric"]
-    pct = metric in ("accuracy", "top5")
+    pct = data.get("percent", metric in ("accuracy", "top5"))
     costs = [(100 if pct else 1) * l["cost"] for l in layers]
     ax2.barh(range(n), costs, color=["#bb5566" if c > 0 else "#999999" for c in costs], height=0.6)
     ax2.axvline(0, color="black", linewidth=0.8)

@@ -34,6 +34,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from cimc.data import reshape_hint
 from cimc.errors import DataError, InputError, ModelError
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.analog import LayerPlan, QuantSpec, analog_mvm, dac, layer_plans, levels, probe_response
@@ -238,6 +239,7 @@ class QuantizePass(CimcPass):
             raise DataError(
                 f"calibration inputs have shape {tuple(data.x.shape[1:])} per sample but the model's input "
                 f"'{model.graph.inputs[0].name}' takes {expected}; pass data made for this model"
+                f"{reshape_hint(tuple(data.x.shape[1:]), expected)}"
             )
         specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile, self.clip,
                           parse_window(self.drift_window))

@@ -155,6 +155,12 @@ class PcmIbmDevice(DeviceParamsBase):
     weight_scale: Literal["layer", "column"] = Field(
         "layer", description="Granularity at which max|W| maps to g_max (HARDWARE.md: mapping, per layer)"
     )
+    gdc_gain: float = Field(
+        1.0, ge=0, le=1,
+        description="Share of the measured drift-compensation factor that is applied: factor' = 1 + gdc_gain x "
+        "(factor - 1). 1 = the exact factor (default); below 1 the factor is pulled towards 1, which amplifies the "
+        "output and read noise less than the exact factor does (docs/hardening.md)",
+    )
 
 
 @register_device("ideal")
