@@ -96,6 +96,10 @@ class CompiledModel:
             "pipeline": self.pipeline,
             "ops_definition": cost["ops_definition"],
             "tops_per_w": cost["tops_per_w"],
+            "analog_tops_per_w": cost["tops_per_w"],
+            "system_tops_per_w": cost["system_tops_per_w"],
+            "system_ops_definition": cost["system_ops_definition"],
+            "model_macs": cost["model_macs"],
             "tops": cost["tops"],
             "energy_per_inference_j": cost["total_energy_j"],
             "energy_breakdown_j": cost["energy_j"],
@@ -111,6 +115,7 @@ class CompiledModel:
             "crossbar_layers": mapping.get("layers", len(self.analog_nodes())),
             "analog_uses": mapping.get("analog_nodes", len(self.analog_nodes())),
             "shared_weights": mapping.get("shared_weights", {}),
+            "replication": mapping.get("replication", {}),
             "sram_peak_bytes": self.schedule.get("sram_peak_bytes"),
             "execution": self.cost.execution,
             "execution_requested": mapping.get("execution_requested", self.target.execution),
@@ -188,12 +193,16 @@ class CompiledModel:
                 f"{mode}{' (chosen)' if mode == r['execution'] else ''}: {ch['arrays_used']} cores, latency "
                 f"{human(ch['latency_s'], 's')}, {ch['inferences_per_s']:.4g} inferences/s"
                 for mode, ch in sorted(choices.items())))
+        digital_macs = r["model_macs"] - sum(
+            c.model_macs for c in self.cost.layers if c.kind == "analog")
+        moved = f", {digital_macs:,} of the model's MACs on the digital unit" if digital_macs else ""
         return (
             f"{table}\n\n" + "\n".join(lines) + "\n"
-            f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
-            f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
-            f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
-            f"(ops = 2 x analog MACs)\n{self._notes()}"
+            f"per inference: energy {human(r['energy_per_inference_j'], 'J')} ({parts}), latency "
+            f"{human(r['latency_s'], 's')}; {r['macs']:,} analog MACs{moved}\n"
+            f"throughput {r['inferences_per_s']:.4g} inferences/s; system efficiency {r['system_tops_per_w']:.3g} "
+            f"TOPS/W (the model's ops, analog and digital, over all energy); analog {r['tops_per_w']:.3g} TOPS/W "
+            f"(ops = 2 x analog MACs, the figure papers quote)\n{self._notes()}"
         )
 
     def _notes(self) -> str:
@@ -207,6 +216,10 @@ class CompiledModel:
                      "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
         if digital:
             notes.append(f"kept digital: {', '.join(digital)}")
+        replication = self.mapping.get("replication") or {}
+        if replication:
+            notes.append("replicated (copies averaged on the digital unit): "
+                         + ", ".join(f"{name} x{r}" for name, r in replication.items()))
         return "; ".join(notes)
 
     # ------------------------------------------------------------------------------------ save/load

@@ -204,7 +204,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays,
         batch=args.batch_size, seed=args.seed, progress=_progress_enabled(args), out_dir=out, force=args.force,
-        digital=args.digital or (), **_fixed_inputs(args),
+        digital=args.digital or (), replicate=_replicas(args.replicate), **_fixed_inputs(args),
     )
     files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
     if args.json:
@@ -217,6 +217,19 @@ def _compile(args: argparse.Namespace) -> int:
             print("note: compiled without --calib: the DAC/ADC converters are not modelled (ideal); add --calib "
                   "DATA.npz to calibrate them", file=sys.stderr)
     return 0
+
+
+def _replicas(items: list[str] | None) -> dict[str, int]:
+    """``--replicate LAYER=R`` options as ``{layer: r}`` (one-line error for a malformed one)."""
+    out: dict[str, int] = {}
+    for item in items or ():
+        name, sep, count = item.rpartition("=")
+        if not sep or not name or not count.strip().isdigit():
+            raise InputError(f"--replicate {item}: write LAYER=R with an integer R, e.g. --replicate conv1=4")
+        if name in out:
+            raise InputError(f"--replicate {name} is given twice; give each layer once")
+        out[name] = int(count)
+    return out
 
 
 def _add_compile(sub: Any) -> None:
@@ -233,6 +246,9 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("--digital", action="append", metavar="LAYER",
                    help="keep this analog layer off the crossbar (float, on the digital unit); repeatable; "
                    "'cimc diagnose' says which layers to keep digital")
+    p.add_argument("--replicate", action="append", metavar="LAYER=R",
+                   help="map this analog layer R times on independent devices and average the R results "
+                   "digitally (noise falls about sqrt(R); R x its crossbar space, MVMs and energy); repeatable")
     _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")

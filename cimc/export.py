@@ -48,6 +48,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import FitError, InputError
 from cimc.ir import analog_matrix, constant_array, node_attrs, static_shape, weight_to_matrix
 from cimc.mapping_schema import MAPPING_FORMAT, MAPPING_FORMAT_VERSION, mapping_schema
+from cimc.passes.replicate import REPLICA_KEY, REPLICATION_KEY
 from cimc.report import write_json_atomic
 
 __all__ = [
@@ -320,6 +321,9 @@ def _export_layer(compiled: CompiledModel, users: list[ir.Node], layer_id: int) 
         "schedule": first["schedule"],
         "users": user_entries,
     }
+    if node.metadata_props.get(REPLICA_KEY):  # one of r independently programmed copies of a layer
+        replica = json.loads(node.metadata_props[REPLICA_KEY])
+        entry["replica"] = {"of": replica["of"], "index": replica["index"], "count": replica["count"]}
     return _Exported(entry, np.clip(g, 0, None), np.clip(-g, 0, None), biases, probe)
 
 
@@ -481,6 +485,9 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
                 compiled, {u["node"]: lay.entry["id"] for lay in layers for u in lay.entry["users"]}
             ),
         }
+        replication = json.loads(compiled.model.metadata_props.get(REPLICATION_KEY, "{}"))
+        if replication:
+            manifest["replication"] = replication
         write_json_atomic(tmp / "manifest.json", manifest)
     logger.info("exported %d layer(s) on %d crossbar(s) to %s", len(layers), len(arrays), out)
     return out

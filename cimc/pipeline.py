@@ -48,6 +48,7 @@ class CompileContext:
     seed: int = 0
     progress: bool = True
     digital: tuple[str, ...] = ()  # analog layers the user keeps off the crossbar (--digital NAME)
+    replicate: dict[str, int] = field(default_factory=dict)  # layer -> replicas (--replicate NAME=R)
     results: dict[str, Any] = field(default_factory=dict)  # what passes report (packing, cost, ...)
 
 

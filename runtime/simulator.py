@@ -45,7 +45,7 @@ import torch
 
 from cimc.errors import DataError, InputError, ModelError
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
-from cimc.runtime.cost import LayerActivity, estimate_cost
+from cimc.runtime.cost import SYSTEM_OPS_DEFINITION, LayerActivity, estimate_cost, explain_measured
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_target, chip_yield, default_metric,
@@ -510,10 +510,9 @@ class SimulationResult:
         return (
             f"{head}\n\n{baseline}   ({d['samples']} samples, {d['instances']} instances, seed {d['seed']}, "
             f"target {d['target']})\n"
-            f"cost counted on this data: {c['measured']['tops_per_w']:.3g} TOPS/W, "
-            f"{c['measured']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['measured']['latency_s'] * 1e3:.3g} ms per inference "
-            f"(compile's static estimate: {c['static']['tops_per_w']:.3g} TOPS/W, "
-            f"{c['static']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['static']['latency_s'] * 1e3:.3g} ms)"
+            f"cost counted on this data, per inference: {_cost_line(c['measured'])}\n"
+            f"compile's static estimate: {_cost_line(c['static'])}"
+            + (f"\nwhy they differ: {c['why_measured_differs']}" if c.get("why_measured_differs") else "")
         )
 
     def to_pandas(self) -> Any:
@@ -733,6 +732,7 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
                 for name, rows in merged.activity.items()}
     workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
+    why = explain_measured(compiled.target, compiled.cost, counted, measured)
     b = merged.baselines
     data: dict[str, Any] = {
         "format": "cimc-simulation/1",
@@ -763,15 +763,26 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         "series": series,
         "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
                  "activity": {k: vars(v) for k, v in measured.items()},
-                 "ops_definition": "2 x MACs executed in the analog arrays"},
+                 "why_measured_differs": why,
+                 "ops_definition": "2 x MACs executed in the analog arrays",
+                 "system_ops_definition": SYSTEM_OPS_DEFINITION},
     })
     timings = {"format": "cimc-timings/1", "wall_time_s": merged.wall_time_s}
     return SimulationResult(data, timings, merged)
 
 
 def _cost_summary(cost: Any) -> dict[str, Any]:
-    return {"tops_per_w": cost.tops_per_w, "energy_per_inference_j": cost.total_energy_j, "latency_s": cost.latency_s,
+    return {"energy_per_inference_j": cost.total_energy_j, "latency_s": cost.latency_s,
+            "system_tops_per_w": cost.system_tops_per_w, "tops_per_w": cost.tops_per_w,
             "cycles": cost.cycles, "inferences_per_s": cost.inferences_per_s, "energy_breakdown_j": cost.energy_j}
+
+
+def _cost_line(c: dict[str, Any]) -> str:
+    """Energy per inference and latency first, then the system and the analog efficiency."""
+    system = c.get("system_tops_per_w")
+    head = (f"{c['energy_per_inference_j'] * 1e6:.3g} uJ, {c['latency_s'] * 1e3:.3g} ms"
+            + (f", system {system:.3g} TOPS/W" if system is not None else ""))
+    return f"{head}, analog {c['tops_per_w']:.3g} TOPS/W"
 
 
 def _progress(total: int, enabled: bool, desc: str = "simulating") -> Any:

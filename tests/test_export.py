@@ -333,7 +333,7 @@ def test_shared_weight_exported_once_with_every_user(shared_bundle: tuple[Path, 
     report = verify_bundle(bundle)
     assert report.ok, report.problems
     manifest = _manifest(bundle)
-    assert manifest["format_version"] == "1.1"
+    assert manifest["format_version"] == "1.2"
     layers = {lay["name"]: lay for lay in manifest["layers"]}
     assert sorted(layers) == ["W", "gemm_alpha", "matmul"] and report.layers_checked == 3
     shared = layers["W"]
