@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,9 +150,14 @@ def _snr_all(layer: dict[str, Any]) -> float:
     return math.inf if v is None else float(v)
 
 
+_REPLICA = re.compile(r"(.*)/rep[0-9]+")
+
+
 def _weak_layers(data: dict[str, Any], limit: int = 2) -> list[dict[str, Any]]:
-    """The layers worth a layer-level change: few rows, below 0 dB, or the most costly (ranked first)."""
-    layers = data["layers"]
+    """The layers worth a layer-level change: few rows, below 0 dB, or the most costly (ranked first).
+    Replica copies (``N/rep<i>``, made by an earlier replication) are not layers of the model harden starts
+    from: they are left alone."""
+    layers = [l for l in data["layers"] if not _REPLICA.fullmatch(l["name"])]
     picked = [l for l in layers if _few_rows(l) or _snr_all(l) < 0.0]
     for l in layers[:limit]:
         if l not in picked and (l["cost"] > data.get("cost_warn", 0.0) or _snr_all(l) < LOW_SNR_DB):
