@@ -17,8 +17,10 @@ import numpy as np
 
 import onnx_ir as ir
 
+from cimc.artifact import load_compiled  # re-exported: the API's way to open a compiled model
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
+from cimc.vocabulary import parse_times  # re-exported
 
 __all__ = ["load", "inspect", "compile", "simulate", "diagnose", "harden", "run", "load_compiled", "finetune"]
 
@@ -74,13 +76,6 @@ def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: A
     from cimc.compiler import compile_model
 
     return compile_model(model, target, **options)
-
-
-def load_compiled(path: Any) -> Any:
-    """A :class:`cimc.artifact.CompiledModel` from a directory (or the object itself)."""
-    from cimc.artifact import CompiledModel
-
-    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)
 
 
 def simulate(
@@ -298,14 +293,6 @@ def harden(
                       max_trials=max_trials, min_gain=min_gain, progress=progress, out_dir=out_dir, force=force)
 
 
-def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
-    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
-    from cimc.runtime.simulator import check_time, parse_duration
-
-    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
-    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
-
-
 def compiled_payload(compiled: Any) -> dict[str, Any]:
     """What a worker needs to rebuild a compiled model: ONNX bytes (placement and quantisation are in its
     metadata), the resolved target as data, and a key naming both (workers cache by it)."""
@@ -357,9 +344,9 @@ def _simulate_shard_task(shared: dict[str, Any], instance_range: tuple[int, int]
 def _shard_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, unit="shard", desc="simulating", leave=False, dynamic_ncols=True)
+    return progress_bar(total, "simulating", unit="shard")  # redraws only on a terminal
 
 
 def run(
@@ -373,6 +360,7 @@ def run(
     seed: int = 0,
     ideal: bool = False,
     all_outputs: bool = False,
+    force: bool = False,
 ) -> Any:
     """Raw outputs of the compiled model on one chip instance at ``time`` after programming.
 
@@ -380,7 +368,8 @@ def run(
     file with one array per input name; first axis = samples. ``instance`` picks one of ``instances`` chips
     drawn with ``seed`` (the same devices ``simulate`` draws). Returns the first output as an array, or with
     ``all_outputs`` a ``{output name: array}`` dict. ``output``: ``.npy`` (the first output; several outputs
-    need ``.npz``) or ``.npz`` (every output, by name), written atomically.
+    need ``.npz``) or ``.npz`` (every output, by name), written atomically and marked as cimc's (an existing
+    file cimc did not write is replaced only with ``force``: :func:`cimc.outputs.check_output_file`).
     """
     import torch
 
@@ -399,7 +388,7 @@ def run(
     if out_path is not None:
         from cimc.outputs import check_output_file
 
-        check_output_file(out_path, out_path.suffix, [compiled, inputs])
+        check_output_file(out_path, out_path.suffix, [compiled, inputs], force=force)
     arrays = _read_inputs(inputs, c.model)
     in_axes = [axis if shape else None for _, shape, _, axis in _input_specs(c.model)]  # None: a scalar input
     n = instances or instance + 1
@@ -456,14 +445,17 @@ def run(
     if out_path is not None:
         import io
 
+        from cimc.outputs import mark_npy, mark_npz
         from cimc.report import write_bytes_atomic
 
         buf = io.BytesIO()
         if out_path.suffix == ".npz":
             np.savez(buf, **named)
+            data = mark_npz(buf.getvalue())
         else:
             np.save(buf, results[0])
-        write_bytes_atomic(out_path, buf.getvalue())
+            data = mark_npy(buf.getvalue())
+        write_bytes_atomic(out_path, data)
     return named if all_outputs else results[0]
 
 
@@ -478,11 +470,13 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
     output: str | os.PathLike[str] | None = None,
+    force: bool = False,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Noise-aware fine-tuning; returns ``(model, history)`` and writes ``output`` (.onnx, atomically) if given.
 
     See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
+    An existing ``output`` that cimc did not write (no ``cimc.finetune`` metadata) is replaced only with ``force``.
     """
     from cimc.outputs import check_output_file
     from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
@@ -490,11 +484,11 @@ def finetune(
 
     sources = [model, train, val]
     if output is not None:  # refuse a bad -o before the training, not after it
-        check_output_file(output, ".onnx", sources)
+        check_output_file(output, ".onnx", sources, force=force)
     tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
                                   seed=seed, progress=progress, **options)
     if output is not None:
-        save_finetuned(tuned, output, sources)
+        save_finetuned(tuned, output, sources, force=force)
     return tuned, history
 
 

@@ -186,6 +186,11 @@ def _add_force(p: Any) -> None:
                         "kept; never an input or the current folder)")
 
 
+def _add_file_force(p: Any) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing -o file that cimc did not write (never an input)")
+
+
 def _add_target_options(p: Any) -> None:
     p.add_argument("--target", "-t", default="aon-cim", help="target preset name or YAML file (default aon-cim)")
     p.add_argument("--dac-bits", type=int, help="override the target's DAC (input) bits; 0 = no quantisation")
@@ -421,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     outs = api.run(args.compiled, args.input, None if to_stdout else args.output, time=args.time,
                    instance=args.instance, instances=args.instances, seed=args.seed, ideal=args.ideal,
-                   all_outputs=True)
+                   all_outputs=True, force=args.force)
     if to_stdout:  # binary on stdout, for a pipe: .npy for one output, .npz for several
         import io
 
@@ -455,6 +460,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
+    _add_file_force(p)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -466,7 +472,7 @@ def _sweep(args: argparse.Namespace) -> int:
         args.model, args.target, vary=args.vary or [], grid=args.grid, calib=args.calib, data=args.data,
         drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples, batch_size=args.batch_size,
         finetune=args.finetune, pareto_time=args.pareto_time, out_dir=args.output, workers=args.workers,
-        ray=args.ray, progress=_progress_enabled(args),
+        ray=args.ray, progress=_progress_enabled(args), force=args.force,
     )
     print(rows.table(color=sw.color_allowed(sys.stdout)))
     print(f"\nwrote {args.output}/ (sweep.csv, sweep.json, pareto.png, points/)")
@@ -492,6 +498,7 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--pareto-time", default="24h", help="time whose accuracy the Pareto front uses (default 24h)")
     _add_backend_options(p, "points")
     p.add_argument("-o", "--output", required=True, help="output folder (resumable: finished points are kept)")
+    _add_force(p)
     _add_output_flags(p)
 
 
@@ -571,7 +578,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from cimc.outputs import check_output_file
 
     sources = [args.model, args.data, args.val]
-    check_output_file(args.output, ".onnx", sources)  # before the training, not after it
+    check_output_file(args.output, ".onnx", sources, force=args.force)  # before the training, not after it
     # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
     # machine no longer calls for one thread.
     _threads(args)
@@ -580,7 +587,7 @@ def _finetune(args: argparse.Namespace) -> int:
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
         progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
-    save_finetuned(model, args.output, sources)
+    save_finetuned(model, args.output, sources, force=args.force)
     first, best = history["history"][0], history["history"][history["best_epoch"]]
     print(f"method {history['method']}: noisy validation accuracy ({history['validation']}) "
           f"{100 * first['val_noisy_acc']:.2f} % -> {100 * best['val_noisy_acc']:.2f} % (epoch {history['best_epoch']}), "
@@ -606,6 +613,7 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
     _add_threads_option(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    _add_file_force(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
@@ -627,14 +635,23 @@ def build_parser() -> argparse.ArgumentParser:
     budget_help = ("largest tensor or data array cimc will hold, e.g. 8G (default 4G, or CIMC_MEMORY_BUDGET); "
                    "bigger ones are refused before they are allocated")
     parser.add_argument("--memory-budget", metavar="SIZE", help=budget_help)
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document on stdout (compile, simulate, diagnose, verify, inspect)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_BUILDERS:
         add(sub)
-    for subparser in sub.choices.values():  # also accepted after the command name
+    for name, subparser in sub.choices.items():  # also accepted after the command name
         _add_common(subparser)
         subparser.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
+        json_flag = subparser._option_string_actions.get("--json")
+        if json_flag is not None:  # keep a --json given before the command (the subparser's default would reset it)
+            json_flag.default = argparse.SUPPRESS
+            _JSON_COMMANDS.add(name)
     return parser
 
+
+# Commands that take --json (filled by build_parser).
+_JSON_COMMANDS: set[str] = set()
 
 # Commands that load neither onnxruntime nor torch (so they start in a fraction of a second).
 _LIGHT_COMMANDS = frozenset({"targets"})
@@ -679,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("cimc: error: give a command, e.g. 'cimc demo' or 'cimc compile MODEL.onnx'; 'cimc --help' lists "
               "them", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and args.command not in _JSON_COMMANDS:
+        print(f"cimc {args.command}: error: --json is not available for '{args.command}'; it works with "
+              f"{', '.join(sorted(_JSON_COMMANDS))}", file=sys.stderr)
         return 2
     _STDOUT[0] = sys.stdout
     redirect = None

@@ -40,23 +40,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.artifact import load_compiled
 from cimc.errors import DataError, InputError
+from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS
+from cimc.vocabulary import CAUSES, LOW_SNR_DB, parse_times
 
 __all__ = ["CAUSES", "DiagnoseResult", "diagnose"]
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dac", "adc", "output", "programming", "drift", "read")
-_CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "output": "output (periphery) noise",
-                 "programming": "programming noise",
-                 "drift": "drift (compensated)", "read": "read noise", "all": "all together"}
 # Device noise sources as target fields: a cause keeps its own scale and zeroes the others.
 _DEVICE_SCALES = {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}
 # Advice thresholds (explained in docs/diagnose.md).
 CLIP_WARN = 0.01  # more than 1 % of conversions at full scale: the ADC range is too small
 LEVELS_WARN = 0.10  # fewer than 10 % of the ADC's levels used: the range is too large
 LOW_K_ROWS = 32  # a depthwise layer with this few rows sums too few products to average noise out
-LOW_SNR_DB = 20.0
 SNR_GOOD_DB = 40.0  # the reference of the snr metric's costs (the float model's own SNR is infinite)
 
 
@@ -434,8 +432,7 @@ def diagnose(
     gain they gave (``tried``); variants that map the model again are calibrated on ``calibration`` (default:
     ``data``). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
     """
-    from cimc.api import load_compiled, parse_times
-    from cimc.data import Dataset, load_dataset
+    from cimc.data import Dataset, load_dataset, reshape_hint
     from cimc.runtime.metrics import (
         check_metric,
         default_metric,
@@ -462,7 +459,8 @@ def diagnose(
         raise DataError("no samples to diagnose on; give data with at least one sample")
     expected = tuple(c.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     metric = metric_name(metric) or default_metric(y, output_size(c.model))
     check_metric(metric, y)
     calibrated = any("cimc.quant" in n.metadata_props for n in c.analog_nodes())
@@ -641,6 +639,7 @@ def _cost_text(metric: str, cost: float) -> str:
 
     if get_metric(metric).unit == "dB":
         return f"{SNR_GOOD_DB - cost:.1f} dB"
+    # Rounded first, then + 0.0: a loss that rounds to nothing prints +0.0000, not -0.0000.
     if is_percent(metric):
-        return f"{-100 * cost:+.2f} pts"
-    return f"{-cost:+.4f}"
+        return f"{round(-100 * cost, 2) + 0.0:+.2f} pts"
+    return f"{round(-cost, 4) + 0.0:+.4f}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cimc.targets import target_json_schema
+
 __all__ = ["MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "mapping_schema"]
 
 MAPPING_FORMAT = "cimc-mapping"
@@ -214,8 +216,6 @@ def _schedule() -> dict[str, Any]:
 
 def mapping_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) that every ``manifest.json`` of format version 1 validates against."""
-    from cimc.targets import target_json_schema
-
     target = target_json_schema()
     defs = dict(target.pop("$defs", {}))
     target.pop("$schema", None)
@@ -245,7 +245,8 @@ def mapping_schema() -> dict[str, Any]:
             "compiled_dir": {"type": ["string", "null"]},
             "compiled_model_sha256": {"oneOf": [_SHA, {"type": "null"}]},
             "pipeline": {"type": "string"},
-        }
+        },
+        optional=("compiled_dir",),  # written by cimc <= 0.2.0 only: a path means nothing once a bundle is shipped
     )
     root = _obj(
         {

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from cimc.console import progress_bar
 from cimc.errors import CimcError, InputError
 
 __all__ = [
@@ -151,8 +152,6 @@ def run_pipeline(model: ir.Model, passes: list[CimcPass]) -> ir.Model:
     show = bool(passes) and passes[0].ctx.progress
     bar = None
     if show:
-        from cimc.report import progress_bar
-
         bar = progress_bar(total=len(passes), desc="compiling", unit="pass")
     try:
         for p in passes:

@@ -14,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS  # noqa: E402
+from cimc.vocabulary import CAUSES, LOW_SNR_DB  # noqa: E402
+
 __all__ = ["plot_diagnose", "plot_drift", "plot_occupancy"]
 
 _MAX_ARRAYS_DRAWN = 64
@@ -172,8 +175,6 @@ _CAUSE_COLOURS = {"dac": "#4477aa", "adc": "#66ccee", "output": "#aa3377", "prog
 def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = None) -> Any:
     """Per-layer SNR by cause (grouped horizontal bars, layers top to bottom in execution order, ``all``
     as a black diamond) beside the end-metric cost of running only that layer analog."""
-    from cimc.diagnosis import CAUSES, LOW_SNR_DB, _CAUSE_LABELS
-
     layers = sorted(data["layers"], key=lambda l: l.get("order", 0))
     n = len(layers)
     finite = [v for l in layers for v in l["snr_db"].values() if v is not None]

@@ -43,7 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.console import format_table, progress_bar
+from cimc.data import reshape_hint
 from cimc.errors import DataError, InputError, ModelError
+from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
 from cimc.runtime.cost import SYSTEM_OPS_DEFINITION, LayerActivity, estimate_cost, explain_measured
 from cimc.runtime.devices import build_device, gdc_factor
@@ -52,6 +55,7 @@ from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_t
                                   format_score, get_metric, higher_is_better, is_percent, metric_name, needs_labels,
                                   output_size, per_class_accuracy)
 from cimc.runtime.workload import model_workload
+from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
@@ -478,8 +482,6 @@ class SimulationResult:
     shard: ShardResult | None = None
 
     def table(self) -> str:
-        from cimc.report import format_table
-
         d = self.data
         metric = d.get("metric", "accuracy")
         pct = is_percent(metric)
@@ -523,20 +525,6 @@ class SimulationResult:
                 for s in self.data["series"] for p in s["points"]]
         return pd.DataFrame(rows)
 
-    def plot(self, path: Any = None) -> Any:
-        """The drift figure (a matplotlib Figure; also saved to ``path`` if given)."""
-        from cimc.plots import plot_drift
-
-        return plot_drift(self.data, path)
-
-
-def _pandas() -> Any:
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("to_pandas() needs pandas: pip install pandas") from exc
-    return pd
-
 
 def simulate(
     compiled: Any,
@@ -574,7 +562,8 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     for t in times_s:
         check_time(t)
     if isinstance(instances, bool) or int(instances) != instances or instances < 1:
@@ -583,8 +572,6 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
     if not 0 <= first < stop <= instances:
         raise InputError(f"instance range {first}..{stop - 1} is not inside 0..{instances - 1}; "
                          f"give 0 <= a < b <= instances")
-    from cimc.validate import samples_per_pass
-
     samples_per_pass(compiled.model, 1, 1)  # instances run one after another: one sample must fit the budget
     return int(first), int(stop), metric
 
@@ -604,8 +591,6 @@ def simulate_shard(
 ) -> ShardResult:
     """Chips ``instance_range`` (default: all ``instances``) of the population: per-instance numbers."""
     first, stop, metric = check_simulation_inputs(compiled, x, y, times_s, instances, instance_range, metric)
-    from cimc.validate import samples_per_pass
-
     # Samples per pass; every instance runs the same batches on its own (so a shard runs the whole run's).
     per_run = samples_per_pass(compiled.model, 1, batch_size)
     started = time.perf_counter()
@@ -788,6 +773,4 @@ def _cost_line(c: dict[str, Any]) -> str:
 def _progress(total: int, enabled: bool, desc: str = "simulating") -> Any:
     if not enabled:
         return None
-    from cimc.report import progress_bar
-
     return progress_bar(total=total, unit="inf", desc=desc)

@@ -1,15 +1,14 @@
-"""Device models of a target: parameter sets keyed by the ``model:`` discriminator.
+"""Device parameters of a target: parameter sets keyed by the ``model:`` discriminator.
 
 A target file says ``device: {model: pcm-ibm, g_max_us: 25.0}``. The ``model`` value selects a registered
-parameter class; users add their own with :func:`register_device` without editing cimc::
+parameter class (frozen, validated numbers). These classes are the ``Params`` of the device models in
+:mod:`cimc.runtime.devices`, which add the behaviour (program, drift, read); the built-in ones are defined here so
+that reading a target needs no torch.
 
-    @register_device("my-rram")
-    class MyRram(DeviceParamsBase):
-        model: Literal["my-rram"] = "my-rram"
-        g_max_us: float = Field(100.0, gt=0, description="assumed: ...")
-
-These classes only hold numbers (frozen, validated). The torch implementation of programming noise, drift
-and read noise lives in ``cimc.runtime`` and reads the field names defined here.
+To add a device model, write one :class:`cimc.runtime.devices.DeviceModel` subclass with a nested ``Params``
+class and decorate it with ``register_device_model("my-rram")``: that one registration also registers its
+``Params`` here (see :mod:`cimc.runtime.devices`). :func:`register_device` alone registers parameters only
+(a target can then be read and validated, but not simulated).
 """
 
 from __future__ import annotations

@@ -202,3 +202,16 @@ def test_converters_off_never_lower_the_efficiency(setup: dict) -> None:
     off = compile_model(setup["model"], "aon-cim", adc_bits=0).cost
     assert off.energy_j["adc"] == 0 and off.total_energy_j < on.total_energy_j
     assert off.tops_per_w > on.tops_per_w and off.system_tops_per_w > on.system_tops_per_w
+
+
+def test_simulate_states_the_whole_inference_and_why_it_differs(setup: dict) -> None:
+    """Issue 22: on `ideal` the cost counted on data differs from compile's estimate; simulate says why."""
+    np.savez(setup["tmp"] / "test.npz", x=setup["x"])
+    compiled = compile_model(setup["model"], "ideal")
+    result = cimc.simulate(compiled, setup["tmp"] / "test.npz", drift="1s", instances=1)
+    cost = result.data["cost"]
+    for kind in ("static", "measured"):
+        assert {"energy_per_inference_j", "latency_s", "system_tops_per_w", "tops_per_w"} <= set(cost[kind])
+    assert "compile assumed the target's input activity" in cost["why_measured_differs"]
+    table = result.table()
+    assert "per inference:" in table and "system" in table and "why they differ:" in table
