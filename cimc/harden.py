@@ -151,11 +151,12 @@ def harden(
     fine-tuning (``finetune_method``, default the fine-tuner's) is the last step. With ``out_dir``: the
     hardened compiled model there, and ``harden/`` in it (harden.json, harden.png, harden.txt).
     """
-    from cimc.api import load_compiled, parse_times
+    from cimc.artifact import load_compiled
     from cimc.data import Dataset, load_dataset
     from cimc.mitigations import Decisions, measure
     from cimc.runtime.metrics import check_metric, default_metric, higher_is_better, metric_name, output_size
     from cimc.runtime.simulator import format_duration
+    from cimc.vocabulary import parse_times
 
     started = _time.perf_counter()
     inputs = [compiled, data, calibration, training, validation]
@@ -322,15 +323,15 @@ def _finetune_step(state: _State, steps: list[dict[str, Any]], training: Any, va
                    progress: bool) -> None:
     """Noise-aware fine-tuning of the float weights (the hook for label-free distillation: ``method``), then
     the kept decisions compiled again on the tuned weights; kept only if it helps."""
-    from cimc.api import finetune
     from cimc.mitigations import _stripped_copy, build
+    from cimc.passes.finetune import DEFAULT_METHOD, finetune
 
     root = state.root
     number = len(steps)
     change = f"fine-tune ({method or 'default method'})"
     try:
-        tuned, _history = finetune(_stripped_copy(root.model), root.target, training, validation, method=method,
-                                   seed=seed, progress=progress)
+        tuned, _history = finetune(_stripped_copy(root.model), root.target, training, validation,
+                                   method=method or DEFAULT_METHOD, seed=seed, progress=progress)
         variant = build(root, state.decisions, calib, source=tuned, seed=seed)
         m = evaluate(variant)
     except InputError as exc:
