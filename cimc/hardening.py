@@ -1,5 +1,7 @@
 """``cimc harden``: make a compiled model meet a goal on the chip by trying mitigations on the simulator.
 
+(The module is ``cimc.hardening``: ``cimc.harden`` is the API function.)
+
 Starting from a compiled model, each round diagnoses the current model (:func:`cimc.diagnosis.diagnose`,
 per-layer SNR by cause), builds every mitigation the diagnosis suggests (:mod:`cimc.mitigations`) and
 measures it on ``instances`` simulated chips (fixed seed) at ``time``; the candidates are then applied one
