@@ -283,9 +283,9 @@ def harden(
     force: bool = False,
 ) -> Any:
     """Try mitigations on the simulator until the compiled model meets ``goal`` (or loses at most ``drop``
-    against the float model) at ``time``; see :func:`cimc.harden.harden`. Returns a
-    :class:`cimc.harden.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
-    from cimc.harden import harden as run_harden
+    against the float model) at ``time``; see :func:`cimc.hardening.harden`. Returns a
+    :class:`cimc.hardening.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
+    from cimc.hardening import harden as run_harden
 
     return run_harden(compiled, data, time=time, goal=goal, drop=drop, metric=metric, instances=instances, seed=seed,
                       samples=samples, batch_size=batch_size, calibration=calibration, training=training,
