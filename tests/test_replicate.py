@@ -229,5 +229,9 @@ def test_pipelined_copies_run_side_by_side(setup: dict) -> None:
     by_name = {c.name: c for c in rep.cost.layers}
     adds_s = sum(by_name[f"conv1/rep_sum{i}"].latency_s for i in range(1, R)) + by_name["conv1/rep_mean"].latency_s
     assert rep.cost.latency_s == pytest.approx(plain.cost.latency_s + adds_s, rel=1e-9)
+    assert rep.cost.cycles == rep.schedule["cycles"]  # the schedule starts the copies together too
+    starts = {json.loads(n.metadata_props["cimc.schedule"])["start_cycle"] for n in rep.analog_nodes()
+              if n.name.startswith("conv1/rep")}
+    assert len(starts) == 1
     layer_j = {c.name: c for c in plain.cost.layers}["conv1"].energy_j["adc"]
     assert rep.cost.energy_j["adc"] == pytest.approx(plain.cost.energy_j["adc"] + (R - 1) * layer_j, rel=1e-9)
