@@ -45,7 +45,8 @@ __all__ = ["METHODS", "Budget", "main", "run_task"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "noise", "noise+qat", "adversarial", "noise+adversarial", "dropout", DEFAULT_METHOD)
+METHODS = ("none", "noise", "noise+qat", "adversarial", "noise+adversarial", "dropout", DEFAULT_METHOD,
+           "distill+pcm+qat")
 ZETAS = (0.1, 0.2, 0.3, 0.5)
 TIMES_S = (1.0, 86400.0, 31557600.0)
 TIME_LABELS = ("1 s", "24 h", "1 y")
@@ -128,7 +129,9 @@ def run_task(task: str, methods: tuple[str, ...], budget: Budget, work: Path,
             path = work / f"{task}-{method.replace('+', '_')}-{width or 'any'}.onnx"
             save_model(tuned, path)
             for bits in (8, 4) if width is None else (width,):
-                tuned_paths[bits] = (path, time.perf_counter() - started, history["best_epoch"])
+                # best_epoch > 0 but kept 'input': keep-the-better wrote the input model (docs/finetuning.md)
+                kept = history["best_epoch"] if history.get("kept", "fine-tuned") == "fine-tuned" else 0
+                tuned_paths[bits] = (path, time.perf_counter() - started, kept)
         row: dict[str, Any] = {"task": task, "method": method, "bits": {}}
         for bits, (path, train_s, best_epoch) in sorted(tuned_paths.items(), reverse=True):
             row["bits"][str(bits)] = {**_evaluate(path, train, test, bits, budget), "train_time_s": round(train_s, 1),
