@@ -481,10 +481,9 @@ def _add_demo(sub: Any) -> None:
 # --- finetune ---
 @command("finetune")
 def _finetune(args: argparse.Namespace) -> int:
+    from cimc.outputs import check_output_file
     from cimc.passes.finetune import finetune, save_finetuned
     from cimc.vocabulary import parse_duration
-
-    from cimc.outputs import check_output_file
 
     sources = [args.model, args.data, args.val]
     check_output_file(args.output, ".onnx", sources)  # before the training, not after it
@@ -510,9 +509,9 @@ def finetune_summary(history: dict[str, Any]) -> list[str]:
     """What a fine-tuning run did, in a few lines: the noisy validation, and which model was kept and why."""
     first, best = history["history"][0], history["history"][history["best_epoch"]]
     metric = history.get("metric", "accuracy")
-    lines = [f"method {history['method']}: noisy validation {metric} ({history['validation']}) "
-             f"{100 * first['val_noisy']:.2f} % -> {100 * best['val_noisy']:.2f} % (epoch {history['best_epoch']}), "
-             f"{history['train_time_s']:.0f} s"]
+    lines = [(f"method {history['method']}: noisy validation {metric} ({history['validation']}) "
+              f"{100 * first['val_noisy']:.2f} % -> {100 * best['val_noisy']:.2f} % (epoch {history['best_epoch']}), "
+              f"{history['train_time_s']:.0f} s")]
     check = history.get("verification")
     if check is not None:
         shown = f"{100 * check['input']['score']:.2f} % -> {100 * check['fine-tuned']['score']:.2f} % on " \

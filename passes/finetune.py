@@ -47,8 +47,8 @@ import onnx_ir as ir
 
 from cimc.errors import CimcError, DataError, InputError
 from cimc.passes.finetune_methods import DEFAULT_METHOD, LABEL_FREE_METHOD, METHODS
-from cimc.vocabulary import parse_duration
 from cimc.pipeline import CimcPass, CompileContext, register_pass
+from cimc.vocabulary import parse_duration
 
 __all__ = ["DEFAULT_METHOD", "LABEL_FREE_METHOD", "METHODS", "FinetunePass", "finetune", "output_kinds",
            "parse_method", "save_finetuned"]
@@ -466,7 +466,6 @@ def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = 
     ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
     """
     from cimc.frontend import save_model
-
     from cimc.outputs import check_output_file
 
     out = check_output_file(path, ".onnx", inputs)

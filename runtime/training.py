@@ -45,20 +45,20 @@ from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 
 __all__ = [
+    "OUTPUT_KINDS",
     "DistillSpec",
     "NoiseHook",
     "TrainData",
     "TrainSettings",
-    "OUTPUT_KINDS",
+    "adversarial_kl",
+    "attack_parameters",
     "chip_scores",
+    "clip_weights",
     "compare_on_chip",
     "distill_loss",
     "model_outputs",
-    "output_distance",
-    "adversarial_kl",
-    "attack_parameters",
-    "clip_weights",
     "noisy_accuracy",
+    "output_distance",
     "relative_noise_accuracy",
     "train_executor",
 ]

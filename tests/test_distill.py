@@ -118,7 +118,7 @@ def test_keep_the_better_refuses_a_worse_model(embed_model: Path, digits_x: np.n
     for value in tuned.graph.initializers.values():
         if value.name in original and value.const_value is not None and original[value.name].ndim > 1:
             np.testing.assert_array_equal(value.const_value.numpy(), original[value.name])
-    forced, history = finetune(embed_model, "aon-cim", train, epochs=1, lr=1.0, select="last", keep="tuned", **QUICK)
+    _, history = finetune(embed_model, "aon-cim", train, epochs=1, lr=1.0, select="last", keep="tuned", **QUICK)
     assert history["kept"] == "fine-tuned" and history["verification"] is None
 
 
