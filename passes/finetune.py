@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,9 @@ def _model_inputs(model: ir.Model, data: Any, role: str) -> list[np.ndarray]:
     per input name) or a single ``x`` for a single-input model. One-line DataError on a mismatch."""
     names = [v.name for v in model.graph.inputs]
     named = getattr(data, "inputs", None)
-    if isinstance(named, dict) and named:
+    if isinstance(named, Mapping) and named and len(names) == 1 and names[0] not in named and "x" in named:
+        named = {names[0]: named["x"]}  # 'x' stands for the one input of a one-input model
+    if isinstance(named, Mapping) and named:
         missing = [n for n in names if n not in named]
         if missing:
             raise DataError(f"{role} data '{data.name}' has no array for model input(s) {missing} (it has "
@@ -259,6 +262,19 @@ def _train_val(model: ir.Model, train: Any, val: Any, seed: int) -> tuple[Any, A
     if len(order) - n_val < 1:
         raise DataError(f"training data '{train.name}' has {len(order)} sample(s); give more or pass --val")
     return data.take(order[n_val:]), data.take(order[:n_val])
+
+
+def _calibration_data(model: ir.Model, inputs: list[np.ndarray]) -> Any:
+    """What the quantize pass's calibration takes for these inputs: the array of a one-input model; for several
+    inputs the data bound by name (:func:`cimc.data.bind`, where this version has it), else None."""
+    if len(inputs) == 1:
+        return inputs[0]
+    import cimc.data
+
+    bind = getattr(cimc.data, "bind", None)
+    if bind is None:
+        return None
+    return bind({v.name: x for v, x in zip(model.graph.inputs, inputs)}, model)
 
 
 def _resolve_methods(options: FinetunePass, labelled: bool) -> frozenset[str]:
@@ -339,7 +355,12 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
                      dropout=options.dropout if "dropout" in methods else 0.0,
                      generator=torch.Generator().manual_seed(seed + 1),
                      output_noise=getattr(target.converters, "output_noise", 0.0))
-    calib_x = train_data.inputs[0][:_CALIB_SAMPLES]
+    calib_x = _calibration_data(work, [x[:_CALIB_SAMPLES] for x in train_data.inputs])
+    if calib_x is None:
+        if "qat" in methods:
+            raise InputError(f"method 'qat' on a model with {len(train_data.inputs)} inputs needs the calibration of "
+                             "named inputs, which this version lacks; drop 'qat' (e.g. method distill+pcm)")
+        plans = None  # the noisy validation then runs with float converters
 
     def recalibrate() -> None:
         """Converter ranges for the current weights (the quantize pass's own calibration)."""

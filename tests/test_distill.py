@@ -139,3 +139,44 @@ def test_cli_finetunes_without_labels_and_reports_what_it_kept(embed_model: Path
     wrong = run_cli("finetune", embed_model, "--data", data, "--output-kinds", "logits", "-o", tmp_path / "y.onnx",
                     "-q")
     assert wrong.code == 2 and "one per output" in wrong.err
+
+
+class TwoInputNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.cat([a, b], dim=1))))
+
+
+def test_multi_input_models_distil_from_one_array_per_input_name(tmp_path: Path) -> None:
+    """Data with named inputs (the ``inputs`` mapping of a multi-input dataset) train a two-input model."""
+    from dataclasses import dataclass
+
+    from cimc.errors import DataError
+
+    @dataclass
+    class Named:  # what a dataset with one array per input name offers
+        inputs: dict[str, np.ndarray]
+        y: np.ndarray | None = None
+        name: str = "named"
+
+    torch.manual_seed(0)
+    path = tmp_path / "two.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TwoInputNet().eval(), (torch.zeros(1, 8), torch.zeros(1, 8)), str(path), opset_version=13,
+                          dynamo=False, input_names=["a", "b"], output_names=["z"],
+                          dynamic_axes={"a": {0: "n"}, "b": {0: "n"}})
+    rng = np.random.default_rng(0)
+    data = Named({"b": rng.normal(size=(300, 8)).astype(np.float32), "a": rng.normal(size=(300, 8)).astype(np.float32)})
+    tuned, history = finetune(path, "aon-cim", data, method="distill+pcm", epochs=1, keep="tuned", **QUICK)
+    assert history["output_kinds"] == ["regression"] and history["metric"] == "agreement"
+    assert 0.0 < history["history"][0]["val_noisy"] <= 1.0
+    assert [v.name for v in tuned.graph.inputs] == ["a", "b"]
+    with pytest.raises(DataError, match=r"no array for model input\(s\) \['b'\]"):
+        finetune(path, "aon-cim", Named({"a": data.inputs["a"]}), method="distill+pcm", epochs=1)
+    with pytest.raises(DataError, match="takes 2 inputs"):
+        finetune(path, "aon-cim", Dataset(data.inputs["a"], None, "one"), method="distill+pcm", epochs=1)
