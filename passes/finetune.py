@@ -392,6 +392,10 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
                                        seed=seed + 11, recalibrate=recalibrate)
         if verification["fine-tuned"]["score"] < verification["input"]["score"]:
             kept = "input"
+            logger.warning("fine-tuning made the model worse on %d fresh noisy chips at %s (%s %.2f %% -> %.2f %%); "
+                           "keeping the input model's weights", options.verify_instances,
+                           ", ".join(f"{t:g} s" for t in times), metric, 100 * verification["input"]["score"],
+                           100 * verification["fine-tuned"]["score"])
             with torch.no_grad():
                 for k, v in start.items():
                     executor.params[k].copy_(v)
@@ -399,6 +403,9 @@ def finetune_model(model: ir.Model, target: Any, train: Any, val: Any, options: 
             with torch.no_grad():
                 for k, v in tuned.items():
                     executor.params[k].copy_(v)
+    elif result["best_epoch"] == 0 and settings.epochs > 0:
+        logger.warning("fine-tuning: no epoch beat the input model on the noisy validation (%s); keeping the input "
+                       "model's weights", metric)
     executor.write_back()
     for name, value in model.graph.initializers.items():  # the kept weights, back into the caller's model
         if name in work.graph.initializers and work.graph.initializers[name].const_value is not None:

@@ -107,12 +107,14 @@ def test_distillation_brings_an_unlabelled_model_closer_to_float_on_the_chip(emb
     assert after > before + 0.003, (before, after)  # measured: 0.924 -> 0.930
 
 
-def test_keep_the_better_refuses_a_worse_model(embed_model: Path, digits_x: np.ndarray) -> None:
+def test_keep_the_better_refuses_a_worse_model(embed_model: Path, digits_x: np.ndarray,
+                                               caplog: pytest.LogCaptureFixture) -> None:
     """A learning rate far too high wrecks the weights; select=last forces that epoch through the selection, and
     the final check on fresh chips must still write the input model's weights, and say so."""
     train = Dataset(digits_x[:400], None, "unlabelled")
     tuned, history = finetune(embed_model, "aon-cim", train, epochs=1, lr=1.0, select="last", **QUICK)
     assert history["best_epoch"] == 1 and history["kept"] == "input"
+    assert "made the model worse" in caplog.text and caplog.text.count("keeping the input model") == 1
     assert history["verification"]["fine-tuned"]["score"] < history["verification"]["input"]["score"]
     original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(embed_model).graph.initializer}
     for value in tuned.graph.initializers.values():
@@ -130,7 +132,7 @@ def test_cli_finetunes_without_labels_and_reports_what_it_kept(embed_model: Path
                  "--batch-size", "64", "-o", out)  # not -q: the summary is the point
     assert ok.code == 0, ok.err
     assert "method distill+pcm+qat: noisy validation agreement" in ok.out
-    assert ("checked: the fine-tuned model is not worse" in ok.out) or ("warning:" in ok.out)
+    assert "keep-the-better check" in ok.out or "no epoch beat the input model" in ok.out
     record = json.loads(onnx.load(out).metadata_props[0].value)
     assert record["kept"] in ("fine-tuned", "input") and record["metric"] == "agreement"
     assert record["verification"] is None or record["verification"]["times_s"] == [86400.0, 31557600.0]
