@@ -573,40 +573,69 @@ def _add_demo(sub: Any) -> None:
 # --- finetune ---
 @command("finetune")
 def _finetune(args: argparse.Namespace) -> int:
-    from cimc.passes.finetune import finetune, save_finetuned
-
     from cimc.outputs import check_output_file
+    from cimc.passes.finetune import finetune, save_finetuned
+    from cimc.vocabulary import parse_duration
 
     sources = [args.model, args.data, args.val]
     check_output_file(args.output, ".onnx", sources, force=args.force)  # before the training, not after it
     # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
     # machine no longer calls for one thread.
     _threads(args)
-    options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("keep", args.keep),
+                                 ("verify_times", args.verify_times),
+                                 ("val_time", None if args.val_time is None else parse_duration(args.val_time)),
+                                 ("output_kinds", args.output_kinds)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
         progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
     save_finetuned(model, args.output, sources, force=args.force)
-    first, best = history["history"][0], history["history"][history["best_epoch"]]
-    print(f"method {history['method']}: noisy validation accuracy ({history['validation']}) "
-          f"{100 * first['val_noisy_acc']:.2f} % -> {100 * best['val_noisy_acc']:.2f} % (epoch {history['best_epoch']}), "
-          f"{history['train_time_s']:.0f} s")
+    for line in finetune_summary(history):
+        print(line)
     print(f"wrote {args.output}; compile it with 'cimc compile {args.output} --target {args.target} --calib DATA.npz'")
     return 0
 
 
+def finetune_summary(history: dict[str, Any]) -> list[str]:
+    """What a fine-tuning run did, in a few lines: the noisy validation, and which model was kept and why."""
+    first, best = history["history"][0], history["history"][history["best_epoch"]]
+    metric = history.get("metric", "accuracy")
+    lines = [(f"method {history['method']}: noisy validation {metric} ({history['validation']}) "
+              f"{100 * first['val_noisy']:.2f} % -> {100 * best['val_noisy']:.2f} % (epoch {history['best_epoch']}), "
+              f"{history['train_time_s']:.0f} s")]
+    check = history.get("verification")
+    if check is not None:  # a worse fine-tuned model is also a logged warning (stderr), even with -q
+        shown = (f"{100 * check['input']['score']:.2f} % -> {100 * check['fine-tuned']['score']:.2f} % on "
+                 f"{check['instances']} fresh chips at {', '.join(f'{t:g} s' for t in check['times_s'])}")
+        verdict = ("worse: wrote the input model's weights unchanged" if history["kept"] == "input"
+                   else "not worse: wrote it")
+        lines.append(f"keep-the-better check ({shown}): the fine-tuned model is {verdict}")
+    elif history["best_epoch"] == 0 and history["history"][1:]:
+        lines.append("no epoch beat the input model on the noisy validation: wrote the input model's weights unchanged")
+    return lines
+
+
 def _add_finetune(sub: Any) -> None:
-    from cimc.passes.finetune_methods import DEFAULT_METHOD, METHODS
+    from cimc.passes.finetune_methods import DEFAULT_METHOD, LABEL_FREE_METHOD, METHODS
 
     p = sub.add_parser("finetune", help="noise-aware fine-tuning (PCM noise, converters, adversarial); ONNX out")
     p.add_argument("model", help="path to an .onnx file")
     _add_target_options(p)
-    p.add_argument("--data", required=True, help="training data (.npz with x, y) or a builtin name (kws-train)")
+    p.add_argument("--data", required=True, help="training data (.npz with x, and y if labelled) or a builtin name "
+                   "(kws-train); without labels the float model is the teacher (distillation)")
     p.add_argument("--val", help="validation data (default: a seeded 10 %% split of the training data)")
     _add_input_options(p)
-    p.add_argument("--method", default=DEFAULT_METHOD,
-                   help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD})")
+    p.add_argument("--method",
+                   help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD}; "
+                   f"{LABEL_FREE_METHOD} for data without labels)")
+    p.add_argument("--output-kinds", help="distillation distance per model output, '/'-separated: logits, probs, "
+                   "logprobs, sigmoid, regression (default: auto, from the op that makes each output)")
+    p.add_argument("--val-time", help="read time of the per-epoch noisy validation (default 24h)")
+    p.add_argument("--verify-times", help="read times of the final keep-the-better check, e.g. 24h,1y "
+                   "(default: the validation time)")
+    p.add_argument("--keep", choices=("better", "tuned"), help="'better' (default): write the fine-tuned model only "
+                   "if it is not worse than the input on fresh noisy chips; 'tuned': always")
     p.add_argument("--epochs", type=int, help="training epochs (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
     p.add_argument("--batch-size", type=int, help="training batch size")
