@@ -64,6 +64,7 @@ def compile_model(
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     digital: Sequence[str] = (),
+    stream: str | Sequence[str] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
@@ -73,6 +74,8 @@ def compile_model(
     :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``digital``: names of analog
     layers to keep off the crossbar (run in float, costed on the digital unit), e.g. a depthwise layer that
     ``cimc diagnose`` flags.
+    ``stream`` (``"auto"`` or ``["OUT=IN", ...]``): the calibration data are sequences ``[S, C, ...]`` of a
+    stateful model; the float model runs over them and every chunk is calibrated with its real state.
     ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
     many were needed). When ``out_dir`` is given
     the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
@@ -92,6 +95,10 @@ def compile_model(
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
+    if calib is not None:  # bound now: a wrong file is refused before the passes run
+        from cimc.data import bind
+
+        calib = bind(calib, ir_model, stream=stream)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
                          digital=tuple(digital))
     spec = pipeline or default_pipeline(calib is not None, train is not None)

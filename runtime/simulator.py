@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.data import Feed
 from cimc.errors import DataError, InputError, ModelError
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
 from cimc.runtime.cost import LayerActivity, estimate_cost
@@ -50,6 +51,7 @@ from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
                                   format_score, higher_is_better, is_percent, per_class_accuracy)
+from cimc.runtime.streaming import batch_of, first_output
 from cimc.runtime.workload import model_workload
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
@@ -333,13 +335,13 @@ class _InstanceWorkers:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cimc-instance",
                                        initializer=torch.set_num_threads, initargs=(1,))
 
-    def run(self, xb: torch.Tensor, selectors: Sequence[Selector]) -> list[torch.Tensor]:
+    def run(self, xb: Any, selectors: Sequence[Selector]) -> list[torch.Tensor]:
         def one(select: Selector) -> torch.Tensor:
             executor = self.idle.get()
             try:
                 with torch.no_grad():  # grad mode is per thread
                     select(executor)
-                    return executor(xb)[0]
+                    return first_output(executor, xb)
             finally:
                 self.idle.put(executor)
 
@@ -354,7 +356,7 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def run_outputs(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                 tick: Callable[[int], None] | None = None, per_instance: Sequence[Selector] | None = None) -> Any:
     """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch.
 
@@ -373,12 +375,12 @@ def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: i
             torch.set_num_threads(threads)
 
 
-def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def _run_batches(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                  tick: Callable[[int], None] | None, per_instance: Sequence[Selector] | None,
                  side_by_side: _InstanceWorkers | None) -> Any:
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+            xb = batch_of(x, start, start + batch_size)  # a tensor, or the samples of every input (a Feed)
             if per_instance is not None:
                 if side_by_side is not None:
                     outs = side_by_side.run(xb, per_instance)
@@ -386,13 +388,12 @@ def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: 
                     outs = []
                     for select in per_instance:
                         select(executor)
-                        outs.append(executor(xb)[0])
+                        outs.append(first_output(executor, xb))
                 for out in outs:
                     check_batch_axis(out, len(xb), "the first output")
                 yield start, torch.stack(outs)
             else:
-                rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-                out = executor(rep)[0]
+                out = first_output(executor, xb, repeat=instances)
                 check_batch_axis(out, instances * len(xb), "the first output")
                 yield start, out.reshape(instances, len(xb), *out.shape[1:])
             if tick:
@@ -409,7 +410,7 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
         )
 
 
-def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
+def _evaluate(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int, metric: str,
               y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
               tick: Callable[[int], None] | None = None, extra: Sequence[str] = (),
               per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
@@ -532,7 +533,7 @@ def _pandas() -> Any:
 
 def simulate(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float] = (1.0, 3600.0, 86400.0, 30 * 86400.0, _UNITS["y"]),
     instances: int = 25,
@@ -557,14 +558,14 @@ def simulate(
     return merge_results(compiled, [shard])
 
 
-def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
+def check_simulation_inputs(compiled: Any, x: np.ndarray | Feed, y: np.ndarray | None, times_s: Sequence[float],
                             instances: int, instance_range: tuple[int, int] | None = None,
                             metric: str | None = None) -> tuple[int, int, str]:
     """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
     metric = metric or default_metric(y)
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
-    if tuple(x.shape[1:]) != expected:
+    if not isinstance(x, Feed) and tuple(x.shape[1:]) != expected:  # a Feed was checked when it was bound
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
     for t in times_s:
         check_time(t)
@@ -582,7 +583,7 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
 
 def simulate_shard(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float],
     instances: int,
