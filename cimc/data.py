@@ -417,10 +417,11 @@ def find_state_pairs(model: Any) -> list[StreamPair]:
     outs = _output_shapes(model)
     specs = [s for s in input_specs(model) if s.axis is not None]
     pairs = []
+    def same(a: tuple[int, ...], b: tuple[int, ...] | None) -> bool:  # an output's unknown dims match any size
+        return b is None or (len(a) == len(b) and all(x == y or y == -1 for x, y in zip(a, b)))
+
     for out, shape in outs.items():
-        if shape is None:
-            continue
-        match = [s.name for s in specs if s.shape == shape and s.name != out
+        match = [s.name for s in specs if same(s.shape, shape) and s.name != out
                  and _state_key(s.name) == _state_key(out)]
         if len(match) == 1:
             pairs.append(StreamPair(out, match[0]))
