@@ -237,6 +237,25 @@ def _step_states(kw: dict[str, Any], base: Any) -> dict[str, Any] | None:
     return {**kw, **kw.pop("_states")} if "_states" in kw else None
 
 
+DIAGNOSED_SNR_DB = 0.0  # the "diagnosed" step keeps layers digital whose output SNR (every cause) is below this
+
+
+def _step_diagnosed(kw: dict[str, Any], base: Any) -> dict[str, Any] | None:
+    """Keep digital the layers that ``cimc diagnose`` (24 h, 2 chips, on the calibration data, never the scored
+    clips) finds below ``DIAGNOSED_SNR_DB`` with every cause on: what a user following its table would do."""
+    import cimc
+
+    states = kw.get("_states", {})
+    data = states.get("calibration", kw["calibration"])
+    if isinstance(data, dict):
+        data = {k: (v[:32] if k in ("x", "input") or v.ndim < 3 else v) for k, v in data.items()}
+    result = cimc.diagnose(base, data, time="24h", instances=2, samples=32, metric="relerr",
+                           stream=states.get("stream", kw.get("stream")))
+    weak = [row["name"] for row in result.data["layers"] if row["snr_db"]["all"] < DIAGNOSED_SNR_DB]
+    logger.info("diagnosed: %d layer(s) below %.0f dB kept digital: %s", len(weak), DIAGNOSED_SNR_DB, weak)
+    return {**kw, "digital": tuple(dict.fromkeys((*kw.get("digital", ()), *weak)))} if weak else None
+
+
 STEPS: dict[str, Callable[[int], Step]] = {
     "base": lambda fr: Step("base", "compiled with calibration on unscored clips", lambda kw, b: kw),
     "states": lambda fr: Step("states", "calibration on the stream's real states (float model run over it)",
@@ -244,6 +263,8 @@ STEPS: dict[str, Callable[[int], Step]] = {
     "digital": lambda fr: Step("digital", f"layers of <= {fr} rows kept digital", _step_digital(fr)),
     "percentile": lambda fr: Step("percentile", "converter ranges at the 99.9th percentile (no MSE search)",
                                   _step_percentile),
+    "diagnosed": lambda fr: Step("diagnosed", f"layers diagnose finds below {DIAGNOSED_SNR_DB:.0f} dB kept digital",
+                                 _step_diagnosed),
     "column": lambda fr: Step("column", "per-column weight scale, ADC gain and drift compensation", _step_column),
 }
 
@@ -481,13 +502,14 @@ def vad(ctx: Ctx) -> dict[str, Any]:
     for name in ctx.steps:
         step = STEPS[name](ctx.few_rows)
         start_from = dict(applied.get("states", base))  # later steps build on the real-state calibration
-        kw = step.apply(dict(base if name in ("base", "states") else start_from), compiled_base)
+        kw = step.apply(dict(base if name in ("base", "states") else start_from),
+                        applied.get("states_compiled", compiled_base))
         if kw is None:
             logger.info("vad: step %s changes nothing; skipped", name)
             continue
-        if name == "states":
-            applied["states"] = kw
         compiled = compiled_base if name == "base" else _compile(path, kw)
+        if name == "states":
+            applied["states"], applied["states_compiled"] = kw, compiled
         rows = []
         started = time.perf_counter()
         for t, k in _chips(ctx):
