@@ -112,6 +112,22 @@ def _add_input_options(p: Any) -> None:
                    "on it is folded away")
 
 
+def _add_stream_option(p: Any) -> None:
+    p.add_argument("--stream", action="append", default=[], metavar="OUTPUT=INPUT|auto",
+                   help="run sequences chunk by chunk, feeding the state OUTPUT back to INPUT at the next chunk "
+                   "(repeatable; 'auto' finds the pairs by name and shape); data [sequences, chunks, ...], states "
+                   "start at zeros unless given")
+
+
+def _stream(args: argparse.Namespace) -> str | list[str] | None:
+    items = [t for t in getattr(args, "stream", []) or []]
+    if [t.strip().lower() for t in items] == ["auto"]:
+        return "auto"
+    if any(t.strip().lower() == "auto" for t in items):
+        raise InputError("--stream auto finds every state pair: give it alone, or name each pair as OUTPUT=INPUT")
+    return items or None
+
+
 def _fixed_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """``input_shapes``/``input_values`` keyword arguments from the repeatable command-line options."""
     from cimc.frontend import parse_input_shape, parse_input_value
@@ -209,7 +225,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays,
         batch=args.batch_size, seed=args.seed, progress=_progress_enabled(args), out_dir=out, force=args.force,
-        digital=args.digital or (), replicate=_replicas(args.replicate), **_fixed_inputs(args),
+        digital=args.digital or (), replicate=_replicas(args.replicate), stream=_stream(args), **_fixed_inputs(args),
     )
     files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
     if args.json:
@@ -256,6 +272,7 @@ def _add_compile(sub: Any) -> None:
                    "digitally (noise falls about sqrt(R); R x its crossbar space, MVMs and energy); repeatable")
     _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
+    _add_stream_option(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
     _add_threads_option(p)
     _add_output_flags(p, json_help="print the compile report (report.json content) as one JSON document")
@@ -287,6 +304,7 @@ def _simulate(args: argparse.Namespace) -> int:
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
         force=args.force, metric=args.metric, workers=args.workers, ray=args.ray, yield_target=args.yield_target,
+        stream=_stream(args),
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -314,6 +332,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
     _add_batch_size(p, "inputs per forward pass; each chip instance runs every batch on its own (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    _add_stream_option(p)
     _add_threads_option(p)
     _add_backend_options(p, "chip instances")
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
@@ -331,7 +350,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
                       samples=args.samples, batch_size=args.batch_size, metric=args.metric,
                       progress=_progress_enabled(args), out_dir=out, force=args.force, try_advice=args.try_advice,
-                      calibration=args.calib)
+                      calibration=args.calib, stream=_stream(args))
     if args.json:
         _print_json({**result.data, "output": out})
     elif not args.quiet:
@@ -357,6 +376,7 @@ def _add_diagnose(sub: Any) -> None:
     p.add_argument("--no-try", dest="try_advice", action="store_false",
                    help="do not try the advice on the simulator (no measured gains; faster)")
     _add_threads_option(p)
+    _add_stream_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
     _add_force(p)
     _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
@@ -426,7 +446,7 @@ def _run(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     outs = api.run(args.compiled, args.input, None if to_stdout else args.output, time=args.time,
                    instance=args.instance, instances=args.instances, seed=args.seed, ideal=args.ideal,
-                   all_outputs=True, force=args.force)
+                   all_outputs=True, force=args.force, stream=_stream(args))
     if to_stdout:  # binary on stdout, for a pipe: .npy for one output, .npz for several
         import io
 
@@ -461,6 +481,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
     _add_file_force(p)
+    _add_stream_option(p)
 
 
 # ------------------------------------------------------------------------------------------ sweep

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from cimc.console import format_table, progress_bar
-from cimc.data import reshape_hint
+from cimc.data import Feed, reshape_hint
 from cimc.errors import DataError, InputError, ModelError
 from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
@@ -54,6 +54,7 @@ from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_target, chip_yield, default_metric,
                                   format_score, get_metric, higher_is_better, is_percent, metric_name, needs_labels,
                                   output_size, per_class_accuracy)
+from cimc.runtime.streaming import batch_of, first_output
 from cimc.runtime.workload import model_workload
 from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
@@ -341,13 +342,13 @@ class _InstanceWorkers:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cimc-instance",
                                        initializer=torch.set_num_threads, initargs=(1,))
 
-    def run(self, xb: torch.Tensor, selectors: Sequence[Selector]) -> list[torch.Tensor]:
+    def run(self, xb: Any, selectors: Sequence[Selector]) -> list[torch.Tensor]:
         def one(select: Selector) -> torch.Tensor:
             executor = self.idle.get()
             try:
                 with torch.no_grad():  # grad mode is per thread
                     select(executor)
-                    return executor(xb)[0]
+                    return first_output(executor, xb)
             finally:
                 self.idle.put(executor)
 
@@ -362,7 +363,7 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def run_outputs(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                 tick: Callable[[int], None] | None = None, per_instance: Sequence[Selector] | None = None) -> Any:
     """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch.
 
@@ -381,12 +382,12 @@ def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: i
             torch.set_num_threads(threads)
 
 
-def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def _run_batches(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                  tick: Callable[[int], None] | None, per_instance: Sequence[Selector] | None,
                  side_by_side: _InstanceWorkers | None) -> Any:
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+            xb = batch_of(x, start, start + batch_size)  # a tensor, or the samples of every input (a Feed)
             if per_instance is not None:
                 if side_by_side is not None:
                     outs = side_by_side.run(xb, per_instance)
@@ -394,13 +395,12 @@ def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: 
                     outs = []
                     for select in per_instance:
                         select(executor)
-                        outs.append(executor(xb)[0])
+                        outs.append(first_output(executor, xb))
                 for out in outs:
                     check_batch_axis(out, len(xb), "the first output")
                 yield start, torch.stack(outs)
             else:
-                rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-                out = executor(rep)[0]
+                out = first_output(executor, xb, repeat=instances)
                 check_batch_axis(out, instances * len(xb), "the first output")
                 yield start, out.reshape(instances, len(xb), *out.shape[1:])
             if tick:
@@ -417,7 +417,7 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
         )
 
 
-def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
+def _evaluate(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int, metric: str,
               y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
               tick: Callable[[int], None] | None = None, extra: Sequence[str] = (),
               per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
@@ -528,7 +528,7 @@ class SimulationResult:
 
 def simulate(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float] = (1.0, 3600.0, 86400.0, 30 * 86400.0, _UNITS["y"]),
     instances: int = 25,
@@ -554,14 +554,14 @@ def simulate(
     return merge_results(compiled, [shard], yield_target=yield_target)
 
 
-def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
+def check_simulation_inputs(compiled: Any, x: np.ndarray | Feed, y: np.ndarray | None, times_s: Sequence[float],
                             instances: int, instance_range: tuple[int, int] | None = None,
                             metric: str | None = None) -> tuple[int, int, str]:
     """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
     metric = metric_name(metric) or default_metric(y, output_size(compiled.model))
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
-    if tuple(x.shape[1:]) != expected:
+    if not isinstance(x, Feed) and tuple(x.shape[1:]) != expected:  # a Feed was checked when it was bound
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
                         f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     for t in times_s:
@@ -578,7 +578,7 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
 
 def simulate_shard(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float],
     instances: int,
