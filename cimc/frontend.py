@@ -278,6 +278,16 @@ def _declared_batch_axes(proto: onnx.ModelProto, batch_symbols: set[str]) -> dic
     return axes
 
 
+def _has_dynamic_batch(proto: onnx.ModelProto) -> bool:
+    """True when some graph input's first dimension is dynamic in the file (the exporter left the batch free)."""
+    initializers = {t.name for t in proto.graph.initializer}
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        if inp.name not in initializers and len(dims) and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
+            return True
+    return False
+
+
 def _fix_input_shapes(proto: onnx.ModelProto, batch: int, batch_symbols: set[str]) -> dict[str, int]:
     """Dimension 0 of every input, and any dimension named like one (a state input [layers, batch, hidden]),
     is the batch; every other unknown dimension is an error naming the option that fixes it. Returns each
@@ -347,6 +357,7 @@ def load_model(
     declared_axes = _declared_batch_axes(proto, batch_symbols)  # before --input-shape makes every dim static
     if input_shapes:
         _set_input_shapes(proto, input_shapes)
+    dynamic_batch = _has_dynamic_batch(proto)
     batch_axes = {**_fix_input_shapes(proto, batch, batch_symbols),
                   **{n: a for n, a in declared_axes.items()
                      if n in (input_shapes or {}) and int(list(input_shapes[n])[a]) == batch}}
@@ -363,6 +374,7 @@ def load_model(
     if renamed:
         logger.info("named %d unnamed or duplicate-named nodes", renamed)
     model.graph.meta["cimc.batch"] = batch
+    model.graph.meta["cimc.dynamic_batch"] = dynamic_batch  # the file leaves the batch free (canonicalize.py)
     if any(batch_axes.values()):
         model.metadata_props["cimc.batch_axes"] = json.dumps(batch_axes)
     if input_shapes or input_values:

@@ -210,8 +210,12 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
             why = (
                 "kept digital (--digital): runs in float on the digital unit"
                 if node.metadata_props.get(DIGITAL_KEY)
-                else "both operands are activations (no constant weight to program)"
-                if node.op_type in ANALOG_OPS
+                else "both operands are activations (no constant weight to program): multiply-accumulates on the "
+                "digital unit, costed there"
+                if node.op_type in ANALOG_OPS or (node.op_type == "Einsum" and _activation_operands(node) > 1)
+                else "an Einsum with a constant operand: not mapped (cimc maps MatMul, Gemm and Conv); runs on the "
+                "digital unit — export the projection as a Linear layer to put it on the crossbar"
+                if node.op_type == "Einsum"
                 else "runs on the digital unit"
             )
             out.append(NodeClass(name, node.op_type, "digital", why))
@@ -227,6 +231,11 @@ def classify(model: ir.Model, *, canonical: bool = True) -> list[NodeClass]:
         else:
             out.append(NodeClass(name, node.op_type, "unsupported", "no implementation in cimc's digital unit"))
     return out
+
+
+def _activation_operands(node: ir.Node) -> int:
+    """How many of a node's inputs are not constants (activations)."""
+    return sum(1 for v in node.inputs if v is not None and constant_array(v) is None)
 
 
 def graph_inputs_upstream(value: ir.Value | None) -> list[str]:

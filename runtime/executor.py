@@ -187,15 +187,23 @@ class _Step:
 def _batch_leading_reshape(node: ir.Node) -> bool:
     """True when a Reshape keeps the batch (dim 0) in front and its target has the compiled batch baked in.
 
-    Shapes are fixed at import (batch 1 by default) and folded into Reshape targets; the executor still runs
-    any batch size, so such a target's first entry follows the input's batch at run time.
+    Shapes are fixed at import (batch 1 by default); shape arithmetic that follows the batch stays live
+    (passes/canonicalize.py), but a model whose graph inputs had a fixed batch may hold constant targets with
+    it: such a target's first entry follows the input's batch at run time. Not when the first entry differs
+    from the compiled batch (a sequence-first ``[T, -1, E]``), nor for a target the canonicaliser marked as
+    the model's own fixed batch (``cimc.fixed_batch``: onnxruntime refuses other batches there too).
     """
     x_shape = node.inputs[0].shape
     target = constant_array(node.inputs[1])
     if x_shape is None or target is None or target.ndim != 1 or len(target) == 0:
         return False
+    if node.metadata_props.get("cimc.fixed_batch"):
+        return False
+    graph = node.graph
+    first = graph.inputs[0].shape if graph is not None and graph.inputs else None
+    compiled = first[0] if first is not None and len(first) and isinstance(first[0], int) else x_shape[0]
     batch = x_shape[0]
-    return isinstance(batch, int) and int(target[0]) == batch
+    return isinstance(batch, int) and int(target[0]) == batch == compiled
 
 
 def _key(name: str) -> str:
