@@ -120,7 +120,6 @@ def simulate(
     import time as _time
 
     from cimc.data import Dataset, Feed, bind, load_dataset
-    from cimc.plots import plot_drift
     from cimc.outputs import check_output_dir, output_dir
     from cimc.report import write_json_atomic
     from cimc.runtime.simulator import check_simulation_inputs, merge_results
@@ -166,6 +165,8 @@ def simulate(
     if feed.streaming:
         result.data["stream"] = {"pairs": [str(p) for p in feed.pairs], "chunks": feed.chunks}
     if out_dir is not None:
+        from cimc.plots import plot_drift  # matplotlib only when a figure is written
+
         with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
             write_json_atomic(tmp / "results.json", result.data)
             write_json_atomic(tmp / "timings.json", result.timings)

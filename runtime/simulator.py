@@ -60,7 +60,7 @@ from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
-           "check_simulation_inputs", "check_time", "format_duration", "ideal_hook", "instance_generators",
+           "check_simulation_inputs", "check_time", "format_duration", "ideal_conv_hook", "ideal_hook", "instance_generators",
            "instance_selectors", "merge_results", "parse_duration", "run_outputs", "simulate", "simulate_shard", "use"]
 
 logger = logging.getLogger(__name__)
@@ -268,10 +268,12 @@ class Chip:
                 stats = []
                 # One instance at a time, with numpy's single-threaded pairwise sums in float64: the same
                 # numbers whatever the instance count and torch's thread count (a threaded sum splits differently).
+                # Counted on the float32 values (no float64 copy): non-zeros and peaks are the same either way
+                # (dividing by x_max > 0 keeps order and zeros); the mean is summed in float64, then scaled.
                 for a in per_instance:
                     x_max = plan.quant.x_max if plan.quant is not None else max(float(a.max()), 1e-12)
-                    a = a.astype(np.float64) / x_max
-                    stats.append([np.count_nonzero(a) / a.size, a.mean(), a.max(axis=-1).mean()])
+                    peak = a.max(axis=-1).astype(np.float64) / x_max
+                    stats.append([np.count_nonzero(a) / a.size, float(a.mean(dtype=np.float64)) / x_max, peak.mean()])
                 activity.setdefault(step.name, []).append(torch.tensor(stats, dtype=torch.float64))
             return xq
 
@@ -294,6 +296,23 @@ def ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
     def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape
         return analog_mvm(chip.plans[step.name], cols.reshape(1, b * m, g, k), matrix.unsqueeze(0)).reshape(b, m, g, -1)
+
+    return run
+
+
+def ideal_conv_hook(chip: Chip) -> Callable[..., torch.Tensor | None]:
+    """The direct-convolution path of the digital twin (quantised converters, ideal devices): convolutions whose
+    groups each sit in one tile run as one convolution with the ideal kernel, as the chip's do with its own."""
+    kernels: dict[str, torch.Tensor] = {}
+
+    def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
+        plan = chip.plans[step.name]
+        if step.op_type != "Conv" or not plan.whole_groups:
+            return None
+        layer = chip.layer[step.name]
+        if layer not in kernels:
+            kernels[layer] = conv_weights(chip.ideal[layer].unsqueeze(0), tuple(chip.executor.weight(step).shape[1:]))
+        return analog_conv(plan, x, kernels[layer], 1, plan.groups, step.attrs)
 
     return run
 
@@ -423,8 +442,16 @@ def _evaluate(executor: Executor, x: np.ndarray | Feed, instances: int, batch_si
               per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
     """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data, one accumulator per instance:
     each instance is reduced on its own, so its numbers do not depend on how many instances share the run."""
+    return _accumulate(run_outputs(executor, x, instances, batch_size, tick, per_instance), instances, metric, y,
+                       reference, classes, extra)
+
+
+def _accumulate(outputs: Any, instances: int, metric: str, y: np.ndarray | None,
+                reference: list[torch.Tensor] | None, classes: int,
+                extra: Sequence[str] = ()) -> dict[str, list[MetricAccumulator]]:
+    """``metric`` (and ``extra``) per instance over ``(start, outputs [instances, batch, ...])`` batches."""
     accs = {m: [MetricAccumulator(m, 1, classes) for _ in range(instances)] for m in (metric, *extra)}
-    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick, per_instance)):
+    for i, (start, out) in enumerate(outputs):
         yb = None if y is None else y[start : start + out.shape[1]]
         ref = None if reference is None else reference[i]
         for instance_accs in accs.values():
@@ -601,8 +628,13 @@ def simulate_shard(
     bar = _progress(total, progress)
     tick = bar.update if bar is not None else None
     executor = chip.executor
-    # The float run first: its outputs are the reference of the agreement metrics and fix the class count.
-    reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
+    # The float run first: its outputs are the reference of the agreement metrics and fix the class count; the
+    # float model's own score comes from the same outputs (one float pass, not two).
+    use(chip, None)
+    starts, reference = [], []
+    for start, out in run_outputs(executor, x, 1, per_run, tick):
+        starts.append(start)
+        reference.append(out[0])
     classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1]) if reference else 0
     y = get_metric(metric).check_labels(y, classes)
     extra = ("relerr",) if not needs_labels(metric) and metric != "relerr" else ()
@@ -611,9 +643,10 @@ def simulate_shard(
                  per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
         return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra, per_instance)
 
-    use(chip, None)
-    float_acc = evaluate(1, None)
+    float_acc = _accumulate(((start, ref.unsqueeze(0)) for start, ref in zip(starts, reference)), 1, metric, y,
+                            reference, classes, extra)
     use(chip, ideal_hook(chip))
+    chip.executor.direct_hook = ideal_conv_hook(chip)
     quant_acc = evaluate(1)
     activity: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(count)]  # per instance: layer → passes
     values: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}
