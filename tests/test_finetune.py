@@ -199,7 +199,10 @@ def test_cli_writes_the_output_atomically(tiny_model: Path, digits: Dataset, tmp
     bad = run_cli("finetune", tiny_model, "--data", data, "--method", "bogus", "-o", out, "-q")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "unknown fine-tuning method" in bad.err
     assert out.read_bytes() == b"previous"  # a failed run leaves the old file alone
-    ok = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o", out, "-q")
+    mine = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o", out, "-q")
+    assert mine.code == 2 and "was not written by cimc" in mine.err  # not cimc's file: replaced only with --force
+    ok = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o", out, "-q",
+                 "--force")
     assert ok.code == 0, ok.err
     assert sorted(p.name for p in out.parent.iterdir()) == ["tuned.onnx"]  # no temporary left behind
     onnx.checker.check_model(onnx.load(out))

@@ -185,7 +185,7 @@ def test_cli_simulate_and_run(mnist_compiled, mnist: Dataset, tmp_path: Path, ru
     res = run_cli("run", tmp_path / "build", "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npy", "--time", "1h")
     assert res.code == 0 and np.load(tmp_path / "y.npy").shape == (5, 10)
     res = run_cli("simulate", tmp_path / "nowhere", "--data", builtin.mnist_test())
-    assert res.code == 2 and "not a compiled-model directory" in res.err
+    assert res.code == 2 and "no such folder" in res.err  # issue 22: it does not exist
 
 
 def test_drift_window_lowers_adc_ranges_only_where_devices_drift(mnist: Dataset) -> None:
