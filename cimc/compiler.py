@@ -65,6 +65,7 @@ def compile_model(
     force: bool = False,
     digital: Sequence[str] = (),
     stream: str | Sequence[str] | None = None,
+    replicate: Mapping[str, int] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
@@ -73,7 +74,9 @@ def compile_model(
     ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
     :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``digital``: names of analog
     layers to keep off the crossbar (run in float, costed on the digital unit), e.g. a depthwise layer that
-    ``cimc diagnose`` flags.
+    ``cimc diagnose`` flags. ``replicate``: ``{layer: r}`` maps each named analog layer r times on independent
+    devices and averages the r results on the digital unit (noise falls about √r; r× the crossbar space, MVMs
+    and conversions; :mod:`cimc.passes.replicate`).
     ``stream`` (``"auto"`` or ``["OUT=IN", ...]``): the calibration data are sequences ``[S, C, ...]`` of a
     stateful model; the float model runs over them and every chunk is calibrated with its real state.
     ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
@@ -100,7 +103,7 @@ def compile_model(
 
         calib = bind(calib, ir_model, stream=stream)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
-                         digital=tuple(digital))
+                         digital=tuple(digital), replicate=dict(replicate or {}))
     spec = pipeline or default_pipeline(calib is not None, train is not None)
     passes = parse_pipeline(spec, ctx)
     names = [p.name for p in passes]

@@ -38,7 +38,7 @@ from cimc.errors import DataError, InputError
 
 __all__ = ["Dataset", "Feed", "InputSpec", "StreamPair", "batches", "bind", "check_input_array", "check_labels",
            "find_state_pairs", "input_specs", "load_dataset", "load_npy", "load_npz_arrays", "parse_stream",
-           "save_dataset"]
+           "reshape_hint", "save_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
     _check_finite(x, f"{where}: 'x'")
     if y is None:
         return
+    if _looks_one_hot(y) and y.shape[0] == x.shape[0]:
+        raise DataError(f"{where}: 'y' has shape {tuple(y.shape)} and looks one-hot; store one integer class label "
+                        "per sample: y = y.argmax(axis=1).astype(np.int64)")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}: 'y' has dtype {y.dtype}; store class labels as integers (e.g. y.astype(np.int64))")
     if y.ndim != 1:
@@ -96,6 +99,24 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
         raise DataError(
             f"{where}: 'x' has {x.shape[0]} samples but 'y' has {y.shape[0]} labels; give one label per sample"
         )
+
+
+def _looks_one_hot(y: np.ndarray) -> bool:
+    """[N, C] of zeros and ones with exactly one 1 per row (C ≥ 2): one-hot labels."""
+    if y.ndim != 2 or y.shape[1] < 2 or not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        return False
+    values = y.astype(np.float64)
+    return bool(np.isin(values, (0.0, 1.0)).all() and (values.sum(axis=1) == 1).all())
+
+
+def reshape_hint(per_sample: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """For a shape-mismatch error: the reshape that fixes it when the sizes agree, else nothing.
+
+    ``per_sample`` is the data's shape after the sample axis, ``expected`` the model's input shape per sample."""
+    if int(np.prod(per_sample)) != int(np.prod(expected)) or not expected:
+        return ""
+    dims = ", ".join(str(int(d)) for d in expected)
+    return f"; the sizes agree: reshape it, x = x.reshape(len(x), {dims}), and save it again"
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
@@ -556,6 +577,11 @@ def bind(data: Any, model: Any, stream: str | Sequence[str] | Sequence[StreamPai
     ``data``: a :class:`Dataset`, ``{name: array}`` (``y`` = labels), an array (one-input models) or an ``.npz``
     path. ``stream``: see :func:`parse_stream`. ``samples``: keep the first N samples (sequences).
     """
+    if isinstance(data, Feed):  # already bound (e.g. to the model this one was compiled from): same inputs?
+        names = [s.name for s in input_specs(model)]
+        if [s.name for s in data.specs] != names:
+            raise DataError(f"the data were bound to inputs {[s.name for s in data.specs]}, not this model's {names}")
+        return data if samples is None else data.take(0, samples)
     arrays, y, where = _as_arrays(data)
     specs = input_specs(model)
     pairs = parse_stream(model, stream)
@@ -600,7 +626,8 @@ def bind(data: Any, model: Any, stream: str | Sequence[str] | Sequence[StreamPai
         if not streamed and s.axis == 0 and -1 not in s.shape:  # the usual input: the one-line checks of every path
             if where != "inputs" and a.ndim >= 2 and tuple(a.shape[1:]) != s.shape[1:]:
                 raise DataError(f"{where}: input '{s.name}' has shape {tuple(a.shape[1:])} per sample but the model "
-                                f"takes {s.shape[1:]}; pass data made for this model")
+                                f"takes {s.shape[1:]}; pass data made for this model"
+                                f"{reshape_hint(tuple(a.shape[1:]), s.shape[1:])}")
             a = check_input_array(a, s.shape[1:], f"input '{s.name}'")
         expected = list(s.shape)
         if streamed:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from cimc.data import reshape_hint
 from cimc.errors import CimcError, DataError, InputError
 from cimc.passes.finetune_methods import DEFAULT_METHOD, METHODS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
@@ -134,7 +135,7 @@ def _check_data(model: ir.Model, data: Any, role: str) -> None:
     expected = tuple(model.graph.inputs[0].shape)[1:]
     if tuple(data.x.shape[1:]) != expected:
         raise DataError(f"{role} inputs have shape {tuple(data.x.shape[1:])} per sample but the model takes "
-                        f"{expected}; pass data made for this model")
+                        f"{expected}; pass data made for this model{reshape_hint(tuple(data.x.shape[1:]), expected)}")
     from cimc.data import check_labels
 
     out_shape = model.graph.outputs[0].shape
@@ -292,16 +293,17 @@ def finetune(
     return work, ctx.results["finetune"]
 
 
-def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = ()) -> Path:
+def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = (), *, force: bool = False) -> Path:
     """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename).
 
-    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
+    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data); an existing file
+    cimc did not write is replaced only with ``force`` (:func:`cimc.outputs.check_output_file`).
     """
     from cimc.frontend import save_model
 
     from cimc.outputs import check_output_file
 
-    out = check_output_file(path, ".onnx", inputs)
+    out = check_output_file(path, ".onnx", inputs, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     return out

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from cimc.console import progress_bar
 from cimc.runtime.analog import LayerPlan, analog_conv, analog_mvm, conv_weights, dac, probe_response
 from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
@@ -490,6 +491,4 @@ def _train_step(executor: Executor, hook: NoiseHook, keys: list[str], xb: torch.
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from cimc.report import progress_bar
-
     return progress_bar(total=total, unit="step", desc="fine-tuning")

@@ -107,7 +107,8 @@ def test_stream_on_a_noisy_chip_carries_each_instance_state(tmp_path: Path) -> N
     path = _rnn(tmp_path / "rnn.onnx")
     x = _sequences(6, 5)
     compiled = cimc.compile(path, "aon-cim", calibration={"x": _sequences(8, 5, seed=3)}, stream="auto")
-    result = cimc.simulate(compiled, {"x": x}, drift="1y", instances=3, stream="auto", compare_gdc=False)
+    result = cimc.simulate(compiled, {"x": x}, drift="1y", instances=3, stream="auto", compare_gdc=False,
+                           metric="cosine")
     assert result.data["stream"] == {"pairs": ["h_out=h_in"], "chunks": 5}
     assert result.data["metric"] == "cosine"
     per_instance = result.data["series"][0]["points"][0]["per_instance"]
