@@ -473,7 +473,7 @@ def diagnose(
         "instances": instances,
         "seed": seed,
         "samples": len(x),
-        "data": ds.name,
+        "data": getattr(ds, "name", "inputs"),
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
         "float_metric": float_metric,
