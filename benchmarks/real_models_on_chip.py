@@ -557,7 +557,7 @@ def _digits_model(out: Path, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
             opt.step()
     path = out / "digits_cnn.onnx"
     torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), str(path), input_names=["x"], output_names=["logits"],
-                      dynamo=False)
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
     return path, {"train": x[:1297], "test_x": x[1297:], "test_y": y[1297:]}
 
 
