@@ -233,6 +233,13 @@ def _step_column(kw: dict[str, Any], base: Any) -> dict[str, Any] | None:
     return {**kw, "target": derived}
 
 
+def _step_column_weights(kw: dict[str, Any], base: Any) -> dict[str, Any] | None:
+    from cimc.targets import load_target
+
+    t = load_target(kw["target"]) if isinstance(kw["target"], str) else kw["target"]
+    return {**kw, "target": t.with_overrides(**{"device.weight_scale": "column"})}
+
+
 def _step_states(kw: dict[str, Any], base: Any) -> dict[str, Any] | None:
     return {**kw, **kw.pop("_states")} if "_states" in kw else None
 
@@ -266,6 +273,8 @@ STEPS: dict[str, Callable[[int], Step]] = {
     "diagnosed": lambda fr: Step("diagnosed", f"layers diagnose finds below {DIAGNOSED_SNR_DB:.0f} dB kept digital",
                                  _step_diagnosed),
     "column": lambda fr: Step("column", "per-column weight scale, ADC gain and drift compensation", _step_column),
+    "column-weights": lambda fr: Step("column-weights", "per-column weight scale only (layer ADC gain and GDC)",
+                                      _step_column_weights),
 }
 
 
@@ -548,7 +557,7 @@ def _digits_model(out: Path, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
             opt.step()
     path = out / "digits_cnn.onnx"
     torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), str(path), input_names=["x"], output_names=["logits"],
-                      dynamo=False)
+                      dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
     return path, {"train": x[:1297], "test_x": x[1297:], "test_y": y[1297:]}
 
 

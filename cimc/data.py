@@ -577,6 +577,11 @@ def bind(data: Any, model: Any, stream: str | Sequence[str] | Sequence[StreamPai
     ``data``: a :class:`Dataset`, ``{name: array}`` (``y`` = labels), an array (one-input models) or an ``.npz``
     path. ``stream``: see :func:`parse_stream`. ``samples``: keep the first N samples (sequences).
     """
+    if isinstance(data, Feed):  # already bound (e.g. to the model this one was compiled from): same inputs?
+        names = [s.name for s in input_specs(model)]
+        if [s.name for s in data.specs] != names:
+            raise DataError(f"the data were bound to inputs {[s.name for s in data.specs]}, not this model's {names}")
+        return data if samples is None else data.take(0, samples)
     arrays, y, where = _as_arrays(data)
     specs = input_specs(model)
     pairs = parse_stream(model, stream)
@@ -621,7 +626,8 @@ def bind(data: Any, model: Any, stream: str | Sequence[str] | Sequence[StreamPai
         if not streamed and s.axis == 0 and -1 not in s.shape:  # the usual input: the one-line checks of every path
             if where != "inputs" and a.ndim >= 2 and tuple(a.shape[1:]) != s.shape[1:]:
                 raise DataError(f"{where}: input '{s.name}' has shape {tuple(a.shape[1:])} per sample but the model "
-                                f"takes {s.shape[1:]}; pass data made for this model")
+                                f"takes {s.shape[1:]}; pass data made for this model"
+                                f"{reshape_hint(tuple(a.shape[1:]), s.shape[1:])}")
             a = check_input_array(a, s.shape[1:], f"input '{s.name}'")
         expected = list(s.shape)
         if streamed:

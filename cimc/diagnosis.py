@@ -530,7 +530,7 @@ def diagnose(
         "instances": instances,
         "seed": seed,
         "samples": len(x),
-        "data": ds.name,
+        "data": getattr(ds, "name", "inputs"),
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
         "percent": is_percent(metric),
@@ -552,7 +552,7 @@ def diagnose(
             "compile with --calib DATA.npz")})
     trials: list[dict[str, Any]] = []
     if try_advice:
-        calib = calibration if calibration is not None else ds
+        calib = calibration if calibration is not None else (feed if feed.streaming else ds)  # a stream keeps its pairs
         calib = calib if isinstance(calib, Dataset) or calib is None else load_dataset(calib)
         trials = _try_advice(c, result, x, y, t_s, instances, seed, batch_size, calib, max_trials, progress)
     result["tried"] = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]

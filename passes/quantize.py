@@ -88,9 +88,10 @@ def _mse_range(abs_values: torch.Tensor, upper: torch.Tensor, bits: int | None, 
         flat = flat[idx]
     n = levels(bits, signed)
     cands = torch.tensor(_CLIP_CANDIDATES).reshape(-1, 1, 1) * upper.reshape(1, 1, -1)  # [C, 1, cols|1]
-    step = cands / n
-    q = torch.round(torch.minimum(flat.unsqueeze(0), cands) / step) * step
-    err = ((q - flat.unsqueeze(0)) ** 2).mean(dim=1)  # [C, cols|1]
+    # One candidate at a time: the same numbers as all at once, without a [C, rows, cols] tensor (gigabytes
+    # for a 257-column layer calibrated per column)
+    err = torch.stack([((torch.round(torch.minimum(flat, c) / (c / n)) * (c / n) - flat) ** 2).mean(dim=0)
+                       for c in cands[:, 0]])  # [C, cols|1]
     best = cands[err.argmin(dim=0), 0, torch.arange(err.shape[1])]
     return best.reshape(upper.shape)
 

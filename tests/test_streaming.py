@@ -107,7 +107,8 @@ def test_stream_on_a_noisy_chip_carries_each_instance_state(tmp_path: Path) -> N
     path = _rnn(tmp_path / "rnn.onnx")
     x = _sequences(6, 5)
     compiled = cimc.compile(path, "aon-cim", calibration={"x": _sequences(8, 5, seed=3)}, stream="auto")
-    result = cimc.simulate(compiled, {"x": x}, drift="1y", instances=3, stream="auto", compare_gdc=False)
+    result = cimc.simulate(compiled, {"x": x}, drift="1y", instances=3, stream="auto", compare_gdc=False,
+                           metric="cosine")
     assert result.data["stream"] == {"pairs": ["h_out=h_in"], "chunks": 5}
     assert result.data["metric"] == "cosine"
     per_instance = result.data["series"][0]["points"][0]["per_instance"]
@@ -193,3 +194,14 @@ def test_cli_stream_run_and_simulate(tmp_path: Path, run_cli) -> None:  # type: 
     assert res.code == 2 and "missing h_in" in res.err and "--stream auto" in res.err and "Traceback" not in res.err
     res = run_cli("run", tmp_path / "c", "--input", tmp_path / "seq.npz", "--stream", "bad", "-o", tmp_path / "x.npz")
     assert res.code == 2 and "OUTPUT=INPUT" in res.err
+
+
+def test_diagnose_runs_a_stream(tmp_path: Path) -> None:
+    """diagnose feeds every chunk with its carried state: per-layer SNRs for both layers of the cell."""
+    path = _rnn(tmp_path / "rnn.onnx")
+    compiled = cimc.compile(path, "aon-cim", calibration={"x": _sequences(8, 5, seed=3)}, stream="auto")
+    result = cimc.diagnose(compiled, {"x": _sequences(4, 5)}, stream="auto", instances=2, metric="relerr",
+                           try_advice=False)
+    names = {row["name"] for row in result.data["layers"]}
+    assert len(names) == 3 and result.data["data"] == "inputs"
+    assert all(row["snr_db"]["all"] is not None for row in result.data["layers"])
