@@ -511,7 +511,7 @@ def explain_measured(target: Target, static: CostReport, measured: CostReport,
     total = static.total_energy_j
     if total <= 0 or abs(measured.total_energy_j - total) <= 1e-3 * total:
         return None
-    moved = sorted((c for c in diff if abs(diff[c]) > 0.01 * total), key=lambda c: -abs(diff[c]))
+    moved = sorted((c for c in diff if abs(diff[c]) > 1e-3 * total), key=lambda c: -abs(diff[c]))
     parts = ", ".join(f"{c} {static.energy_j[c] * 1e6:.3g} -> {measured.energy_j[c] * 1e6:.3g} uJ" for c in moved[:3])
     a = target.activity
     if activity:
@@ -521,5 +521,12 @@ def explain_measured(target: Target, static: CostReport, measured: CostReport,
                 f"|x| {100 * min(mag):.1f}-{100 * max(mag):.1f} % of full scale")
     else:
         seen = "this run measured no analog layer"
+    peaks = [v.mean_max_input_magnitude for v in activity.values() if v.mean_max_input_magnitude is not None]
+    pulse = ""
+    if peaks and abs(measured.latency_s - static.latency_s) > 1e-3 * static.latency_s:
+        pulse = (f"; the largest input of an MVM averages {100 * min(peaks):.0f}-{100 * max(peaks):.0f} % of full "
+                 f"scale, which sets the pulse-width integration time: latency {static.latency_s * 1e3:.4g} -> "
+                 f"{measured.latency_s * 1e3:.4g} ms")
     return (f"compile assumed the target's input activity ({100 * a.input_density:.0f} % non-zero, mean |x| "
-            f"{100 * a.mean_input_magnitude:.1f} % of full scale); {seen}" + (f": {parts}" if parts else ""))
+            f"{100 * a.mean_input_magnitude:.1f} % of full scale, full-scale pulses); {seen}"
+            + (f": {parts}" if parts else "") + pulse)
