@@ -29,6 +29,7 @@ import onnx_ir as ir
 from cimc import __version__
 from cimc.errors import InputError
 from cimc.frontend import _check_external_data
+from cimc.metadata import PLACEMENT, read_layer, read_matrix, read_placement, read_schedule
 from cimc.optional import import_pandas as _pandas
 from cimc.outputs import output_dir
 from cimc.plots import plot_occupancy
@@ -157,24 +158,24 @@ class CompiledModel:
             c = cost_by_name.get(node.name)
             if c is None:
                 continue
-            if "cimc.placement" in node.metadata_props:
-                m = json.loads(node.metadata_props["cimc.matrix"])
-                tiles = json.loads(node.metadata_props["cimc.placement"])
-                arrays = sorted({t["array"] for t in tiles})
-                layer = node.metadata_props.get("cimc.layer") or node.name
+            m = read_matrix(node)
+            if PLACEMENT in node.metadata_props and m is not None:
+                tiles = read_placement(node)
+                arrays = sorted({t.array for t in tiles})
+                layer = read_layer(node, node.name)
                 if layer in seen_layers:  # a further use of a shared weight: same devices, placed once
                     where = f"= block {layer}"
                 else:
                     seen_layers.add(layer)
                     where = (
-                        f"r{tiles[0]['row0']}:{tiles[0]['row0'] + tiles[0]['rows']} c{tiles[0]['col0']}:{tiles[0]['col0'] + tiles[0]['cols']}"
+                        f"r{tiles[0].row0}:{tiles[0].row0 + tiles[0].rows} c{tiles[0].col0}:{tiles[0].col0 + tiles[0].cols}"
                         if len(tiles) == 1
                         else f"{len(tiles)} tiles on {'array' if len(arrays) == 1 else 'arrays'} {_ranges(arrays)}"
                     )
                     if len(arrays) == 1 and (self.target.array.count or 0) > 1:
                         where = f"core {arrays[0]} " + where
-                shape = f"{m['rows']}x{m['cols']}" + (f" x{m['groups']}g" if m["groups"] > 1 else "")
-                rows.append([node.name, node.op_type, shape, where, m["mvms"], c.cycles, human(c.total_energy_j, "J")])
+                shape = f"{m.rows}x{m.cols}" + (f" x{m.groups}g" if m.groups > 1 else "")
+                rows.append([node.name, node.op_type, shape, where, m.mvms, c.cycles, human(c.total_energy_j, "J")])
             elif c.total_energy_j > 0 and c.cycles > 0:
                 rows.append([node.name, node.op_type, "", "digital", "", c.cycles, human(c.total_energy_j, "J")])
         table = format_table(["layer", "op", "K x N", "placement", "MVMs", "cycles", "energy"], rows, right=(4, 5, 6))
@@ -306,21 +307,20 @@ class CompiledModel:
         cores: set[int] = set()
         cost_by_name = {layer.name: layer for layer in self.cost.layers}
         for node in self.model.graph:
-            slot = node.metadata_props.get("cimc.schedule")
-            if not slot:
+            s = read_schedule(node)
+            if s is None:
                 continue
-            s = json.loads(slot)
             c = cost_by_name.get(node.name)
-            if s["end_cycle"] == s["start_cycle"]:
+            if s.end_cycle == s.start_cycle:
                 continue
             base = {
                 "name": node.name, "cat": node.op_type, "ph": "X", "pid": 0,
-                "ts": s["start_cycle"] / clock * 1e6, "dur": (s["end_cycle"] - s["start_cycle"]) / clock * 1e6,
-                "args": {"op": node.op_type, "cycles": s["end_cycle"] - s["start_cycle"], "stage": s["stage"],
+                "ts": s.start_cycle / clock * 1e6, "dur": (s.end_cycle - s.start_cycle) / clock * 1e6,
+                "args": {"op": node.op_type, "cycles": s.end_cycle - s.start_cycle, "stage": s.stage,
                          "energy_j": c.total_energy_j if c else 0.0, "mvms": c.mvms if c else 0},
             }
-            if s["unit"] == "array" and "cimc.placement" in node.metadata_props:
-                arrays = sorted({t["array"] for t in json.loads(node.metadata_props["cimc.placement"])})
+            if s.unit == "array" and PLACEMENT in node.metadata_props:
+                arrays = sorted({t.array for t in read_placement(node)})
                 for a in arrays:
                     cores.add(a)
                     events.append({**base, "tid": a + 1, "args": {**base["args"], unit: a}})

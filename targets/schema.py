@@ -335,7 +335,7 @@ class Target(BaseModel):
 
     @model_validator(mode="after")
     def _device_computable(self) -> Target:
-        _check_device(self.device)
+        _check_device(self.device_params)
         return self
 
     @property

@@ -155,6 +155,7 @@ def _data(in_shape: tuple[int, ...], samples: int, seed: int) -> Dataset:
     return Dataset(x=x, y=rng.integers(0, CLASSES, samples).astype(np.int64), name="drawn")
 
 
+@pytest.mark.slow
 @settings(settings.get_profile(PROFILE))
 @given(g=geometries(), base=st.sampled_from(["aon-cim", "hermes"]), gdc=st.sampled_from(["layer", "column"]))
 def test_every_path_on_every_geometry(tmp_path_factory: pytest.TempPathFactory, g: Geometry, base: str, gdc: str) -> None:
