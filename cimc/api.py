@@ -96,6 +96,7 @@ def simulate(
     workers: int | None = None,
     ray: str | None = None,
     yield_target: float | str | None = None,
+    stream: str | Sequence[str] | None = None,
 ) -> Any:
     """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
@@ -107,6 +108,10 @@ def simulate(
     units; "90%" for shares). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written
     there.
 
+    ``data`` may hold one array per model input, by name (:func:`cimc.data.bind`). ``stream``: ``"auto"`` or
+    ``["OUT=IN", ...]`` runs each sequence chunk by chunk on every chip instance, the state output fed back to
+    the state input (data ``[sequences, chunks, ...]``; the metric compares every chunk's output).
+
     ``instance_range=(a, b)``: only chips a..b-1 of the ``instances`` (merge shards with
     :func:`cimc.runtime.simulator.merge_results`). ``workers=N`` splits the instances over N local processes,
     ``ray="auto"`` or an address over Ray; every chip's random streams depend only on (seed, chip index), so
@@ -114,8 +119,7 @@ def simulate(
     """
     import time as _time
 
-    from cimc.data import Dataset, load_dataset
-    from cimc.plots import plot_drift
+    from cimc.data import Dataset, Feed, bind, load_dataset
     from cimc.outputs import check_output_dir, output_dir
     from cimc.report import write_json_atomic
     from cimc.runtime.simulator import check_simulation_inputs, merge_results
@@ -125,9 +129,13 @@ def simulate(
     if out_dir is not None:  # refuse a destructive -o before the simulation runs
         check_output_dir(out_dir, "simulation", inputs, force=force)
     c = load_compiled(compiled)
-    ds = data if isinstance(data, Dataset) else load_dataset(data, samples=samples)
+    ds = data if isinstance(data, (Dataset, Feed, Mapping)) else load_dataset(data, samples=samples)
     times = parse_times(drift)
-    x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
+    feed = ds if isinstance(ds, Feed) else bind(ds, c.model, stream=stream)
+    if samples is not None:
+        feed = feed.take(0, samples)
+    # one plain array for one-input data: the path (and the numbers) of every one-input model stay as they were
+    x, y = (feed if feed.single is None else feed.single), feed.y
     if workers is None and ray is None:
         result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
                                 compare_gdc=compare_gdc, progress=progress, metric=metric,
@@ -153,8 +161,12 @@ def simulate(
         result = merge_results(c, shards, yield_target=yield_target)
         result.timings["wall_time_s"] = _time.perf_counter() - started
         result.timings["shards"] = len(ranges)
-    result.data["data"] = ds.name
+    result.data["data"] = getattr(ds, "name", "inputs")
+    if feed.streaming:
+        result.data["stream"] = {"pairs": [str(p) for p in feed.pairs], "chunks": feed.chunks}
     if out_dir is not None:
+        from cimc.plots import plot_drift  # matplotlib only when a figure is written
+
         with output_dir(out_dir, "simulation", inputs, force=force) as tmp:
             write_json_atomic(tmp / "results.json", result.data)
             write_json_atomic(tmp / "timings.json", result.timings)
@@ -164,25 +176,18 @@ def simulate(
 
 def _input_specs(model: ir.Model) -> list[tuple[str, tuple[int, ...], np.dtype, int]]:
     """(name, compiled shape, numpy dtype, batch axis) of every remaining graph input, in graph order."""
-    import json
+    from cimc.data import input_specs
 
-    axes = json.loads(model.metadata_props.get("cimc.batch_axes", "{}"))
-    specs = []
-    for v in model.graph.inputs:
-        shape = tuple(int(d) if isinstance(d, int) else -1 for d in (v.shape or ()))
-        dtype = v.dtype.numpy() if v.dtype is not None else np.dtype(np.float32)
-        specs.append((v.name, shape, np.dtype(dtype), int(axes.get(v.name, 0))))
-    return specs
+    return [(s.name, s.shape, s.dtype, 0 if s.axis is None else s.axis) for s in input_specs(model)]
 
 
-def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
-    """One array per model input (first axis = samples) from an array, a {name: array} mapping, a .npy file
-    (one-input models) or a .npz file with one array per input name; checked against the model's inputs."""
-    from cimc.data import _check_finite, check_input_array, load_npy, load_npz_arrays
-    from cimc.errors import DataError, InputError
+def _read_inputs(inputs: Any, model: ir.Model, stream: str | Sequence[str] | None = None) -> Any:
+    """The inputs bound to the model (:class:`cimc.data.Feed`) from an array (one-input models), a
+    {name: array} mapping, a .npy file (one-input models) or a .npz file with one array per input name."""
+    from cimc.data import bind, input_specs, load_npy, load_npz_arrays
+    from cimc.errors import InputError
 
-    specs = _input_specs(model)
-    names = [name for name, _, _, _ in specs]
+    names = [s.name for s in input_specs(model)]
     if isinstance(inputs, (str, os.PathLike)):
         p = Path(inputs)
         if not p.is_file():
@@ -201,44 +206,11 @@ def _read_inputs(inputs: Any, model: ir.Model) -> list[np.ndarray]:
         else:
             inputs = loaded
     if not isinstance(inputs, Mapping):
-        if len(names) != 1:
+        if len(names) != 1 and not stream:
             raise InputError(f"the model has {len(names)} inputs ({', '.join(names)}); give a .npz (or a dict) "
                              "with one array per input name")
-        inputs = {names[0]: inputs}
-    missing = [n for n in names if n not in inputs]
-    extra = sorted(set(inputs) - set(names))
-    if missing or extra:
-        detail = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and extra else "") + (
-            f"not inputs of the model: {', '.join(extra)}" if extra else "")
-        raise DataError(f"inputs do not match the model's inputs ({', '.join(names)}): {detail}")
-    arrays = []
-    samples = None
-    for name, shape, dtype, axis in specs:
-        a = np.asarray(inputs[name])
-        if not shape:  # a scalar input (a sample rate, a threshold) has no sample axis: one value for every sample
-            if a.size != 1 or a.dtype.kind not in "biuf":
-                raise DataError(f"input {name!r} is a scalar in the model; give one number (got shape {list(a.shape)})")
-            arrays.append(np.asarray(a.reshape(()), dtype=dtype))
-            continue
-        if axis == 0:  # the common case: one-line checks shared with every other data path
-            a = check_input_array(a, None if -1 in shape else shape[1:], f"input {name!r}")
-        else:
-            if a.dtype.kind not in "biuf":
-                raise DataError(f"input {name!r}: dtype {a.dtype} is not numeric; save numbers")
-            expected = [("N" if i == axis else str(d)) for i, d in enumerate(shape)]
-            if a.ndim != len(shape) or any(i != axis and d != -1 and d != s for i, (d, s) in enumerate(zip(shape, a.shape))):
-                raise DataError(f"input {name!r}: shape {tuple(a.shape)} does not match the model's input "
-                                f"[{', '.join(expected)}] (N samples on axis {axis})")
-            if a.dtype.kind == "f":
-                _check_finite(a, f"input {name!r}")
-        if samples is None:
-            samples = a.shape[axis]
-        if a.shape[axis] != samples:
-            raise DataError(f"inputs have different numbers of samples ({samples} and {a.shape[axis]} for {name!r})")
-        arrays.append(np.ascontiguousarray(a, dtype=dtype))
-    if not samples:
-        raise DataError("the inputs hold no samples (the batch axis has length 0)")
-    return arrays
+        inputs = {"x": inputs}
+    return bind({k: v for k, v in inputs.items() if k != "y"}, model, stream=stream)
 
 
 def _batch_axis(out_shape: Sequence[int], declared: Sequence[int] | None, chunk: int) -> int | None:
@@ -283,9 +255,9 @@ def harden(
     force: bool = False,
 ) -> Any:
     """Try mitigations on the simulator until the compiled model meets ``goal`` (or loses at most ``drop``
-    against the float model) at ``time``; see :func:`cimc.harden.harden`. Returns a
-    :class:`cimc.harden.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
-    from cimc.harden import harden as run_harden
+    against the float model) at ``time``; see :func:`cimc.hardening.harden`. Returns a
+    :class:`cimc.hardening.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
+    from cimc.hardening import harden as run_harden
 
     return run_harden(compiled, data, time=time, goal=goal, drop=drop, metric=metric, instances=instances, seed=seed,
                       samples=samples, batch_size=batch_size, calibration=calibration, training=training,
@@ -361,8 +333,13 @@ def run(
     ideal: bool = False,
     all_outputs: bool = False,
     force: bool = False,
+    stream: str | Sequence[str] | None = None,
 ) -> Any:
     """Raw outputs of the compiled model on one chip instance at ``time`` after programming.
+
+    ``stream``: ``"auto"`` or ``["OUT=IN", ...]`` runs each sequence chunk by chunk (inputs ``[sequences,
+    chunks, ...]``, states from zeros or the given initial values), the state carried on the chip; outputs come
+    per chunk (``[sequences, chunks, ...]``) and each state output as its value after the last chunk.
 
     ``inputs``: an array (one-input models), a ``{input name: array}`` mapping, a ``.npy`` file or a ``.npz``
     file with one array per input name; first axis = samples. ``instance`` picks one of ``instances`` chips
@@ -389,8 +366,9 @@ def run(
         from cimc.outputs import check_output_file
 
         check_output_file(out_path, out_path.suffix, [compiled, inputs], force=force)
-    arrays = _read_inputs(inputs, c.model)
-    in_axes = [axis if shape else None for _, shape, _, axis in _input_specs(c.model)]  # None: a scalar input
+    feed = _read_inputs(inputs, c.model, stream)
+    arrays = list(feed.arrays)
+    in_axes = [s.axis for s in feed.specs]  # None: a scalar input
     n = instances or instance + 1
     if not 0 <= instance < n:
         raise InputError(f"--instance {instance} is outside 0..{n - 1}; raise --instances")
@@ -430,7 +408,9 @@ def run(
 
     results = None
     step = samples_per_pass(c.model, 1, 64)  # within the memory budget
-    if total % compiled_batch == 0 and compiled_batch * 2 <= step:
+    if feed.streaming:
+        results = _run_stream(chip.executor, feed, max(1, step // compiled_batch) * compiled_batch)
+    elif total % compiled_batch == 0 and compiled_batch * 2 <= step:
         try:
             results = forward(step // compiled_batch * compiled_batch)
         except (RuntimeError, ModelError) as exc:  # a shape baked in for the compiled batch
@@ -457,6 +437,23 @@ def run(
             data = mark_npy(buf.getvalue())
         write_bytes_atomic(out_path, data)
     return named if all_outputs else results[0]
+
+
+def _run_stream(executor: Any, feed: Any, step: int) -> list[np.ndarray]:
+    """Every output of a stream, ``step`` sequences at a time: per chunk ``[S, C, ...]``, a state output as its
+    value after the last chunk (sequences on its input's batch axis)."""
+    import torch
+
+    from cimc.runtime.streaming import feed_forward
+
+    axis_of = {p.output: next(s.axis for s in feed.specs if s.name == p.input) for p in feed.pairs}
+    parts: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for start in range(0, len(feed), step):
+            outs = feed_forward(executor, feed.take(start, start + step))
+            parts.append([o.detach().numpy() for o in outs])
+    names = list(executor.output_names)
+    return [np.concatenate([p[i] for p in parts], axis=axis_of.get(name, 0)) for i, name in enumerate(names)]
 
 
 def finetune(

@@ -112,6 +112,22 @@ def _add_input_options(p: Any) -> None:
                    "on it is folded away")
 
 
+def _add_stream_option(p: Any) -> None:
+    p.add_argument("--stream", action="append", default=[], metavar="OUTPUT=INPUT|auto",
+                   help="run sequences chunk by chunk, feeding the state OUTPUT back to INPUT at the next chunk "
+                   "(repeatable; 'auto' finds the pairs by name and shape); data [sequences, chunks, ...], states "
+                   "start at zeros unless given")
+
+
+def _stream(args: argparse.Namespace) -> str | list[str] | None:
+    items = [t for t in getattr(args, "stream", []) or []]
+    if [t.strip().lower() for t in items] == ["auto"]:
+        return "auto"
+    if any(t.strip().lower() == "auto" for t in items):
+        raise InputError("--stream auto finds every state pair: give it alone, or name each pair as OUTPUT=INPUT")
+    return items or None
+
+
 def _fixed_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """``input_shapes``/``input_values`` keyword arguments from the repeatable command-line options."""
     from cimc.frontend import parse_input_shape, parse_input_value
@@ -209,7 +225,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays,
         batch=args.batch_size, seed=args.seed, progress=_progress_enabled(args), out_dir=out, force=args.force,
-        digital=args.digital or (), replicate=_replicas(args.replicate), **_fixed_inputs(args),
+        digital=args.digital or (), replicate=_replicas(args.replicate), stream=_stream(args), **_fixed_inputs(args),
     )
     files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
     if args.json:
@@ -256,6 +272,7 @@ def _add_compile(sub: Any) -> None:
                    "digitally (noise falls about sqrt(R); R x its crossbar space, MVMs and energy); repeatable")
     _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
+    _add_stream_option(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
     _add_threads_option(p)
     _add_output_flags(p, json_help="print the compile report (report.json content) as one JSON document")
@@ -287,6 +304,7 @@ def _simulate(args: argparse.Namespace) -> int:
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
         force=args.force, metric=args.metric, workers=args.workers, ray=args.ray, yield_target=args.yield_target,
+        stream=_stream(args),
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -314,6 +332,7 @@ def _add_simulate(sub: Any) -> None:
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
     _add_batch_size(p, "inputs per forward pass; each chip instance runs every batch on its own (default 64)", 64)
     p.add_argument("--no-compare", action="store_true", help="skip the run without drift compensation")
+    _add_stream_option(p)
     _add_threads_option(p)
     _add_backend_options(p, "chip instances")
     p.add_argument("-o", "--output", help="output directory (default DIR/simulation)")
@@ -331,7 +350,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
                       samples=args.samples, batch_size=args.batch_size, metric=args.metric,
                       progress=_progress_enabled(args), out_dir=out, force=args.force, try_advice=args.try_advice,
-                      calibration=args.calib)
+                      calibration=args.calib, stream=_stream(args))
     if args.json:
         _print_json({**result.data, "output": out})
     elif not args.quiet:
@@ -357,6 +376,7 @@ def _add_diagnose(sub: Any) -> None:
     p.add_argument("--no-try", dest="try_advice", action="store_false",
                    help="do not try the advice on the simulator (no measured gains; faster)")
     _add_threads_option(p)
+    _add_stream_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
     _add_force(p)
     _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
@@ -426,7 +446,7 @@ def _run(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     outs = api.run(args.compiled, args.input, None if to_stdout else args.output, time=args.time,
                    instance=args.instance, instances=args.instances, seed=args.seed, ideal=args.ideal,
-                   all_outputs=True, force=args.force)
+                   all_outputs=True, force=args.force, stream=_stream(args))
     if to_stdout:  # binary on stdout, for a pipe: .npy for one output, .npz for several
         import io
 
@@ -461,6 +481,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
     _add_file_force(p)
+    _add_stream_option(p)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -573,40 +594,69 @@ def _add_demo(sub: Any) -> None:
 # --- finetune ---
 @command("finetune")
 def _finetune(args: argparse.Namespace) -> int:
-    from cimc.passes.finetune import finetune, save_finetuned
-
     from cimc.outputs import check_output_file
+    from cimc.passes.finetune import finetune, save_finetuned
+    from cimc.vocabulary import parse_duration
 
     sources = [args.model, args.data, args.val]
     check_output_file(args.output, ".onnx", sources, force=args.force)  # before the training, not after it
     # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
     # machine no longer calls for one thread.
     _threads(args)
-    options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
+    options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("keep", args.keep),
+                                 ("verify_times", args.verify_times),
+                                 ("val_time", None if args.val_time is None else parse_duration(args.val_time)),
+                                 ("output_kinds", args.output_kinds)) if v is not None}
     model, history = finetune(
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
         progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
     save_finetuned(model, args.output, sources, force=args.force)
-    first, best = history["history"][0], history["history"][history["best_epoch"]]
-    print(f"method {history['method']}: noisy validation accuracy ({history['validation']}) "
-          f"{100 * first['val_noisy_acc']:.2f} % -> {100 * best['val_noisy_acc']:.2f} % (epoch {history['best_epoch']}), "
-          f"{history['train_time_s']:.0f} s")
+    for line in finetune_summary(history):
+        print(line)
     print(f"wrote {args.output}; compile it with 'cimc compile {args.output} --target {args.target} --calib DATA.npz'")
     return 0
 
 
+def finetune_summary(history: dict[str, Any]) -> list[str]:
+    """What a fine-tuning run did, in a few lines: the noisy validation, and which model was kept and why."""
+    first, best = history["history"][0], history["history"][history["best_epoch"]]
+    metric = history.get("metric", "accuracy")
+    lines = [(f"method {history['method']}: noisy validation {metric} ({history['validation']}) "
+              f"{100 * first['val_noisy']:.2f} % -> {100 * best['val_noisy']:.2f} % (epoch {history['best_epoch']}), "
+              f"{history['train_time_s']:.0f} s")]
+    check = history.get("verification")
+    if check is not None:  # a worse fine-tuned model is also a logged warning (stderr), even with -q
+        shown = (f"{100 * check['input']['score']:.2f} % -> {100 * check['fine-tuned']['score']:.2f} % on "
+                 f"{check['instances']} fresh chips at {', '.join(f'{t:g} s' for t in check['times_s'])}")
+        verdict = ("worse: wrote the input model's weights unchanged" if history["kept"] == "input"
+                   else "not worse: wrote it")
+        lines.append(f"keep-the-better check ({shown}): the fine-tuned model is {verdict}")
+    elif history["best_epoch"] == 0 and history["history"][1:]:
+        lines.append("no epoch beat the input model on the noisy validation: wrote the input model's weights unchanged")
+    return lines
+
+
 def _add_finetune(sub: Any) -> None:
-    from cimc.passes.finetune_methods import DEFAULT_METHOD, METHODS
+    from cimc.passes.finetune_methods import DEFAULT_METHOD, LABEL_FREE_METHOD, METHODS
 
     p = sub.add_parser("finetune", help="noise-aware fine-tuning (PCM noise, converters, adversarial); ONNX out")
     p.add_argument("model", help="path to an .onnx file")
     _add_target_options(p)
-    p.add_argument("--data", required=True, help="training data (.npz with x, y) or a builtin name (kws-train)")
+    p.add_argument("--data", required=True, help="training data (.npz with x, and y if labelled) or a builtin name "
+                   "(kws-train); without labels the float model is the teacher (distillation)")
     p.add_argument("--val", help="validation data (default: a seeded 10 %% split of the training data)")
     _add_input_options(p)
-    p.add_argument("--method", default=DEFAULT_METHOD,
-                   help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD})")
+    p.add_argument("--method",
+                   help=f"{', '.join(METHODS)}, combined with '+' (default {DEFAULT_METHOD}; "
+                   f"{LABEL_FREE_METHOD} for data without labels)")
+    p.add_argument("--output-kinds", help="distillation distance per model output, '/'-separated: logits, probs, "
+                   "logprobs, sigmoid, regression (default: auto, from the op that makes each output)")
+    p.add_argument("--val-time", help="read time of the per-epoch noisy validation (default 24h)")
+    p.add_argument("--verify-times", help="read times of the final keep-the-better check, e.g. 24h,1y "
+                   "(default: the validation time)")
+    p.add_argument("--keep", choices=("better", "tuned"), help="'better' (default): write the fine-tuned model only "
+                   "if it is not worse than the input on fresh noisy chips; 'tuned': always")
     p.add_argument("--epochs", type=int, help="training epochs (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
     p.add_argument("--batch-size", type=int, help="training batch size")

@@ -65,6 +65,7 @@ def compile_model(
     force: bool = False,
     digital: Sequence[str] = (),
     replicate: Mapping[str, int] | None = None,
+    stream: str | Sequence[str] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
@@ -76,6 +77,8 @@ def compile_model(
     ``cimc diagnose`` flags. ``replicate``: ``{layer: r}`` maps each named analog layer r times on independent
     devices and averages the r results on the digital unit (noise falls about √r; r× the crossbar space, MVMs
     and conversions; :mod:`cimc.passes.replicate`).
+    ``stream`` (``"auto"`` or ``["OUT=IN", ...]``): the calibration data are sequences ``[S, C, ...]`` of a
+    stateful model; the float model runs over them and every chunk is calibrated with its real state.
     ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
     many were needed). When ``out_dir`` is given
     the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
@@ -95,6 +98,10 @@ def compile_model(
     train = load_dataset(training) if isinstance(training, (str, os.PathLike)) else training
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
+    if calib is not None:  # bound now: a wrong file is refused before the passes run
+        from cimc.data import bind
+
+        calib = bind(calib, ir_model, stream=stream)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
                          digital=tuple(digital), replicate=dict(replicate or {}))
     spec = pipeline or default_pipeline(calib is not None, train is not None)

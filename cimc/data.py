@@ -9,6 +9,16 @@ A dataset file is a NumPy ``.npz`` archive with two arrays:
 
 Built-in datasets are addressed by name (``"kws-test"``, ``"mnist-test"``...) and resolve through
 :mod:`cimc.builtin`.
+
+**Models with several inputs** take one array per input, under the input's name (``x`` stands for the input of
+a one-input model). Each array is the model input's shape with its batch axis grown to N samples: ``[N, ...]``
+for the usual input, ``[2, N, 128]`` for a recurrent state declared ``[2, batch, 128]``.
+
+**Streams** (a stateful model run chunk by chunk, its state output fed back to its state input, as an
+always-on chip runs a voice-activity detector): each streamed input carries a chunk axis right after its batch
+axis, ``[sequences, chunks, ...]`` (e.g. ``x`` shaped ``[S, C, 576]`` for a ``[1, 576]`` audio input); a state
+input is either absent (it starts at zeros) or given as its initial value, without a chunk axis. The pairs
+``OUTPUT=INPUT`` are named by the user (``--stream stateN=state``) or found by :func:`find_state_pairs`.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,8 @@ import numpy as np
 
 from cimc.errors import DataError, InputError
 
-__all__ = ["Dataset", "batches", "check_input_array", "check_labels", "load_dataset", "load_npy", "load_npz_arrays",
+__all__ = ["Dataset", "Feed", "InputSpec", "StreamPair", "batches", "bind", "check_input_array", "check_labels",
+           "find_state_pairs", "input_specs", "load_dataset", "load_npy", "load_npz_arrays", "parse_stream",
            "reshape_hint", "save_dataset"]
 
 logger = logging.getLogger(__name__)
@@ -34,11 +45,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs ``x`` (float32, ``[N, ...]``), labels ``y`` (int64, ``[N]``, or None) and a display name."""
+    """Inputs ``x`` (float32, ``[N, ...]``), labels ``y`` (int64, ``[N]``, or None) and a display name.
+
+    ``inputs``: every input array of the file by name (``x`` included when present), for models with several
+    inputs or streams (see :func:`bind`); None for one-input data made in code."""
 
     x: np.ndarray
     y: np.ndarray | None
     name: str
+    inputs: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -269,24 +284,40 @@ def load_dataset(path: str | Path, samples: int | None = None) -> Dataset:
             "save it with numpy.savez(path, x=..., y=...)"
         )
     with loaded as archive:
-        if "x" not in archive.files:
+        names = [n for n in archive.files if n != "y"]
+        if not names:
             raise DataError(
-                f"dataset '{file}' has no array 'x' (it has {sorted(archive.files)}); "
-                "save the inputs under the name 'x'"
+                f"dataset '{file}' has no inputs (it has {sorted(archive.files)}); save the inputs under the name "
+                "'x' (one-input models) or under each input's name"
             )
         try:
-            x = _read_member(archive, "x", file, samples)
+            # --samples reads only the first N of x and y; arrays named after inputs are sliced by bind(), which
+            # knows each input's batch axis (a state [2, N, 128] holds its samples on axis 1)
+            x = _read_member(archive, "x", file, samples) if "x" in archive.files else None
             y = _read_member(archive, "y", file, samples) if "y" in archive.files else None
+            named = {n: _read_member(archive, n, file, None) for n in names if n != "x"}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
             raise InputError(
                 f"dataset '{file}' is truncated or corrupt ({type(exc).__name__}); write it again"
             ) from exc
-    _check_arrays(x, y, f"dataset '{file}'")
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if x is not None:
+        _check_arrays(x, y if not named else None, f"dataset '{file}'")
+    for n, a in named.items():
+        if a.dtype.kind not in "fiub":
+            raise DataError(f"dataset '{file}': '{n}' has dtype {a.dtype}; store the inputs as numbers (float32)")
+        _check_finite(a, f"dataset '{file}': '{n}'")
+    if y is not None and (x is None or named) and (y.ndim != 1 or y.dtype.kind not in "iu"):
+        raise DataError(f"dataset '{file}': 'y' has shape {tuple(y.shape)} and dtype {y.dtype}; store one integer "
+                        "label per sample ([N])")
+    x32 = np.ascontiguousarray(x if x is not None else named[names[0]], dtype=np.float32)
     y64 = None if y is None else y.astype(np.int64)
-    logger.debug("loaded %s: x %s, %s labels", file, x32.shape, "no" if y64 is None else len(y64))
+    inputs = None
+    if named:
+        inputs = {**({"x": x32} if x is not None else {}), **named}
+    logger.debug("loaded %s: x %s, %s labels, inputs %s", file, x32.shape, "no" if y64 is None else len(y64),
+                 None if inputs is None else sorted(inputs))
     name = file.stem if Path(path).exists() else str(path)
-    return Dataset(x=x32, y=y64, name=name)
+    return Dataset(x=x32, y=y64, name=name, inputs=inputs)
 
 
 def save_dataset(path: str | Path, x: np.ndarray, y: np.ndarray | None = None, *, float16: bool = False) -> Path:
@@ -331,3 +362,303 @@ def batches(ds: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarr
     for start in range(0, len(ds), batch_size):
         stop = start + batch_size
         yield ds.x[start:stop], None if ds.y is None else ds.y[start:stop]
+
+
+# ---------------------------------------------------------------------------------------- model inputs, streams
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input as data must feed it: ``shape`` as compiled (its batch axis at the compiled size),
+    ``axis`` the batch axis (None: a scalar input, one value for every sample)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axis: int | None
+
+    def shown(self, samples: str = "N", chunks: bool = False) -> str:
+        """The shape data must have, e.g. ``[N, 1, 49, 10]`` or, streamed, ``[N, C, 576]``."""
+        dims = [str(d) if d >= 0 else "?" for d in self.shape]
+        if self.axis is not None:
+            dims[self.axis] = samples + (", C" if chunks else "")
+        return f"[{', '.join(dims)}]"
+
+
+@dataclass(frozen=True)
+class StreamPair:
+    """A state carried between chunks: graph output ``output`` feeds graph input ``input`` at the next chunk."""
+
+    output: str
+    input: str
+
+    def __str__(self) -> str:
+        return f"{self.output}={self.input}"
+
+
+def input_specs(model: Any) -> list[InputSpec]:
+    """The remaining graph inputs of an onnx-ir model in graph order, with their batch axes (recorded at import
+    as ``cimc.batch_axes``; axis 0 otherwise)."""
+    import json
+
+    axes = json.loads(model.metadata_props.get("cimc.batch_axes", "{}"))
+    specs = []
+    for v in model.graph.inputs:
+        shape = tuple(int(d) if isinstance(d, int) else -1 for d in (v.shape or ()))
+        dtype = np.dtype(v.dtype.numpy()) if v.dtype is not None else np.dtype(np.float32)
+        specs.append(InputSpec(v.name, shape, dtype, int(axes.get(v.name, 0)) if shape else None))
+    return specs
+
+
+def _output_shapes(model: Any) -> dict[str, tuple[int, ...] | None]:
+    return {v.name: None if v.shape is None else tuple(int(d) if isinstance(d, int) else -1 for d in v.shape)
+            for v in model.graph.outputs}
+
+
+_AFFIXES = ("new_", "next_", "out_", "output_", "in_", "input_", "prev_", "init_", "initial_")
+_SUFFIXES = ("_output", "_input", "_out", "_in", "_new", "_next", "_prev", "_0", "_n", "out", "in", "0", "n")
+
+
+def _state_key(name: str) -> str:
+    """A state's name without the words that tell its input from its output (``stateN``, ``h0``/``hn``,
+    ``state_in``/``state_out``, ``new_h``)."""
+    key = name.lower().replace(".", "_").replace("/", "_")
+    for prefix in _AFFIXES:
+        if key.startswith(prefix) and len(key) > len(prefix):
+            key = key[len(prefix):]
+            break
+    for suffix in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def find_state_pairs(model: Any) -> list[StreamPair]:
+    """State pairs of a stateful model: an output and an input with the same static shape whose names differ
+    only by the words marking in and out (``stateN``/``state``, ``hn``/``h0``, ``state_out``/``state_in``).
+    An output that would match several inputs is left out (name the pair with ``--stream OUT=IN``)."""
+    outs = _output_shapes(model)
+    specs = [s for s in input_specs(model) if s.axis is not None]
+    pairs = []
+    def same(a: tuple[int, ...], b: tuple[int, ...] | None) -> bool:  # an output's unknown dims match any size
+        return b is None or (len(a) == len(b) and all(x == y or y == -1 for x, y in zip(a, b)))
+
+    for out, shape in outs.items():
+        match = [s.name for s in specs if same(s.shape, shape) and s.name != out
+                 and _state_key(s.name) == _state_key(out)]
+        if len(match) == 1:
+            pairs.append(StreamPair(out, match[0]))
+        elif len(match) > 1:
+            logger.info("output %s could be the state of %s: name the pair with --stream", out, ", ".join(match))
+    return pairs
+
+
+def parse_stream(model: Any, stream: str | Sequence[str] | Sequence[StreamPair] | None) -> tuple[StreamPair, ...]:
+    """The state pairs of ``stream``: ``"auto"`` (:func:`find_state_pairs`), ``["OUT=IN", ...]`` or pairs;
+    each checked against the model (names exist, shapes agree). None or empty: no stream."""
+    if stream is None or (not isinstance(stream, str) and len(stream) == 0):
+        return ()
+    specs = {s.name: s for s in input_specs(model)}
+    outs = _output_shapes(model)
+    if isinstance(stream, str) and stream.strip().lower() == "auto":
+        pairs = find_state_pairs(model)
+        if not pairs:
+            raise DataError(f"--stream auto: no state pair found (an output and an input of the same shape named "
+                            f"alike; inputs: {', '.join(specs)}; outputs: {', '.join(outs)}); name them with "
+                            "--stream OUTPUT=INPUT")
+        logger.info("stream: state pairs found by name and shape: %s", ", ".join(map(str, pairs)))
+        return tuple(pairs)
+    items = [stream] if isinstance(stream, (str, StreamPair)) else list(stream)
+    pairs = []
+    for item in items:
+        if isinstance(item, StreamPair):
+            pair = item
+        else:
+            out, sep, inp = str(item).partition("=")
+            if not sep or not out.strip() or not inp.strip():
+                raise InputError(f"--stream {item!r}: give OUTPUT=INPUT (the state output fed back to the state "
+                                 "input at the next chunk), or auto")
+            pair = StreamPair(out.strip(), inp.strip())
+        if pair.output not in outs:
+            raise DataError(f"--stream {pair}: '{pair.output}' is not an output of the model "
+                            f"(outputs: {', '.join(outs)})")
+        if pair.input not in specs:
+            raise DataError(f"--stream {pair}: '{pair.input}' is not an input of the model "
+                            f"(inputs: {', '.join(specs)}; a frozen --input-value is no longer an input)")
+        out_shape, in_shape = outs[pair.output], specs[pair.input].shape
+        if out_shape is not None and -1 not in out_shape and -1 not in in_shape and out_shape != in_shape:
+            raise DataError(f"--stream {pair}: the output's shape {list(out_shape)} differs from the input's "
+                            f"{list(in_shape)}; a state must come back in the shape it went in")
+        pairs.append(pair)
+    if len({p.input for p in pairs}) != len(pairs):
+        raise InputError("--stream: an input is fed by two outputs; give each state input once")
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class Feed:
+    """Data bound to a model's inputs: one array per graph input, in graph order, samples on each input's batch
+    axis (scalar inputs as 0-d arrays). For a stream (``pairs`` non-empty), streamed inputs carry a chunk axis
+    right after the batch axis and a state input holds its initial value (zeros unless given)."""
+
+    specs: tuple[InputSpec, ...]
+    arrays: tuple[np.ndarray, ...]
+    samples: int
+    pairs: tuple[StreamPair, ...] = ()
+    chunks: int = 0
+    y: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.samples
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.pairs)
+
+    @property
+    def state_inputs(self) -> set[str]:
+        return {p.input for p in self.pairs}
+
+    @property
+    def single(self) -> np.ndarray | None:
+        """The one array of a one-input, non-stream feed (the fast path everywhere), else None."""
+        return self.arrays[0] if len(self.arrays) == 1 and not self.pairs and self.specs[0].axis == 0 else None
+
+    def take(self, start: int, stop: int | None = None) -> Feed:
+        """Samples ``start:stop`` of every input (and label)."""
+        stop = self.samples if stop is None else min(stop, self.samples)
+        arrays = tuple(a if s.axis is None else np.take(a, np.arange(start, stop), axis=s.axis)
+                       for s, a in zip(self.specs, self.arrays))
+        y = None if self.y is None else self.y[start:stop]
+        return Feed(self.specs, arrays, max(stop - start, 0), self.pairs, self.chunks, y)
+
+    def subset(self, index: np.ndarray) -> Feed:
+        """The samples at ``index`` (in that order)."""
+        arrays = tuple(a if s.axis is None else np.take(a, index, axis=s.axis) for s, a in zip(self.specs, self.arrays))
+        return Feed(self.specs, arrays, len(index), self.pairs, self.chunks, None if self.y is None else self.y[index])
+
+    def chunk(self, c: int) -> list[np.ndarray | None]:
+        """The inputs of chunk ``c`` of a stream, in graph order; None where the state goes."""
+        states = self.state_inputs
+        out: list[np.ndarray | None] = []
+        for s, a in zip(self.specs, self.arrays):
+            if s.name in states:
+                out.append(None)
+            elif s.axis is None:
+                out.append(a)
+            else:
+                out.append(np.take(a, c, axis=s.axis + 1))
+        return out
+
+    def initial_states(self) -> dict[str, np.ndarray]:
+        """Each state input's value at the first chunk."""
+        return {s.name: a for s, a in zip(self.specs, self.arrays) if s.name in self.state_inputs}
+
+
+def _as_arrays(data: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:
+    """(arrays by name, labels, what to call the data in errors) from a Dataset, mapping, array or path."""
+    if isinstance(data, Feed):
+        raise InputError("bind() got a Feed: it is already bound")
+    if isinstance(data, Dataset):
+        return (dict(data.inputs) if data.inputs else {"x": data.x}), data.y, f"dataset '{data.name}'"
+    if isinstance(data, Mapping):
+        arrays = {str(k): v for k, v in data.items() if k != "y"}
+        y = data.get("y")
+        return arrays, None if y is None else np.asarray(y), "inputs"
+    if isinstance(data, (str, os.PathLike)):
+        ds = load_dataset(data)
+        return (dict(ds.inputs) if ds.inputs else {"x": ds.x}), ds.y, f"dataset '{ds.name}'"
+    return {"x": np.asarray(data)}, None, "inputs"
+
+
+def bind(data: Any, model: Any, stream: str | Sequence[str] | Sequence[StreamPair] | None = None,
+         samples: int | None = None) -> Feed:
+    """Bind data to a model's inputs by name (see the module docstring for the layout); ``x`` stands for the one
+    input left unnamed. Missing, extra or mis-shaped inputs are one-line :class:`DataError`s naming them.
+
+    ``data``: a :class:`Dataset`, ``{name: array}`` (``y`` = labels), an array (one-input models) or an ``.npz``
+    path. ``stream``: see :func:`parse_stream`. ``samples``: keep the first N samples (sequences).
+    """
+    arrays, y, where = _as_arrays(data)
+    specs = input_specs(model)
+    pairs = parse_stream(model, stream)
+    states = {p.input for p in pairs}
+    names = [s.name for s in specs]
+    if "x" in arrays and "x" not in names:
+        open_ = [s.name for s in specs if s.name not in arrays and s.name not in states and s.axis is not None]
+        if len(open_) == 1:
+            arrays[open_[0]] = arrays.pop("x")
+        elif not open_ and len(arrays) > 1:
+            arrays.pop("x")  # a one-input file's x beside named arrays that cover every input: not an input
+    extra = sorted(set(arrays) - set(names))
+    missing = [s for s in specs if s.name not in arrays and s.name not in states]
+    if extra or missing:
+        parts = []
+        if missing:
+            parts.append("missing " + ", ".join(f"{s.name} {s.shown(chunks=bool(pairs))}" for s in missing))
+        if extra:
+            parts.append("not inputs of the model: " + ", ".join(f"'{n}'" for n in extra))
+        hint = ("save one array per input name (numpy.savez(path, name=array, ...))"
+                + (", or freeze an input when compiling (" + ", ".join(f"--input-value {s.name}=VALUE|FILE.npy"
+                                                                         for s in missing) + ")" if missing else ""))
+        if missing and not pairs and find_state_pairs(model):
+            hint += f"; a stateful model runs as a stream with --stream auto ({', '.join(map(str, find_state_pairs(model)))})"
+        raise DataError(f"{where} does not match the model's inputs ({', '.join(names)}): {'; '.join(parts)}; {hint}")
+    bound: list[np.ndarray] = []
+    count: int | None = None
+    chunks = 0
+    for s in specs:
+        if s.name not in arrays:  # a state that starts at zeros: sized once the sample count is known
+            bound.append(np.empty(0))
+            continue
+        a = np.asarray(arrays[s.name])
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"input '{s.name}': dtype {a.dtype} is not numeric; save numbers (float32)")
+        if s.axis is None:
+            if a.size != 1:
+                raise DataError(f"input '{s.name}' is a scalar in the model; give one number (got shape {list(a.shape)})")
+            bound.append(np.asarray(a.reshape(()), dtype=s.dtype))
+            continue
+        streamed = bool(pairs) and s.name not in states
+        if not streamed and s.axis == 0 and -1 not in s.shape:  # the usual input: the one-line checks of every path
+            if where != "inputs" and a.ndim >= 2 and tuple(a.shape[1:]) != s.shape[1:]:
+                raise DataError(f"{where}: input '{s.name}' has shape {tuple(a.shape[1:])} per sample but the model "
+                                f"takes {s.shape[1:]}; pass data made for this model")
+            a = check_input_array(a, s.shape[1:], f"input '{s.name}'")
+        expected = list(s.shape)
+        if streamed:
+            expected.insert(s.axis + 1, -1)
+        ok = a.ndim == len(expected) and all(i == s.axis or d == -1 or d == n
+                                             for i, (d, n) in enumerate(zip(expected, a.shape)))
+        if not ok:
+            raise DataError(f"input '{s.name}': shape {list(a.shape)} does not match the model's input "
+                            f"{s.shown(chunks=streamed)} (N samples on axis {s.axis}"
+                            + (f", C chunks on axis {s.axis + 1}" if streamed else "") + ")")
+        if streamed:
+            if chunks and a.shape[s.axis + 1] != chunks:
+                raise DataError(f"input '{s.name}' has {a.shape[s.axis + 1]} chunks but another input has {chunks}; "
+                                "give every streamed input the same number of chunks")
+            chunks = int(a.shape[s.axis + 1])
+        n = int(a.shape[s.axis])
+        if count is not None and n != count:
+            raise DataError(f"inputs have different numbers of samples ({count}, and {n} for '{s.name}'); give each "
+                            "input the same number of samples on its batch axis")
+        count = n
+        if a.dtype.kind == "f":
+            _check_finite(a, f"input '{s.name}'")
+        bound.append(np.ascontiguousarray(a, dtype=s.dtype))
+    if count is None:
+        raise DataError(f"{where}: no input with samples; the model needs at least one input with a batch axis")
+    if count == 0 or (pairs and chunks == 0):
+        raise DataError(f"{where}: no samples (or no chunks) in the inputs; give at least one")
+    for i, s in enumerate(specs):
+        if s.name in states and s.name not in arrays:
+            shape = list(s.shape)
+            shape[s.axis] = count  # type: ignore[index]
+            bound[i] = np.zeros([max(d, 1) for d in shape], dtype=s.dtype)
+            logger.info("stream: state '%s' starts at zeros %s", s.name, shape)
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim < 1 or y.shape[0] != count:
+            raise DataError(f"{where}: {count} samples but {y.shape[0] if y.ndim else 0} labels in 'y'; give one "
+                            "label per sample")
+    feed = Feed(tuple(specs), tuple(bound), count, pairs, chunks, y)
+    return feed if samples is None else feed.take(0, samples)

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,6 +422,7 @@ def diagnose(
     try_advice: bool = True,
     calibration: Any = None,
     max_trials: int = 8,
+    stream: str | Sequence[str] | None = None,
 ) -> DiagnoseResult:
     """Per-layer SNR by cause, single-layer end metric and advice (see the module docstring).
 
@@ -432,7 +433,7 @@ def diagnose(
     gain they gave (``tried``); variants that map the model again are calibrated on ``calibration`` (default:
     ``data``). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
     """
-    from cimc.data import Dataset, load_dataset, reshape_hint
+    from cimc.data import Dataset, Feed, bind, load_dataset, reshape_hint
     from cimc.runtime.metrics import (
         check_metric,
         default_metric,
@@ -450,15 +451,18 @@ def diagnose(
 
         check_output_dir(out_dir, "diagnosis", [compiled, data], force=force)
     c = load_compiled(compiled)
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    ds = data if isinstance(data, (Dataset, Feed, Mapping)) else load_dataset(data)
     if instances < 1:
         raise InputError(f"--instances must be at least 1 (got {instances})")
     (t_s,) = parse_times(time if isinstance(time, str) else [time])
-    x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
+    feed = ds if isinstance(ds, Feed) else bind(ds, c.model, stream=stream)  # one array per input, by name
+    if samples is not None:
+        feed = feed.take(0, samples)
+    x, y = (feed if feed.single is None else feed.single), feed.y
     if len(x) == 0:
         raise DataError("no samples to diagnose on; give data with at least one sample")
     expected = tuple(c.model.graph.inputs[0].shape)[1:]
-    if tuple(x.shape[1:]) != expected:
+    if not isinstance(x, Feed) and tuple(x.shape[1:]) != expected:
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
                         f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     metric = metric_name(metric) or default_metric(y, output_size(c.model))

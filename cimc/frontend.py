@@ -261,6 +261,23 @@ def _batch_symbols(proto: onnx.ModelProto) -> set[str]:
     }
 
 
+def _declared_batch_axes(proto: onnx.ModelProto, batch_symbols: set[str]) -> dict[str, int]:
+    """Where each input declares the batch: the first dimension named by a batch symbol (a state declared
+    [2, batch, 128] has it on axis 1), so that an --input-shape fixing it to 1 keeps it as the batch axis."""
+    axes = {}
+    for inp in proto.graph.input:
+        if not inp.type.HasField("tensor_type"):
+            continue
+        dims = list(inp.type.tensor_type.shape.dim)
+        named = [i for i, d in enumerate(dims) if d.dim_param and d.dim_param in batch_symbols]
+        unknown = [i for i, d in enumerate(dims) if not (d.HasField("dim_value") and d.dim_value > 0)]
+        if named:
+            axes[inp.name] = named[0]
+        elif len(unknown) == 1:  # exporters that leave the batch unnamed ([2, ?, 128]): the one dynamic dimension
+            axes[inp.name] = unknown[0]
+    return axes
+
+
 def _has_dynamic_batch(proto: onnx.ModelProto) -> bool:
     """True when some graph input's first dimension is dynamic in the file (the exporter left the batch free)."""
     initializers = {t.name for t in proto.graph.initializer}
@@ -337,10 +354,13 @@ def load_model(
     batch_symbols = _batch_symbols(proto)
     if input_values:
         _freeze_inputs(proto, input_values)
+    declared_axes = _declared_batch_axes(proto, batch_symbols)  # before --input-shape makes every dim static
     if input_shapes:
         _set_input_shapes(proto, input_shapes)
     dynamic_batch = _has_dynamic_batch(proto)
-    batch_axes = _fix_input_shapes(proto, batch, batch_symbols)
+    batch_axes = {**_fix_input_shapes(proto, batch, batch_symbols),
+                  **{n: a for n, a in declared_axes.items()
+                     if n in (input_shapes or {}) and int(list(input_shapes[n])[a]) == batch}}
     validate.validate_model(proto, Path(path).name)  # with every input's shape now fixed
     try:
         proto = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)

@@ -363,8 +363,8 @@ def check_output_file(dest: str | os.PathLike[str], suffix: str, inputs: Iterabl
     """Check an output *file* path; returns it.
 
     The right suffix; not a folder; never one of the command's inputs nor an existing file inside an input
-    folder (``--force`` does not lift this); an existing file cimc did not write (:func:`written_by_cimc`) is
-    replaced only with ``force``."""
+    folder other than an earlier cimc output (``--force`` does not lift this); an existing file cimc did not
+    write (:func:`written_by_cimc`) is replaced only with ``force``."""
     out = Path(os.fspath(dest))
     if out.suffix.lower() != suffix:
         raise InputError(f"{flag} {str(dest)!r} must name a {suffix} file, e.g. {flag} out{suffix}")
@@ -378,7 +378,7 @@ def check_output_file(dest: str | os.PathLike[str], suffix: str, inputs: Iterabl
         if src == real:
             raise InputError(f"{flag} {str(dest)!r} is the input {str(given)!r}; writing there would destroy it: "
                              "choose a new file name")
-        if src in real.parents and out.exists():
+        if src in real.parents and out.exists() and not written_by_cimc(out):  # a file the command may read
             raise InputError(f"{flag} {str(dest)!r} is a file of the input {str(given)!r}, which this command "
                              "reads; choose a file name outside it")
     if (out.exists() or out.is_symlink()) and not force and not written_by_cimc(out):

@@ -38,7 +38,7 @@ from typing import Any
 from cimc.errors import CimcError, InputError
 
 __all__ = ["Backend", "InProcessBackend", "LocalBackend", "RayBackend", "available_cores", "get_backend",
-           "split_range"]
+           "main_reruns_in_workers", "split_range", "worker_context"]
 
 logger = logging.getLogger(__name__)
 

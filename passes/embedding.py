@@ -14,17 +14,25 @@ Rewrite rules (:class:`OneHotMatMulToGatherPass`):
    looked through: the ``Gather`` reads ``W`` in the MatMul's type.
 3. Non-integer indices are cast to int64 first (the ``OneHot`` specification does the same); negative indices
    count from the end in both ops.
+4. The comparison form some exporters write instead of ``OneHot`` (jax2tf's ``one_hot``):
+   ``MatMul(Cast(Equal(i, arange(depth))), W)``, ``i`` integer with a trailing axis of 1 (``[…, 1]``), the other
+   operand a constant ``0, 1, …, depth−1`` along its last axis (every other axis 1) → ``Gather(W, Reshape(i,
+   […]))``. An index outside ``[0, depth)`` compares equal to nothing (a zero row) and is not rewritten
+   correctly, as in rule 1; negative indices are not counted from the end here, so the rule needs them absent
+   as well: it applies to integer index tensors only, the case of byte-valued inputs.
 
 Difference from ONNX: an index outside ``[-depth, depth)`` makes ``OneHot`` an all-``off`` row, whereas
 ``Gather`` rejects it; a model that relies on out-of-range indices giving zeros is not rewritten correctly.
 
 Requires: ``depth`` folded to a constant (run after constant folding). Ensures: no ``MatMul`` reads a
-``OneHot`` (directly or through a ``Cast``) whose depth, values and matrix satisfy rule 1.
+``OneHot`` (directly or through a ``Cast``) or an ``Equal`` one-hot whose depth, values and matrix satisfy rule 1
+or rule 4: no one-hot tensor is left to hold in activation memory.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -40,23 +48,61 @@ _INTEGER = {ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.
             ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64}
 
 
-def _one_hot_source(matmul: ir.Node) -> ir.Node | None:
-    """The OneHot node feeding the MatMul's left operand (directly or through one Cast), or None."""
+@dataclass(frozen=True)
+class _OneHot:
+    """A one-hot operand of a MatMul: the index tensor, the depth, the off/on values, and how it was written."""
+
+    indices: ir.Value
+    depth: ir.Value | int  # the OneHot's depth input (rule 1) or the comparison's length (rule 4)
+    values: ir.Value | None  # the OneHot's values input; None: 0 and 1 (rule 4)
+    axis: int
+    comparison: bool  # rule 4: the indices carry a trailing axis of 1 to drop
+
+
+def _one_hot_source(matmul: ir.Node) -> _OneHot | None:
+    """The one-hot tensor feeding the MatMul's left operand (directly or through one Cast), or None."""
     producer = matmul.inputs[0].producer() if matmul.inputs[0] is not None else None
-    if producer is not None and producer.op_type == "Cast" and producer.domain in _DEFAULT:
+    cast = producer is not None and producer.op_type == "Cast" and producer.domain in _DEFAULT
+    if cast:
         producer = producer.inputs[0].producer()
-    if producer is None or producer.op_type != "OneHot" or producer.domain not in _DEFAULT:
+    if producer is None or producer.domain not in _DEFAULT:
         return None
-    return producer
+    if producer.op_type == "OneHot":
+        return _OneHot(producer.inputs[0], producer.inputs[1], producer.inputs[2],
+                       int(node_attrs(producer).get("axis", -1)), False)
+    if producer.op_type == "Equal" and cast:
+        return _comparison_one_hot(producer)
+    return None
 
 
-def _lookup_table(one_hot: ir.Node, matmul: ir.Node) -> np.ndarray | ir.Value | None:
+def _comparison_one_hot(equal: ir.Node) -> _OneHot | None:
+    """Rule 4: ``Equal(i[…, 1], arange(depth))`` (either operand order), or None."""
+    for idx_value, ref_value in ((equal.inputs[0], equal.inputs[1]), (equal.inputs[1], equal.inputs[0])):
+        ref = constant_array(ref_value)
+        if ref is None or ref.ndim < 1 or idx_value is None or idx_value.dtype not in _INTEGER:
+            continue
+        shape = idx_value.shape
+        if shape is None or len(shape) < 1 or not all(isinstance(d, int) for d in shape) or shape[-1] != 1:
+            continue
+        depth = ref.shape[-1]
+        if any(d != 1 for d in ref.shape[:-1]) or len(ref.shape) > len(shape) or depth < 2:
+            continue
+        if not np.array_equal(ref.reshape(-1), np.arange(depth)):
+            continue
+        return _OneHot(idx_value, depth, None, -1, True)
+    return None
+
+
+def _lookup_table(one_hot: _OneHot, matmul: ir.Node) -> np.ndarray | ir.Value | None:
     """The matrix the Gather reads (rule 1), or None when the pattern does not apply."""
-    axis = node_attrs(one_hot).get("axis", -1)
-    rank = len(one_hot.inputs[0].shape) if one_hot.inputs[0].shape is not None else None
+    axis = one_hot.axis
+    rank = len(one_hot.indices.shape) if one_hot.indices.shape is not None else None
     if not (axis == -1 or (rank is not None and axis == rank)):
         return None  # the one-hot dimension is not the one the MatMul contracts
-    depth, values = constant_array(one_hot.inputs[1]), constant_array(one_hot.inputs[2])
+    if one_hot.comparison:
+        depth, values = np.array(one_hot.depth), np.array([0.0, 1.0])
+    else:
+        depth, values = constant_array(one_hot.depth), constant_array(one_hot.values)
     w_value = matmul.inputs[1]
     if depth is None or values is None or values.size != 2 or w_value is None or w_value.shape is None:
         return None
@@ -70,6 +116,16 @@ def _lookup_table(one_hot: ir.Node, matmul: ir.Node) -> np.ndarray | ir.Value | 
         return None
     table = (on - off) * w.astype(np.float64) + off * w.astype(np.float64).sum(axis=0, keepdims=True)
     return table.astype(w.dtype)
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer named after ``name`` (made unique)."""
+    while name in graph.initializers:
+        name += "_"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
 
 
 class OneHotMatMulToGatherPass(ir.passes.InPlacePass):
@@ -96,17 +152,20 @@ class OneHotMatMulToGatherPass(ir.passes.InPlacePass):
                 logger.info("MatMul %r reads a one-hot tensor but does not match the Gather rewrite", node.name)
                 continue
             if isinstance(table, np.ndarray):
-                name = f"{node.name or 'onehot'}__table"
-                while name in graph.initializers:
-                    name += "_"
-                table_value = ir.Value(name=name, shape=ir.Shape(table.shape),
-                                       type=ir.TensorType(ir.DataType.from_numpy(table.dtype)),
-                                       const_value=ir.tensor(np.ascontiguousarray(table), name=name))
-                graph.register_initializer(table_value)
+                table_value = _constant(graph, f"{node.name or 'onehot'}__table", table)
             else:
                 table_value = table
-            indices = one_hot.inputs[0]
+            indices = one_hot.indices
             new_nodes = []
+            if one_hot.comparison:  # rule 4: drop the trailing axis of 1 the comparison broadcast over
+                dims = np.array(list(indices.shape)[:-1], np.int64)
+                reshape = ir.node("Reshape", [indices, _constant(graph, f"{node.name}__index_shape", dims)],
+                                  name=f"{node.name}__index_reshape", num_outputs=1)
+                reshape.outputs[0].name = f"{node.name}__index_reshape_out"
+                reshape.outputs[0].type = indices.type
+                reshape.outputs[0].shape = ir.Shape(list(indices.shape)[:-1])
+                new_nodes.append(reshape)
+                indices = reshape.outputs[0]
             if indices.dtype not in _INTEGER:
                 cast = ir.node("Cast", [indices], attributes={"to": ir.DataType.INT64}, name=f"{node.name}__indices",
                                num_outputs=1)

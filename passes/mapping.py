@@ -243,10 +243,17 @@ def _replica_fit_error(layers: list[SharedLayer], geometry: ArrayGeometry, repli
         return None
     asked = ", ".join(f"{name}={r}" for name, r in replicated.items())
     added = ", ".join(f"{name} +{extra[name]:,}" for name in replicated)
+    base = total - sum(extra.values())
+    why = "" if total > available else " (enough weights, but the tiles cannot be packed without overlap)"
+    bound = ""
+    if len(replicated) == 1:  # how many copies the free weights hold, ignoring packing losses
+        (name, r), = replicated.items()
+        per_copy = extra[name] // (r - 1)
+        bound = f"; at most {name}={1 + (available - base) // per_copy} by weight count"
     return FitError(
-        f"--replicate {asked} does not fit: the replicas add {added} weights, {total:,} in all, and the target "
-        f"has {available:,} ({geometry.count} array(s) of {geometry.rows}x{geometry.weight_cols} weights; "
-        f"{total - sum(extra.values()):,} without replication); use a smaller replica count or --arrays N"
+        f"--replicate {asked} does not fit{why}: the replicas add {added} weights, {total:,} in all, and the "
+        f"target has {available:,} ({geometry.count} array(s) of {geometry.rows}x{geometry.weight_cols} weights; "
+        f"{base:,} without replication){bound}; use a smaller replica count or --arrays N"
     )
 
 

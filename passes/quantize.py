@@ -29,20 +29,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import torch
 
-from cimc.data import reshape_hint
+from cimc.data import Feed, bind
 from cimc.errors import DataError, InputError, ModelError
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.analog import LayerPlan, QuantSpec, analog_mvm, dac, layer_plans, levels, probe_response
 from cimc.runtime.executor import Executor
+from cimc.runtime.streaming import feed_forward, unroll_stream
 from cimc.runtime.twin import build_qdq_twin  # re-exported: the twin's builder lives in runtime
 from cimc.vocabulary import parse_duration
 
-__all__ = ["DEFAULT_WINDOW", "QuantizePass", "build_qdq_twin", "calibrate", "parse_window"]
+__all__ = ["DEFAULT_WINDOW", "QuantizePass", "build_qdq_twin", "calibrate", "calibration_inputs", "parse_window"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def _drift_shrink(device: object, plan: LayerPlan, matrix: torch.Tensor, times: 
     return [float(1.0 / gdc_factor(ref, probe_out(t)).reshape(-1)[0]) for t in times]
 
 
-def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float, clip: str = "mse",
+def calibrate(model: ir.Model, x: np.ndarray | Feed, target: object, percentile: float, clip: str = "mse",
               drift_window: tuple[float, float] | None = DEFAULT_WINDOW) -> dict[str, QuantSpec]:
     """Measure DAC and ADC ranges layer by layer (see the module docstring); returns a spec per layer.
 
@@ -211,8 +213,26 @@ def calibrate(model: ir.Model, x: np.ndarray, target: object, percentile: float,
 
     executor = Executor(model, hook=hook, input_hook=input_hook).eval()
     with torch.no_grad():
-        executor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+        if isinstance(x, Feed):
+            feed_forward(executor, x)
+        else:
+            executor(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
     return specs
+
+
+def calibration_inputs(model: ir.Model, data: Any, samples: int) -> np.ndarray | Feed:
+    """At most ``samples`` calibration samples bound to the model's inputs (:func:`cimc.data.bind`): one array
+    for a one-input model (as before), a :class:`Feed` otherwise. A stream is first run through the float model
+    so that every chunk is calibrated with the state it really sees (:func:`unroll_stream`); its samples are
+    then taken evenly over the sequences and chunks, not from the first sequence alone."""
+    feed = data if isinstance(data, Feed) else bind(data, model)
+    if feed.single is not None:
+        return feed.single[:samples]
+    if feed.streaming:
+        feed = unroll_stream(Executor(model).eval(), feed)
+        if len(feed) > samples:
+            return feed.subset(np.unique(np.linspace(0, len(feed) - 1, samples).round().astype(np.int64)))
+    return feed.take(0, samples)
 
 
 @register_pass("quantize")
@@ -234,21 +254,14 @@ class QuantizePass(CimcPass):
         data = self.ctx.calibration
         if data is None:
             raise DataError("the 'quantize' pass needs calibration data: add --calib DATA.npz (arrays x, y)")
-        expected = tuple(model.graph.inputs[0].shape)[1:]
-        if tuple(data.x.shape[1:]) != expected:
-            raise DataError(
-                f"calibration inputs have shape {tuple(data.x.shape[1:])} per sample but the model's input "
-                f"'{model.graph.inputs[0].name}' takes {expected}; pass data made for this model"
-                f"{reshape_hint(tuple(data.x.shape[1:]), expected)}"
-            )
-        specs = calibrate(model, data.x[: self.samples], self.ctx.target, self.percentile, self.clip,
-                          parse_window(self.drift_window))
+        x = calibration_inputs(model, data, self.samples)
+        specs = calibrate(model, x, self.ctx.target, self.percentile, self.clip, parse_window(self.drift_window))
         for node in model.graph:
             if node.name in specs:
                 node.metadata_props["cimc.quant"] = specs[node.name].to_json()
         model.metadata_props["cimc.quantization"] = (
             f'{{"dac_bits": {_js(self.ctx.target.converters.dac_bits)}, "adc_bits": {_js(self.ctx.target.converters.adc_bits)}, '
-            f'"percentile": {self.percentile}, "samples": {min(self.samples, len(data.x))}, '
+            f'"percentile": {self.percentile}, "samples": {len(x)}, '
             f'"clip": "{self.clip}", "drift_window": "{self.drift_window}"}}'
         )
         return ir.passes.PassResult(model, True)

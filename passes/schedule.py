@@ -17,6 +17,9 @@ Durable results: node ``metadata_props["cimc.schedule"]`` = ``{"step", "unit", "
 "end_cycle"}`` (analog uses also ``"layer"`` and ``"cores"``); model ``metadata_props["cimc.schedule"]`` = order,
 SRAM peak, execution mode, latency / period / throughput, cores shared by several uses, and the costed
 execution choices; the cost report goes to ``ctx.results["cost"]``.
+
+Copies of a replicated layer (``--replicate``) are ops like any other; on a pipelined chip, copies on cores of
+their own share one start cycle (they read the same input at once), as the cost model counts them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from cimc.errors import FitError
 from cimc.ir import is_analog, layer_of, placements_of
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.cost import estimate_cost
-from cimc.runtime.workload import _numel, activation_bytes, build_workload, digital_ops, execution_order  # noqa: F401
+from cimc.runtime.workload import REPLICA_KEY, _numel, activation_bytes, build_workload, digital_ops, execution_order  # noqa: F401
 
 __all__ = ["SchedulePass", "build_workload", "execution_order", "activation_bytes", "digital_ops"]
 
@@ -57,6 +60,22 @@ def _sram_peak_bytes(graph: ir.Graph, order: list[ir.Node], bytes_per_value: int
             live[s] += size
     peak = max(live)
     return peak, live.index(peak)
+
+
+def _concurrent_copies(order: list[ir.Node]) -> dict[str, str]:
+    """Copies of a replicated layer (``cimc.replica``) whose cores are pairwise disjoint: node -> layer. On a
+    pipelined chip they read the same input at once (the cost model counts the slowest copy)."""
+    groups: dict[str, list[ir.Node]] = {}
+    for node in order:
+        replica = json.loads(node.metadata_props.get(REPLICA_KEY) or "{}")
+        if "index" in replica and "cimc.placement" in node.metadata_props:
+            groups.setdefault(replica["of"], []).append(node)
+    out: dict[str, str] = {}
+    for name, copies in groups.items():
+        cores = [{t["array"] for t in placements_of(n)} for n in copies]
+        if sum(len(c) for c in cores) == len(set().union(*cores)):
+            out.update({n.name: name for n in copies})
+    return out
 
 
 @register_pass("schedule")
@@ -88,22 +107,28 @@ class SchedulePass(CimcPass):
         cost = estimate_cost(target, build_workload(order, name=graph.name or "", execution=execution))
         stage = -1
         cycle = 0
+        side_by_side = _concurrent_copies(order) if execution == "pipelined" else {}
+        group_start: dict[str, int] = {}
         for step, (node, layer) in enumerate(zip(order, cost.layers)):
             analog = is_analog(node) and "cimc.placement" in node.metadata_props
             if analog:
                 stage += 1
+            start = cycle
+            group = side_by_side.get(node.name)
+            if group is not None:  # a copy of a replicated layer on cores of its own: starts with the first copy
+                start = group_start.setdefault(group, cycle)
             window = {
                 "step": step,
                 "unit": "array" if analog else "digital",
                 "stage": max(stage, 0),
-                "start_cycle": cycle,
-                "end_cycle": cycle + layer.cycles,
+                "start_cycle": start,
+                "end_cycle": start + layer.cycles,
             }
             if analog:
                 window["layer"] = layer_of(node)
                 window["cores"] = sorted({t["array"] for t in placements_of(node)})
             node.metadata_props["cimc.schedule"] = json.dumps(window)
-            cycle += layer.cycles
+            cycle = max(cycle, start + layer.cycles)
         shared = {str(k): v for k, v in sorted(cost.shared_cores.items())}
         if execution == "pipelined" and shared:
             busiest = max(cost.core_busy_s, key=lambda k: cost.core_busy_s[k])

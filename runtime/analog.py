@@ -21,13 +21,14 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import onnx_ir as ir
 import torch
 
-__all__ = ["LayerPlan", "QuantSpec", "Tile", "analog_conv", "analog_mvm", "conv_weights", "fake_quant", "layer_plans", "levels",
-           "onehot_response", "probe_response"]
+__all__ = ["ChipKernel", "LayerPlan", "QuantSpec", "Tile", "TorchKernel", "analog_conv", "analog_mvm", "chip_kernel",
+           "chip_kernels", "conv_weights", "fake_quant", "layer_plans", "levels", "onehot_response", "probe_response",
+           "set_chip_kernel"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _add_output_noise(y: torch.Tensor, sigma: torch.Tensor | float | None, gener
     return y.addcmul_(z, scale) if isinstance(scale, torch.Tensor) else y.add_(z, alpha=scale)  # y is fresh
 
 
-def analog_mvm(
+def _torch_mvm(
     plan: LayerPlan,
     cols: torch.Tensor,
     weights: torch.Tensor,
@@ -235,7 +236,7 @@ def conv_weights(weights: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor
     return weights.permute(0, 1, 3, 2).reshape(i * g * n, *kernel)
 
 
-def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
+def _torch_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
                 attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False,
                 out_noise: torch.Tensor | float | None = None, generator: Generators = None) -> torch.Tensor:
     """A convolution whose groups each sit in one tile, for all instances at once: one grouped convolution
@@ -244,7 +245,7 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
     columns, without materialising them (``out_noise`` as there: a float or a tensor broadcasting to ``[G, N]``).
     ``x``: instance-major ``[I·B, C, *spatial]``, already through the DAC.
     """
-    from cimc.runtime.executor import conv_nd
+    from cimc.runtime.executor import channels_last, conv_nd
 
     b = x.shape[0] // instances
     # Instance-major batch -> instances side by side in the channels (no copy for a single instance).
@@ -269,8 +270,95 @@ def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, i
         factor = gdc.reshape(instances, 1, -1).expand(instances, groups, n).reshape(1, -1, *ones)
         y = y * factor if torch.is_grad_enabled() and y.requires_grad else y.mul_(factor)
     if instances == 1:
-        return y
+        return channels_last(y)  # after the noise, which follows the convolution's own layout
     return y.reshape(b, instances, -1, *spatial).transpose(0, 1).reshape(instances * b, -1, *spatial)
+
+
+# ------------------------------------------------------------------------------------------ the kernel seam
+class ChipKernel(Protocol):
+    """The analog arithmetic of one layer for a batch of chip instances: crossbar products, output noise, ADC
+    and (for convolutions) drift compensation. Everything that computes a chip's numbers — ``simulate``,
+    ``run``, ``diagnose``, fine-tuning's noisy forward and validation, calibration, sweep points — reaches it
+    through :func:`analog_mvm` and :func:`analog_conv`; :func:`chip_kernel` is the one place that picks it.
+
+    A kernel must keep each instance's numbers independent of how many instances share a call when the caller
+    passes them one at a time (the simulator does, so that shards agree bit for bit), and draw its output
+    noise only from the generators it is given.
+    """
+
+    name: str
+
+    def mvm(self, plan: LayerPlan, cols: torch.Tensor, weights: torch.Tensor, *, adc: bool, ste: bool,
+            out_noise: torch.Tensor | float | None, generator: Generators) -> torch.Tensor:
+        """``cols`` [I, M, G, K] (through the DAC) times ``weights`` [I or 1, G, K, N] → [I, M, G, N]."""
+        ...
+
+    def conv(self, plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
+             attrs: dict[str, Any], gdc: torch.Tensor | None, ste: bool, out_noise: torch.Tensor | float | None,
+             generator: Generators) -> torch.Tensor:
+        """A convolution whose groups each sit in one tile, for ``instances`` instance-major inputs."""
+        ...
+
+
+class TorchKernel:
+    """The reference kernel: torch operations (oneDNN/MKL products, in-place converters, torch's sampler)."""
+
+    name = "torch"
+
+    def mvm(self, plan: LayerPlan, cols: torch.Tensor, weights: torch.Tensor, *, adc: bool, ste: bool,
+            out_noise: torch.Tensor | float | None, generator: Generators) -> torch.Tensor:
+        return _torch_mvm(plan, cols, weights, adc=adc, ste=ste, out_noise=out_noise, generator=generator)
+
+    def conv(self, plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
+             attrs: dict[str, Any], gdc: torch.Tensor | None, ste: bool, out_noise: torch.Tensor | float | None,
+             generator: Generators) -> torch.Tensor:
+        return _torch_conv(plan, x, kernel, instances, groups, attrs, gdc, ste, out_noise, generator)
+
+
+_KERNELS: dict[str, ChipKernel] = {"torch": TorchKernel()}
+_ACTIVE = ["torch"]
+
+
+def chip_kernel() -> ChipKernel:
+    """The kernel every chip computation uses (the one place it is chosen)."""
+    return _KERNELS[_ACTIVE[0]]
+
+
+def set_chip_kernel(name: str) -> None:
+    """Use kernel ``name`` (one of :func:`chip_kernels`) for every chip computation from now on."""
+    from cimc.errors import InputError
+
+    if name not in _KERNELS:
+        raise InputError(f"unknown chip kernel {name!r}; choose one of {', '.join(sorted(_KERNELS))}")
+    _ACTIVE[0] = name
+
+
+def chip_kernels() -> list[str]:
+    """Names of the registered kernels."""
+    return sorted(_KERNELS)
+
+
+def analog_mvm(
+    plan: LayerPlan,
+    cols: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    adc: bool = True,
+    ste: bool = False,
+    out_noise: torch.Tensor | float | None = None,
+    generator: Generators = None,
+) -> torch.Tensor:
+    """Crossbar products of DAC-quantised ``cols`` with ``weights``, each tile's partial sums through its ADC,
+    computed by the :func:`chip_kernel` (see :func:`_torch_mvm` for the arithmetic)."""
+    return chip_kernel().mvm(plan, cols, weights, adc=adc, ste=ste, out_noise=out_noise, generator=generator)
+
+
+def analog_conv(plan: LayerPlan | None, x: torch.Tensor, kernel: torch.Tensor, instances: int, groups: int,
+                attrs: dict[str, Any], gdc: torch.Tensor | None = None, ste: bool = False,
+                out_noise: torch.Tensor | float | None = None, generator: Generators = None) -> torch.Tensor:
+    """A convolution whose groups each sit in one tile, for all instances at once, computed by the
+    :func:`chip_kernel` (see :func:`_torch_conv` for the arithmetic)."""
+    return chip_kernel().conv(plan, x, kernel, instances, groups, attrs, gdc, ste, out_noise, generator)
 
 
 def probe_response(plan: LayerPlan, weights: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,9 @@ pulse + its ADC turns (overlapped with the pulse for CCO-type ADCs); then the di
 Digital layers (ReLU, pooling, ...) cost ``ops`` on the digital unit and an SRAM read and write.
 
 Execution modes: ``layer-serial`` - latency is the sum of the layers, one inference after another;
-``pipelined`` - every core is a pipeline stage: latency is the sum of the layers, throughput is set by the
+``pipelined`` - every core is a pipeline stage: latency is the sum of the layers (copies of a replicated
+layer on cores of their own count once, as the slowest copy: they read the same input at once), throughput is
+set by the
 busiest core (the uses placed on one core - small layers packed together, or the several uses of one shared
 weight - run on it in turn, so its busy time is the sum of theirs) or the slowest digital op.
 
@@ -108,6 +110,7 @@ class AnalogLayerWork:
     tiles: tuple[TileShape, ...] = ()
     layer: str = ""  # the crossbar block it reads ("" = its own); uses of one shared weight name the same block
     replicas: int = 1  # copies of one model layer computing the same product (weight replication), this one of them
+    replica_of: str = ""  # the replicated layer this copy belongs to ("" = not a copy)
 
     @property
     def macs(self) -> int:
@@ -217,6 +220,7 @@ class CostReport:
     settings: dict[str, Any] = field(default_factory=dict)
     core_busy_s: dict[int, float] = field(default_factory=dict)  # array/core -> analog time per inference
     core_users: dict[int, list[str]] = field(default_factory=dict)  # array/core -> analog uses that run there
+    overlap_cycles: int = 0  # cycles of replica copies that run side by side (pipelined), not added to ``cycles``
 
     @property
     def shared_cores(self) -> dict[int, list[str]]:
@@ -262,7 +266,7 @@ class CostReport:
 
     @property
     def cycles(self) -> int:
-        return sum(layer.cycles for layer in self.layers)
+        return sum(layer.cycles for layer in self.layers) - self.overlap_cycles
 
     @property
     def inferences_per_s(self) -> float:
@@ -336,6 +340,8 @@ def estimate_cost(
         execution = "layer-serial" if target.array.count == 1 else "pipelined"
     busy, users = _core_busy(workload, layers)
     latency_s = sum(layer.latency_s for layer in layers)
+    overlap_s, overlap_cycles = _concurrent_replicas(workload, layers) if execution == "pipelined" else (0.0, 0)
+    latency_s -= overlap_s
     if execution == "pipelined":
         # Every core is a pipeline stage; uses that share a core run in turn, so a core is busy for the sum
         # of its uses' times; digital ops are stages of their own. The slowest stage sets the period.
@@ -345,7 +351,24 @@ def estimate_cost(
         period_s = latency_s
     _add_static(target, layers, latency_s, period_s)
     settings = {"dac_bits": target.converters.dac_bits, "adc_bits": target.converters.adc_bits}
-    return CostReport(target.name, execution, layers, latency_s, period_s, target.clock_hz, settings, busy, users)
+    return CostReport(target.name, execution, layers, latency_s, period_s, target.clock_hz, settings, busy, users,
+                      overlap_cycles)
+
+
+def _concurrent_replicas(workload: Workload, layers: Sequence[LayerCost]) -> tuple[float, int]:
+    """Pipelined: copies of a replicated layer on cores of their own read the same input at once, so the
+    inference waits for the slowest copy, not for their sum; the time (s) and cycles to take off the sums."""
+    groups: dict[str, list[tuple[set[int], LayerCost]]] = {}
+    for work, cost in zip(workload.layers, layers):
+        if isinstance(work, AnalogLayerWork) and work.replica_of:
+            groups.setdefault(work.replica_of, []).append(({t.array_index for t in work.placed_tiles()}, cost))
+    saved_s, saved_cycles = 0.0, 0
+    for copies in groups.values():
+        cores = [c for c, _ in copies]
+        if sum(len(c) for c in cores) == len(set().union(*cores)):  # pairwise disjoint: they run side by side
+            saved_s += sum(c.latency_s for _, c in copies) - max(c.latency_s for _, c in copies)
+            saved_cycles += sum(c.cycles for _, c in copies) - max(c.cycles for _, c in copies)
+    return saved_s, saved_cycles
 
 
 def _core_busy(workload: Workload, layers: Sequence[LayerCost]) -> tuple[dict[int, float], dict[int, list[str]]]:
@@ -464,10 +487,11 @@ def _digital_layer(target: Target, work: DigitalOpWork) -> LayerCost:
 def _add_static(target: Target, layers: Sequence[LayerCost], latency_s: float, period_s: float) -> None:
     # Static power is paid for the time an inference holds the chip: its latency when layer-serial, one
     # pipeline period when pipelined (shared out over the stages in proportion to their time).
-    if latency_s <= 0:
+    busy_s = sum(layer.latency_s for layer in layers)  # = latency_s unless replicas ran side by side
+    if latency_s <= 0 or busy_s <= 0:
         return
     for layer in layers:
-        layer.energy_j["static"] = target.static_power_w * period_s * layer.latency_s / latency_s
+        layer.energy_j["static"] = target.static_power_w * period_s * layer.latency_s / busy_s
 
 
 def _cycles(latency_s: float, target: Target) -> int:

@@ -451,9 +451,11 @@ class IdealDevice(DeviceModel):
         return programmed.g_prog_us.clone()
 
 
-# The fields the PCM formulas read; gdc, gdc_readout and weight_scale have defaults (read with getattr).
+# The fields the PCM formulas read; the compensation and mapping settings (gdc, gdc_readout, gdc_gain,
+# weight_scale) are read elsewhere, with defaults.
 _PCM_FIELDS = tuple(f for f in PcmIbmDevice.model_fields
-                    if f not in DeviceParamsBase.model_fields and f not in ("gdc", "gdc_readout", "weight_scale"))
+                    if f not in DeviceParamsBase.model_fields
+                    and f not in ("gdc", "gdc_readout", "gdc_gain", "weight_scale"))
 
 
 @register_device_model("pcm-ibm")

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from cimc.console import format_table, progress_bar
-from cimc.data import reshape_hint
+from cimc.data import Feed, reshape_hint
 from cimc.errors import DataError, InputError, ModelError
 from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
@@ -54,12 +54,13 @@ from cimc.runtime.executor import AnalogStep, Executor
 from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_target, chip_yield, default_metric,
                                   format_score, get_metric, higher_is_better, is_percent, metric_name, needs_labels,
                                   output_size, per_class_accuracy)
+from cimc.runtime.streaming import batch_of, first_output
 from cimc.runtime.workload import model_workload
 from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
-           "check_simulation_inputs", "check_time", "format_duration", "ideal_hook", "instance_generators",
+           "check_simulation_inputs", "check_time", "format_duration", "ideal_conv_hook", "ideal_hook", "instance_generators",
            "instance_selectors", "merge_results", "parse_duration", "run_outputs", "simulate", "simulate_shard", "use"]
 
 logger = logging.getLogger(__name__)
@@ -267,10 +268,12 @@ class Chip:
                 stats = []
                 # One instance at a time, with numpy's single-threaded pairwise sums in float64: the same
                 # numbers whatever the instance count and torch's thread count (a threaded sum splits differently).
+                # Counted on the float32 values (no float64 copy): non-zeros and peaks are the same either way
+                # (dividing by x_max > 0 keeps order and zeros); the mean is summed in float64, then scaled.
                 for a in per_instance:
                     x_max = plan.quant.x_max if plan.quant is not None else max(float(a.max()), 1e-12)
-                    a = a.astype(np.float64) / x_max
-                    stats.append([np.count_nonzero(a) / a.size, a.mean(), a.max(axis=-1).mean()])
+                    peak = a.max(axis=-1).astype(np.float64) / x_max
+                    stats.append([np.count_nonzero(a) / a.size, float(a.mean(dtype=np.float64)) / x_max, peak.mean()])
                 activity.setdefault(step.name, []).append(torch.tensor(stats, dtype=torch.float64))
             return xq
 
@@ -293,6 +296,23 @@ def ideal_hook(chip: Chip) -> Callable[..., torch.Tensor]:
     def run(step: AnalogStep, cols: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         b, m, g, k = cols.shape
         return analog_mvm(chip.plans[step.name], cols.reshape(1, b * m, g, k), matrix.unsqueeze(0)).reshape(b, m, g, -1)
+
+    return run
+
+
+def ideal_conv_hook(chip: Chip) -> Callable[..., torch.Tensor | None]:
+    """The direct-convolution path of the digital twin (quantised converters, ideal devices): convolutions whose
+    groups each sit in one tile run as one convolution with the ideal kernel, as the chip's do with its own."""
+    kernels: dict[str, torch.Tensor] = {}
+
+    def run(step: AnalogStep, x: torch.Tensor) -> torch.Tensor | None:
+        plan = chip.plans[step.name]
+        if step.op_type != "Conv" or not plan.whole_groups:
+            return None
+        layer = chip.layer[step.name]
+        if layer not in kernels:
+            kernels[layer] = conv_weights(chip.ideal[layer].unsqueeze(0), tuple(chip.executor.weight(step).shape[1:]))
+        return analog_conv(plan, x, kernels[layer], 1, plan.groups, step.attrs)
 
     return run
 
@@ -341,13 +361,13 @@ class _InstanceWorkers:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cimc-instance",
                                        initializer=torch.set_num_threads, initargs=(1,))
 
-    def run(self, xb: torch.Tensor, selectors: Sequence[Selector]) -> list[torch.Tensor]:
+    def run(self, xb: Any, selectors: Sequence[Selector]) -> list[torch.Tensor]:
         def one(select: Selector) -> torch.Tensor:
             executor = self.idle.get()
             try:
                 with torch.no_grad():  # grad mode is per thread
                     select(executor)
-                    return executor(xb)[0]
+                    return first_output(executor, xb)
             finally:
                 self.idle.put(executor)
 
@@ -362,7 +382,7 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def run_outputs(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                 tick: Callable[[int], None] | None = None, per_instance: Sequence[Selector] | None = None) -> Any:
     """Yield ``(start, outputs [instances, batch, ...])`` of the first model output, batch by batch.
 
@@ -381,12 +401,12 @@ def run_outputs(executor: Executor, x: np.ndarray, instances: int, batch_size: i
             torch.set_num_threads(threads)
 
 
-def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int,
+def _run_batches(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int,
                  tick: Callable[[int], None] | None, per_instance: Sequence[Selector] | None,
                  side_by_side: _InstanceWorkers | None) -> Any:
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+            xb = batch_of(x, start, start + batch_size)  # a tensor, or the samples of every input (a Feed)
             if per_instance is not None:
                 if side_by_side is not None:
                     outs = side_by_side.run(xb, per_instance)
@@ -394,13 +414,12 @@ def _run_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: 
                     outs = []
                     for select in per_instance:
                         select(executor)
-                        outs.append(executor(xb)[0])
+                        outs.append(first_output(executor, xb))
                 for out in outs:
                     check_batch_axis(out, len(xb), "the first output")
                 yield start, torch.stack(outs)
             else:
-                rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-                out = executor(rep)[0]
+                out = first_output(executor, xb, repeat=instances)
                 check_batch_axis(out, instances * len(xb), "the first output")
                 yield start, out.reshape(instances, len(xb), *out.shape[1:])
             if tick:
@@ -417,14 +436,22 @@ def check_batch_axis(y: torch.Tensor, rows: int, name: str) -> None:
         )
 
 
-def _evaluate(executor: Executor, x: np.ndarray, instances: int, batch_size: int, metric: str,
+def _evaluate(executor: Executor, x: np.ndarray | Feed, instances: int, batch_size: int, metric: str,
               y: np.ndarray | None, reference: list[torch.Tensor] | None, classes: int,
               tick: Callable[[int], None] | None = None, extra: Sequence[str] = (),
               per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
     """Accumulate ``metric`` (and ``extra`` agreement metrics) over the data, one accumulator per instance:
     each instance is reduced on its own, so its numbers do not depend on how many instances share the run."""
+    return _accumulate(run_outputs(executor, x, instances, batch_size, tick, per_instance), instances, metric, y,
+                       reference, classes, extra)
+
+
+def _accumulate(outputs: Any, instances: int, metric: str, y: np.ndarray | None,
+                reference: list[torch.Tensor] | None, classes: int,
+                extra: Sequence[str] = ()) -> dict[str, list[MetricAccumulator]]:
+    """``metric`` (and ``extra``) per instance over ``(start, outputs [instances, batch, ...])`` batches."""
     accs = {m: [MetricAccumulator(m, 1, classes) for _ in range(instances)] for m in (metric, *extra)}
-    for i, (start, out) in enumerate(run_outputs(executor, x, instances, batch_size, tick, per_instance)):
+    for i, (start, out) in enumerate(outputs):
         yb = None if y is None else y[start : start + out.shape[1]]
         ref = None if reference is None else reference[i]
         for instance_accs in accs.values():
@@ -528,7 +555,7 @@ class SimulationResult:
 
 def simulate(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float] = (1.0, 3600.0, 86400.0, 30 * 86400.0, _UNITS["y"]),
     instances: int = 25,
@@ -554,14 +581,14 @@ def simulate(
     return merge_results(compiled, [shard], yield_target=yield_target)
 
 
-def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
+def check_simulation_inputs(compiled: Any, x: np.ndarray | Feed, y: np.ndarray | None, times_s: Sequence[float],
                             instances: int, instance_range: tuple[int, int] | None = None,
                             metric: str | None = None) -> tuple[int, int, str]:
     """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
     metric = metric_name(metric) or default_metric(y, output_size(compiled.model))
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
-    if tuple(x.shape[1:]) != expected:
+    if not isinstance(x, Feed) and tuple(x.shape[1:]) != expected:  # a Feed was checked when it was bound
         raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
                         f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     for t in times_s:
@@ -578,7 +605,7 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
 
 def simulate_shard(
     compiled: Any,
-    x: np.ndarray,
+    x: np.ndarray | Feed,
     y: np.ndarray | None,
     times_s: Sequence[float],
     instances: int,
@@ -601,8 +628,13 @@ def simulate_shard(
     bar = _progress(total, progress)
     tick = bar.update if bar is not None else None
     executor = chip.executor
-    # The float run first: its outputs are the reference of the agreement metrics and fix the class count.
-    reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
+    # The float run first: its outputs are the reference of the agreement metrics and fix the class count; the
+    # float model's own score comes from the same outputs (one float pass, not two).
+    use(chip, None)
+    starts, reference = [], []
+    for start, out in run_outputs(executor, x, 1, per_run, tick):
+        starts.append(start)
+        reference.append(out[0])
     classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1]) if reference else 0
     y = get_metric(metric).check_labels(y, classes)
     extra = ("relerr",) if not needs_labels(metric) and metric != "relerr" else ()
@@ -611,9 +643,10 @@ def simulate_shard(
                  per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
         return _evaluate(executor, x, n, per_run, metric, y, reference, classes, progress_tick, extra, per_instance)
 
-    use(chip, None)
-    float_acc = evaluate(1, None)
+    float_acc = _accumulate(((start, ref.unsqueeze(0)) for start, ref in zip(starts, reference)), 1, metric, y,
+                            reference, classes, extra)
     use(chip, ideal_hook(chip))
+    chip.executor.direct_hook = ideal_conv_hook(chip)
     quant_acc = evaluate(1)
     activity: list[dict[str, list[torch.Tensor]]] = [{} for _ in range(count)]  # per instance: layer → passes
     values: dict[bool, list[list[float]]] = {gdc: [] for gdc in gdc_modes}

@@ -16,6 +16,12 @@ The adversarial regulariser (Büchel, Faber, Muir, ICLR 2022) attacks the analog
 box ``|theta* - theta| <= zeta |theta|`` with sign-gradient steps on KL(f(theta) || f(theta*)), then adds
 ``beta * KL`` to the loss with the gradient flowing through ``theta* = theta + |theta| * delta``.
 
+Distillation (label-free): the float model is the teacher. Its outputs on the training inputs are computed once;
+the loss is the distance of the chip-in-the-loop outputs to them, on every output, with a distance per output
+kind (:class:`DistillSpec`): KL for softmax / log-softmax / logits outputs of a classifier, binary KL for sigmoid
+outputs, mean squared error divided by the teacher's output variance for everything else (embeddings,
+regressors). Labels, when present, may add a cross-entropy term.
+
 All randomness comes from explicit ``torch.Generator`` s: same seed, same weights (for a fixed thread count).
 """
 
@@ -25,7 +31,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,12 +46,20 @@ from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
 
 __all__ = [
+    "OUTPUT_KINDS",
+    "DistillSpec",
     "NoiseHook",
+    "TrainData",
     "TrainSettings",
     "adversarial_kl",
     "attack_parameters",
+    "chip_scores",
     "clip_weights",
+    "compare_on_chip",
+    "distill_loss",
+    "model_outputs",
     "noisy_accuracy",
+    "output_distance",
     "relative_noise_accuracy",
     "train_executor",
 ]
@@ -190,7 +204,9 @@ class NoiseHook:
         """Std [G, N] of the per-conversion output noise for this layer now, or None (off, or no DAC range)."""
         if self.output_noise <= 0 or plan is None or plan.quant is None or plan.quant.dac_bits is None:
             return None
-        if self.weight_noise != "pcm" or not (self._frozen is not None or (self.training and self.noise_on)):
+        # Validation always reads PCM devices (it stands in for the chip); training has the periphery's noise
+        # only with the PCM model (the Gaussian proxy stands alone).
+        if self._frozen is None and (self.weight_noise != "pcm" or not (self.training and self.noise_on)):
             return None
         w = matrix.detach().abs()
         per_column = bool(getattr(self.device, "per_column_default", False))
@@ -248,10 +264,15 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
 
 
+def _args(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The executor's positional inputs: one tensor (a single-input model) or one per model input."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
 def attack_parameters(
     executor: Executor,
     keys: list[str],
-    x: torch.Tensor,
+    x: torch.Tensor | Sequence[torch.Tensor],
     p_log: torch.Tensor,
     zeta: float,
     steps: int,
@@ -260,7 +281,7 @@ def attack_parameters(
     """Relative perturbations ``delta`` (|delta| <= zeta elementwise) that increase KL(p || f(theta + |theta| delta)).
 
     Starts at ``epsilon * N(0, 1)``, then ``steps`` sign-gradient steps of ``zeta / steps``, each projected
-    back into the box. ``p_log`` (detached log-softmax of the unperturbed model) is the reference.
+    back into the box. ``p_log`` (detached log-softmax of the unperturbed model's first output) is the reference.
     """
     theta = {k: executor.params[k].detach() for k in keys}
     delta = {k: (_ATTACK_INIT_REL * torch.randn(v.shape, generator=generator)).clamp(-zeta, zeta)
@@ -270,17 +291,17 @@ def attack_parameters(
         for d in delta.values():
             d.requires_grad_(True)
         perturbed = {_param_path(k): theta[k] + theta[k].abs() * delta[k] for k in keys}
-        q_log = F.log_softmax(functional_call(executor, perturbed, (x,))[0], dim=-1)
+        q_log = F.log_softmax(functional_call(executor, perturbed, _args(x))[0], dim=-1)
         grads = torch.autograd.grad(_kl(p_ref, q_log), [delta[k] for k in keys])
         delta = {k: (delta[k].detach() + (zeta / steps) * g.sign()).clamp(-zeta, zeta) for k, g in zip(keys, grads)}
     return delta
 
 
-def adversarial_kl(executor: Executor, keys: list[str], x: torch.Tensor, p_log: torch.Tensor,
-                   delta: dict[str, torch.Tensor]) -> torch.Tensor:
+def adversarial_kl(executor: Executor, keys: list[str], x: torch.Tensor | Sequence[torch.Tensor],
+                   p_log: torch.Tensor, delta: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(f(theta) || f(theta*)) with theta* = theta + |theta| delta: gradient flows through theta and theta*."""
     perturbed = {_param_path(k): executor.params[k] + executor.params[k].abs() * delta[k].detach() for k in keys}
-    q_log = F.log_softmax(functional_call(executor, perturbed, (x,))[0], dim=-1)
+    q_log = F.log_softmax(functional_call(executor, perturbed, _args(x))[0], dim=-1)
     return _kl(p_log, q_log)
 
 
@@ -294,25 +315,147 @@ def clip_weights(executor: Executor, keys: list[str], alpha: float) -> None:
                 w.clamp_(-bound, bound)
 
 
+# ------------------------------------------------------------------------------------------ data and losses
+OUTPUT_KINDS = ("logits", "probs", "logprobs", "sigmoid", "regression")
+_CLASSIFIER_KINDS = ("logits", "probs", "logprobs")
+_EPS = 1e-7  # floor of probabilities before a log (float32)
+
+
+@dataclass
+class TrainData:
+    """Samples for training or validation: one array per model input (first axis = samples), integer class
+    labels of the first output (or None) and the teacher's (the float model's) outputs on them, one array per
+    model output (or None: no distillation)."""
+
+    inputs: list[np.ndarray]
+    labels: np.ndarray | None = None
+    teacher: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def take(self, index: np.ndarray | slice) -> TrainData:
+        """The samples at ``index`` (every input, the labels and the teacher's outputs alike)."""
+        return TrainData([x[index] for x in self.inputs], None if self.labels is None else self.labels[index],
+                         None if self.teacher is None else [t[index] for t in self.teacher])
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """What the loss compares, per model output.
+
+    ``kinds``: one of :data:`OUTPUT_KINDS` per output — ``logits`` (a classifier's scores: KL between the
+    softmaxes at ``temperature``, times T²), ``probs`` / ``logprobs`` (a softmax output: KL to the teacher's
+    distribution), ``sigmoid`` (independent probabilities: binary KL per element), ``regression`` (an embedding
+    or any other value: squared error divided by the teacher's variance ``variances[i]``, so 1 = no better than
+    predicting the teacher's mean). ``distill_weight`` weighs the mean over outputs of these distances,
+    ``ce_weight`` the cross-entropy of the first output on the labels (0: not used).
+    """
+
+    kinds: tuple[str, ...]
+    variances: tuple[float, ...]
+    distill_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+
+
+def _flat_classes(y: torch.Tensor) -> torch.Tensor:
+    """[N, ..., C] -> [N·..., C]: the class axis last, every other position a separate prediction."""
+    return y.reshape(-1, y.shape[-1]) if y.dim() > 1 else y.reshape(-1, 1)
+
+
+def _log_probs(y: torch.Tensor, kind: str, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities over the last axis of an output of a classifier kind."""
+    y = _flat_classes(y)
+    if kind == "logits":
+        return F.log_softmax(y / temperature, dim=-1)
+    if kind == "logprobs":
+        return y
+    return y.clamp_min(_EPS).log()
+
+
+def output_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str, variance: float = 1.0,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """The distillation distance of one output (mean over samples; see :class:`DistillSpec`)."""
+    if kind in _CLASSIFIER_KINDS:
+        p_log = _log_probs(teacher, kind, temperature)
+        kl = _kl(p_log, _log_probs(student, kind, temperature))
+        return kl * temperature**2 if kind == "logits" else kl
+    if kind == "sigmoid":
+        p, q = teacher.clamp(_EPS, 1 - _EPS), student.clamp(_EPS, 1 - _EPS)
+        return (p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())).mean()
+    return (student - teacher).pow(2).mean() / max(variance, 1e-12)
+
+
+def distill_loss(outputs: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None,
+                 labels: torch.Tensor | None, spec: DistillSpec) -> torch.Tensor:
+    """``distill_weight`` x the mean distance over outputs + ``ce_weight`` x the cross-entropy on labels."""
+    loss = outputs[0].new_zeros(())
+    if spec.distill_weight > 0 and teacher is not None:
+        parts = [output_distance(s, t, k, v, spec.temperature)
+                 for s, t, k, v in zip(outputs, teacher, spec.kinds, spec.variances)]
+        loss = loss + spec.distill_weight * torch.stack(parts).mean()
+    if spec.ce_weight > 0 and labels is not None:
+        loss = loss + spec.ce_weight * F.nll_loss(_log_probs(outputs[0], spec.kinds[0]), labels)
+    return loss
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def _argmax_batches(executor: Executor, x: np.ndarray, instances: int, batch_size: int) -> np.ndarray:
-    preds = []
+    return model_outputs(executor, [x], instances, batch_size, first_only=True)[0].argmax(-1)
+
+
+def model_outputs(executor: Executor, inputs: Sequence[np.ndarray], instances: int = 1, batch_size: int = 256,
+                  *, first_only: bool = False) -> list[np.ndarray]:
+    """The executor's outputs (``[instances, N, ...]`` each) on ``inputs`` (one array per model input), each batch
+    repeated ``instances`` times, instance-major, as the hook's validation expects."""
+    outs: list[list[np.ndarray]] = []
+    n = int(inputs[0].shape[0])
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
-            rep = xb.repeat(instances, *([1] * (xb.dim() - 1)))
-            preds.append(executor(rep)[0].reshape(instances, len(xb), -1).argmax(-1).numpy())
-    return np.concatenate(preds, axis=1)
+        for start in range(0, n, batch_size):
+            xs = [torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32))
+                  for x in inputs]
+            rep = [x.repeat(instances, *([1] * (x.dim() - 1))) for x in xs]
+            ys = executor(*rep)
+            ys = ys[:1] if first_only else ys
+            if not outs:
+                outs = [[] for _ in ys]
+            for acc, y in zip(outs, ys):
+                acc.append(y.reshape(instances, len(xs[0]), *y.shape[1:]).numpy())
+    return [np.concatenate(o, axis=1) for o in outs]
+
+
+def _agreement(student: np.ndarray, teacher: np.ndarray, kind: str, variance: float) -> np.ndarray:
+    """Per instance: top-1 agreement with the teacher (classifier outputs of 2+ classes), else 1 - the squared
+    error over the teacher's variance (R²: 1 = the teacher's outputs exactly)."""
+    axes = tuple(range(1, student.ndim))
+    if kind in _CLASSIFIER_KINDS and teacher.ndim > 1 and teacher.shape[-1] > 1:
+        return (student.argmax(-1) == teacher.argmax(-1)[None]).mean(axis=tuple(range(1, student.ndim - 1)))
+    return 1.0 - ((student - teacher[None]) ** 2).mean(axis=axes) / max(variance, 1e-12)
+
+
+def chip_scores(executor: Executor, hook: NoiseHook, data: TrainData, spec: DistillSpec, *, metric: str,
+                instances: int, t_s: float, seed: int, batch_size: int = 256) -> np.ndarray:
+    """One score per PCM instance read at ``t_s`` (through ``hook``): ``metric`` ``"accuracy"`` (first output's
+    argmax against the labels) or ``"agreement"`` (with the float teacher: mean over outputs of
+    :func:`_agreement`)."""
+    hook.attach(executor)
+    per_run = max(1, batch_size // instances)
+    with hook.validation(instances, t_s, seed):
+        outs = model_outputs(executor, data.inputs, instances, per_run, first_only=metric == "accuracy")
+    if metric == "accuracy":
+        assert data.labels is not None
+        return (outs[0].argmax(-1) == data.labels[None, :]).mean(axis=1)
+    assert data.teacher is not None
+    parts = [_agreement(s, t, k, v) for s, t, k, v in zip(outs, data.teacher, spec.kinds, spec.variances)]
+    return np.mean(parts, axis=0)
 
 
 def noisy_accuracy(executor: Executor, hook: NoiseHook, x: np.ndarray, y: np.ndarray, *, instances: int,
                    t_s: float, seed: int, batch_size: int = 256) -> np.ndarray:
     """Accuracy of ``instances`` PCM instances read at ``t_s`` (through ``hook``): one value per instance."""
-    hook.attach(executor)
-    per_run = max(1, batch_size // instances)
-    with hook.validation(instances, t_s, seed):
-        pred = _argmax_batches(executor, x, instances, per_run)
-    return (pred == y[None, :]).mean(axis=1)
+    return chip_scores(executor, hook, TrainData([x], y), DistillSpec(("logits",), (1.0,)), metric="accuracy",
+                       instances=instances, t_s=t_s, seed=seed, batch_size=batch_size)
 
 
 def _relative_noise_hooks(executor: Executor, draws: int, zeta: float, generator: torch.Generator
@@ -385,27 +528,34 @@ class TrainSettings:
     progress: bool = False
     weight_decay: float = 0.0
     select: str = "best"  # "best": the epoch with the best noisy validation (0 = the start); "last": the last
+    metric: str = "accuracy"  # the noisy validation's score: "accuracy" (labels) or "agreement" (with the teacher)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train_executor(
     executor: Executor,
     hook: NoiseHook,
-    train_xy: tuple[np.ndarray, np.ndarray],
-    val_xy: tuple[np.ndarray, np.ndarray],
+    train: TrainData,
+    val: TrainData,
     settings: TrainSettings,
+    spec: DistillSpec,
     recalibrate: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``executor`` in place; keeps the epoch (0 = the starting weights) with the best noisy validation.
 
-    ``recalibrate`` (QAT or validation quantisation) is called before each epoch and before validation, so
-    the converter ranges follow the weights. Returns ``{"history": [...], "best_epoch", "best_val_noisy"}``.
+    The loss is :func:`distill_loss` with ``spec`` (cross-entropy alone: ``DistillSpec(distill_weight=0,
+    ce_weight=1)``). ``recalibrate`` (QAT or validation quantisation) is called before each epoch and before
+    validation, so the converter ranges follow the weights. Returns ``{"history": [...], "best_epoch",
+    "best_val_noisy", "train_time_s"}``.
     """
     gen = torch.Generator().manual_seed(settings.seed)
     keys = [s.weight_key for s in executor.analog_steps]
-    x_train = torch.from_numpy(np.ascontiguousarray(train_xy[0], dtype=np.float32))
-    y_train = torch.from_numpy(np.asarray(train_xy[1], dtype=np.int64))
-    steps_per_epoch = max(1, math.ceil(len(y_train) / settings.batch_size))
+    x_train = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in train.inputs]
+    y_train = None if train.labels is None else torch.from_numpy(np.asarray(train.labels, dtype=np.int64))
+    t_train = None if train.teacher is None else [torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32))
+                                                   for t in train.teacher]
+    n = len(train)
+    steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
     params = [p for p in executor.params.values() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = max(1, settings.epochs * steps_per_epoch)
@@ -416,16 +566,17 @@ def train_executor(
     def validate(epoch: int, loss: float, t0: float) -> float:
         if recalibrate is not None:
             recalibrate()
-        accs = noisy_accuracy(executor, hook, *val_xy, instances=settings.val_instances, t_s=settings.val_t_s,
-                              seed=settings.seed + 7)
-        entry = {"epoch": epoch, "loss": loss, "val_noisy_acc": float(accs.mean()),
-                 "val_noisy_std": float(accs.std()), "time_s": time.perf_counter() - t0}
+        scores = chip_scores(executor, hook, val, spec, metric=settings.metric, instances=settings.val_instances,
+                             t_s=settings.val_t_s, seed=settings.seed + 7)
+        entry = {"epoch": epoch, "loss": loss, "val_noisy": float(scores.mean()), "val_noisy_std": float(scores.std()),
+                 "time_s": time.perf_counter() - t0}
         settings.history.append(entry)
-        last_val[0] = f"{100 * entry['val_noisy_acc']:.2f}% (epoch {epoch})"
+        last_val[0] = f"{100 * entry['val_noisy']:.2f}% (epoch {epoch})"
         if bar is not None:
             bar.set_postfix_str(f"val_noisy={last_val[0]}")
-        logger.info("finetune epoch %d: loss %.4f, noisy val acc %.4f", epoch, loss, entry["val_noisy_acc"])
-        return entry["val_noisy_acc"]
+        logger.info("finetune epoch %d: loss %.4f, noisy val %s %.4f", epoch, loss, settings.metric,
+                    entry["val_noisy"])
+        return entry["val_noisy"]
 
     started = time.perf_counter()
     best_acc = validate(0, float("nan"), started)
@@ -435,7 +586,7 @@ def train_executor(
             recalibrate()
         hook.attach(executor)
         hook.training = True
-        order = torch.randperm(len(y_train), generator=gen)
+        order = torch.randperm(n, generator=gen)
         total = 0.0
         for i in range(steps_per_epoch):
             # The attack bound grows linearly over the first half of training: a fine-tuned model starts far
@@ -443,7 +594,9 @@ def train_executor(
             done = ((epoch - 1) * steps_per_epoch + i) / total_steps
             zeta_now = settings.zeta * min(1.0, 2.0 * done + 1.0 / total_steps)
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            loss = _train_step(executor, hook, keys, x_train[idx], y_train[idx], settings, zeta_now, gen)
+            loss = _train_step(executor, hook, keys, [x[idx] for x in x_train],
+                               None if y_train is None else y_train[idx],
+                               None if t_train is None else [t[idx] for t in t_train], settings, spec, zeta_now, gen)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -454,11 +607,11 @@ def train_executor(
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0 or i == steps_per_epoch - 1:
-                    seen = min((i + 1) * settings.batch_size, len(y_train))
+                    seen = min((i + 1) * settings.batch_size, n)
                     bar.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss={total / seen:.3f} "
                                         f"val_noisy={last_val[0]}", refresh=False)
         hook.training = False
-        acc = validate(epoch, total / len(y_train), started)
+        acc = validate(epoch, total / n, started)
         if acc > best_acc or settings.select == "last":
             best_acc, best_epoch = acc, epoch
             best_state = {k: v.detach().clone() for k, v in executor.params.items()}
@@ -472,20 +625,43 @@ def train_executor(
             "train_time_s": time.perf_counter() - started}
 
 
-def _train_step(executor: Executor, hook: NoiseHook, keys: list[str], xb: torch.Tensor, yb: torch.Tensor,
-                settings: TrainSettings, zeta: float, gen: torch.Generator) -> torch.Tensor:
+def _train_step(executor: Executor, hook: NoiseHook, keys: list[str], xb: list[torch.Tensor],
+                yb: torch.Tensor | None, tb: list[torch.Tensor] | None, settings: TrainSettings, spec: DistillSpec,
+                zeta: float, gen: torch.Generator) -> torch.Tensor:
     hook.new_batch()
-    logits = executor(xb)[0]
-    loss = F.cross_entropy(logits, yb)
+    outputs = executor(*xb)
+    loss = distill_loss(outputs, tb, yb, spec)
     if not settings.adversarial or settings.beta <= 0:
         return loss
     with hook.clean():
         # With weight noise on, the reference f(theta) of the KL term is a separate noise-free forward.
-        clean_logits = executor(xb)[0] if hook.weight_noise is not None else logits
+        clean_logits = executor(*xb)[0] if hook.weight_noise is not None else outputs[0]
         p_log = F.log_softmax(clean_logits, dim=-1)
         delta = attack_parameters(executor, keys, xb, p_log, zeta, settings.attack_steps, gen)
         kl = adversarial_kl(executor, keys, xb, p_log, delta)
     return loss + settings.beta * kl
+
+
+def compare_on_chip(executor: Executor, hook: NoiseHook, states: dict[str, dict[str, torch.Tensor]], val: TrainData,
+                    spec: DistillSpec, *, metric: str, instances: int, times_s: Sequence[float], seed: int,
+                    recalibrate: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Score each named set of weights on the same fresh PCM instances at each read time (common random numbers:
+    the same devices' draws for every candidate). Returns, per name, ``{"score": mean over instances and times,
+    "per_time": {t: (mean, std)}}``; the executor is left with the last state loaded."""
+    results: dict[str, dict[str, Any]] = {}
+    for name, state in states.items():
+        with torch.no_grad():
+            for k, v in state.items():
+                executor.params[k].copy_(v)
+        if recalibrate is not None:
+            recalibrate()
+        per_time = {}
+        for t_s in times_s:
+            scores = chip_scores(executor, hook, val, spec, metric=metric, instances=instances, t_s=t_s, seed=seed)
+            per_time[f"{t_s:g}"] = (float(scores.mean()), float(scores.std()))
+        results[name] = {"score": float(np.mean([m for m, _ in per_time.values()])), "per_time": per_time}
+    executor.hook = executor.input_hook = executor.direct_hook = None
+    return results
 
 
 def _progress(total: int, enabled: bool) -> Any:

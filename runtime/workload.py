@@ -119,7 +119,8 @@ def build_workload(order: list[ir.Node], name: str = "", execution: str | None =
             tiles = tuple(TileShape(t["rows"], t["cols"], t["array"]) for t in placements_of(node))
             replica = json.loads(node.metadata_props.get(REPLICA_KEY) or "{}")
             layers.append(AnalogLayerWork(node.name, m["rows"], m["cols"] * m["groups"], m["mvms"], tiles,
-                                          layer=layer_of(node), replicas=int(replica.get("count", 1))))
+                                          layer=layer_of(node), replicas=int(replica.get("count", 1)),
+                                          replica_of=str(replica.get("of", ""))))
         else:
             ins = sum(_numel(v) for v in node.inputs if v is not None and not v.is_initializer())
             ops = digital_ops(node)

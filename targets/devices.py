@@ -36,7 +36,7 @@ _REGISTRY: dict[str, type[DeviceParamsBase]] = {}
 # Models whose schema embeds DeviceParams; rebuilt when a device is registered so the union sees it.
 _DEPENDENTS: list[type[BaseModel]] = []
 
-_D = TypeVar("_D", bound="type[DeviceParamsBase]")
+_D = TypeVar("_D", bound="DeviceParamsBase")
 
 
 class DeviceParamsBase(BaseModel):
@@ -50,10 +50,10 @@ class DeviceParamsBase(BaseModel):
     )
 
 
-def register_device(name: str) -> Callable[[_D], _D]:
+def register_device(name: str) -> Callable[[type[_D]], type[_D]]:
     """Class decorator: make ``name`` a valid ``device.model`` value in target files."""
 
-    def decorate(cls: _D) -> _D:
+    def decorate(cls: type[_D]) -> type[_D]:
         field = cls.model_fields.get("model")
         if field is None or field.default != name:
             raise TypeError(f"device class {cls.__name__} needs `model: Literal[{name!r}] = {name!r}`")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from cimc.data import Dataset, batches, load_dataset, save_dataset
+import cimc
+from cimc.data import Dataset, batches, bind, load_dataset, save_dataset
 from cimc.errors import DataError, InputError
 
 
@@ -85,9 +88,54 @@ def test_truncated_npz_is_input_error(tmp_path):
 
 
 def test_missing_x_is_data_error(tmp_path):
+    """A file whose arrays are named after no input of the model: binding names the missing and the extra."""
     np.savez(tmp_path / "nox.npz", inputs=np.zeros((3, 2), np.float32), y=np.zeros(3, np.int64))
-    with pytest.raises(DataError, match="no array 'x'"):
-        load_dataset(tmp_path / "nox.npz")
+    ds = load_dataset(tmp_path / "nox.npz")
+    assert sorted(ds.inputs) == ["inputs"]
+    model = cimc.load(_gemm_model(tmp_path))
+    with pytest.raises(DataError, match=r"missing a \[N, 2\]; not inputs of the model: 'inputs'"):
+        bind(ds, model)
+    np.savez(tmp_path / "none.npz", y=np.zeros(3, np.int64))
+    with pytest.raises(DataError, match="no inputs"):
+        load_dataset(tmp_path / "none.npz")
+
+
+def _gemm_model(tmp_path, inputs=("a",)):  # type: ignore[no-untyped-def]
+    """y = sum of x_i W_i over the named inputs, each [n, 2]."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(2, 3)).astype(np.float32), f"w{i}") for i in range(len(inputs))]
+    nodes = [helper.make_node("MatMul", [n, f"w{i}"], [f"p{i}"]) for i, n in enumerate(inputs)]
+    out = "p0"
+    for i in range(1, len(inputs)):
+        nodes.append(helper.make_node("Add", [out, f"p{i}"], [f"s{i}"]))
+        out = f"s{i}"
+    nodes.append(helper.make_node("Identity", [out], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 2]) for n in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], initializer=inits)
+    path = tmp_path / f"m{len(inputs)}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_named_inputs_bind_in_graph_order_and_errors_name_them(tmp_path):
+    model = cimc.load(_gemm_model(tmp_path, ("a", "b")))
+    a, b = np.ones((4, 2), np.float32), np.full((4, 2), 2.0, np.float32)
+    np.savez(tmp_path / "ab.npz", b=b, a=a, y=np.arange(4))
+    feed = bind(load_dataset(tmp_path / "ab.npz"), model)
+    assert [s.name for s in feed.specs] == ["a", "b"] and len(feed) == 4 and feed.single is None
+    np.testing.assert_array_equal(feed.arrays[1], b)
+    np.testing.assert_array_equal(feed.take(1, 3).y, [1, 2])
+    with pytest.raises(DataError, match=r"missing b \[N, 2\].*--input-value b=VALUE"):
+        bind({"a": a}, model)
+    with pytest.raises(DataError, match=r"input 'b': shape \(4, 3\) does not match the model's input \[N, 2\]"):
+        bind({"a": a, "b": np.ones((4, 3), np.float32)}, model)
+    with pytest.raises(DataError, match=r"different numbers of samples \(4, and 5 for 'b'\)"):
+        bind({"a": a, "b": np.ones((5, 2), np.float32)}, model)
+    with pytest.raises(DataError, match="4 samples but 3 labels"):
+        bind({"a": a, "b": b, "y": np.arange(3)}, model)
+    # a one-input file's x still binds to a one-input model, whatever the input is called
+    one = cimc.load(_gemm_model(tmp_path / "..", ("a",)))
+    assert bind({"x": a}, one).single is not None
 
 
 def test_non_integer_labels_are_data_error(tmp_path):

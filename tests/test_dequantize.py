@@ -121,14 +121,18 @@ def test_dynamic_quantize_linear_equals_onnxruntime(tmp_path: Path) -> None:
                                                      ("z", (), TensorProto.UINT8)])
     onnx.save(proto, tmp_path / "dql.onnx")
     rng = np.random.default_rng(0)
+    # Ties: values at exactly (k + 0.5) steps of a range [-1, 1.55] (scale 0.01, zero point 100) round half to even.
+    ties = np.concatenate([[-1.0, 1.55], (np.arange(26) + 0.5) * 0.01 * np.float32(2.55 / 2.55)]).astype(np.float32)
     for x in (rng.standard_normal((4, 7)), rng.uniform(0.5, 3.0, (4, 7)), -rng.uniform(0.5, 3.0, (4, 7)),
-              np.zeros((4, 7))):
+              np.zeros((4, 7)), ties.reshape(4, 7), rng.standard_normal((4, 7)) * 1e-30):
         x = x.astype(np.float32)
         expected = run_ort(tmp_path / "dql.onnx", {"x": x})
         actual = cimc.ops.OPS["DynamicQuantizeLinear"]([torch.from_numpy(x)], {})
-        np.testing.assert_allclose(actual[1].numpy(), expected[1], rtol=1e-6)
+        # onnxruntime's arithmetic exactly: scale = (max - min) / 255 in float32, zero point = round-half-even of
+        # clamp(-min / scale), codes = round-half-even(x / scale) + zero point, clamped (issue 22)
+        assert actual[1].numpy().tobytes() == np.asarray(expected[1], np.float32).tobytes()
         assert int(actual[2]) == int(expected[2])
-        assert np.abs(actual[0].numpy().astype(int) - expected[0].astype(int)).max() <= 1  # ties may round apart
+        assert np.array_equal(actual[0].numpy(), expected[0])
 
 
 def test_dynamic_quantize_lstm_becomes_a_float_lstm(tmp_path: Path) -> None:

@@ -87,3 +87,29 @@ def test_one_hot_on_another_axis_is_left_alone(tmp_path: Path) -> None:
     ShapeInferencePass()(model)
     assert not OneHotMatMulToGatherPass()(model).modified
     assert [n.op_type for n in model.graph] == ["OneHot", "MatMul"]
+
+
+def test_comparison_one_hot_becomes_gather(tmp_path: Path) -> None:
+    """jax2tf's one_hot: Equal(indices[..., None], arange(depth)) → Cast → MatMul (magika, issue 22): no one-hot
+    tensor is left (on hermes it alone outgrew the 1 MiB SRAM), and the lookup equals onnxruntime."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(np.array([2, 48, 1], np.int64), "shape"),
+             onnx.numpy_helper.from_array(np.arange(DEPTH, dtype=np.int32), "iota"),
+             onnx.numpy_helper.from_array(rng.standard_normal((DEPTH, N)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Reshape", ["idx", "shape"], ["col"], name="col"),
+             helper.make_node("Equal", ["col", "iota"], ["eq"], name="eq"),
+             helper.make_node("Cast", ["eq"], ["oh"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["oh", "W"], ["y"], name="embed")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("idx", TensorProto.INT32, [2, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 48, N])], inits)
+    path = tmp_path / "cmp.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    model = cimc.load(path)
+    ops = [n.op_type for n in model.graph]
+    assert "Gather" in ops and not {"Equal", "Cast", "MatMul"} & set(ops)
+    assert all(DEPTH not in (v.shape or ()) for n in model.graph for v in n.outputs)  # no [.., 257] tensor
+    idx = rng.integers(0, DEPTH, (2, 48)).astype(np.int32)
+    (expected,) = run_ort(path, {"idx": idx})
+    with torch.no_grad():
+        (actual,) = Executor(model)(torch.from_numpy(idx))
+    assert rel_l2(actual.numpy(), expected) <= 1e-6

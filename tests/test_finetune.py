@@ -28,7 +28,7 @@ from cimc.pipeline import CompileContext, parse_pipeline
 from cimc.runtime.executor import Executor
 from cimc.runtime.training import NoiseHook, _kl, adversarial_kl, attack_parameters, clip_weights
 
-FAST = {"val_instances": 1, "val_samples": 100, "batch_size": 32}
+FAST = {"val_instances": 1, "val_samples": 100, "batch_size": 32, "keep": "tuned"}
 
 
 class TinyNet(nn.Module):
@@ -170,8 +170,8 @@ def test_bad_data_and_pipeline_options(tiny_model: Path, digits: Dataset) -> Non
     wrong = Dataset(np.zeros((10, 1, 9, 9), np.float32), np.zeros(10, np.int64), "wrong")
     with pytest.raises(DataError, match="per sample"):
         finetune(tiny_model, "aon-cim", wrong, epochs=1)
-    with pytest.raises(DataError, match="labels"):
-        finetune(tiny_model, "aon-cim", Dataset(digits.x, None, "unlabelled"), epochs=1)
+    with pytest.raises(DataError, match="method 'ce' needs labels"):
+        finetune(tiny_model, "aon-cim", Dataset(digits.x, None, "unlabelled"), method="pcm+ce", epochs=1)
     ctx = CompileContext(target=cimc.compiler.resolve_target("aon-cim"))
     with pytest.raises(InputError, match="has no option 'bogus'"):
         parse_pipeline("finetune{bogus=1}", ctx)

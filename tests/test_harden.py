@@ -143,3 +143,25 @@ def test_harden_api_stops_at_the_goal(digits) -> None:  # type: ignore[no-untype
     assert r.compiled is not None and "hardened" in r.compiled.extra
     with pytest.raises(InputError, match="--goal or --drop"):
         cimc.harden(c, test, goal=0.9, drop=0.01)
+
+
+def test_replication_is_a_mitigation(digits, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    from cimc.mitigations import candidates_for, measure
+
+    path, calib, test = digits
+    c = cimc.compile(path, "hermes", calibration=calib)
+    data = cimc.diagnose(c, test, time="1y", instances=1, try_advice=False).data
+    replicate = {x.layer: x for x in candidates_for(data, Decisions(), c) if x.kind == "replicate"}
+    assert "/conv1/Conv" in replicate and "--replicate /conv1/Conv=4" in replicate["/conv1/Conv"].text
+    d = build(c, replicate["/conv1/Conv"].apply(Decisions()), calib)
+    names = [n.name for n in d.analog_nodes()]
+    assert [f"/conv1/Conv/rep{i}" for i in range(4)] == [n for n in names if n.startswith("/conv1/Conv")]
+    assert d.cost.total_energy_j > c.cost.total_energy_j and d.extra["hardened"]["replicate"] == {"/conv1/Conv": 4}
+    m = measure(d, test.x[:100], test.y[:100], 86400.0, "accuracy", 1)
+    assert 0.5 < m.value <= 1 and m.energy_j == pytest.approx(d.cost.total_energy_j)
+    # Its replicas are not proposed again; the replicated model simulates and exports like any other.
+    again = cimc.diagnose(d, test, time="1y", instances=1, try_advice=False).data
+    assert not [x for x in candidates_for(again, Decisions(replicate=(("/conv1/Conv", 4),)), c) if "/rep" in x.layer]
+    d.save(tmp_path / "r")
+    res = run_cli("export", tmp_path / "r", "-o", tmp_path / "bundle", "-q")
+    assert res.code == 0, res.err

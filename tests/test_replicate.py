@@ -87,8 +87,8 @@ def _noise(compiled, x: np.ndarray, ref: np.ndarray, time: str) -> float:
 
 def test_replication_cuts_the_layer_noise_by_sqrt_r(setup: dict) -> None:
     """Programming, drift, read and output noise are drawn per device set and per conversion, so the mean of
-    4 copies has half the noise std (√4); the converters' rounding, common to the copies, keeps it a little
-    above half (1.96x-2.0x measured over seeds and times)."""
+    4 copies has about half the noise std (√4). Measured here: 2.01x at 24 h, 2.02x at 1 y (1.94x at 1 s);
+    √4 is the expectation, not a floor, so the bound leaves room for Monte Carlo scatter."""
     ref = ort.InferenceSession(str(setup["model"])).run(["h"], {"x": setup["x"]})[0]
     for time in ("24h", "1y"):
         plain = _noise(setup["plain"], setup["x"], ref, time)
@@ -215,3 +215,23 @@ def test_simulate_states_the_whole_inference_and_why_it_differs(setup: dict) -> 
     assert "compile assumed the target's input activity" in cost["why_measured_differs"]
     table = result.table()
     assert "per inference:" in table and "system" in table and "why they differ:" in table
+
+
+def test_pipelined_copies_run_side_by_side(setup: dict) -> None:
+    """On a multi-core pipelined chip each copy has cores of its own: they read the same input at once, so the
+    latency grows by the digital adds only, while energy pays every copy."""
+    plain = compile_model(setup["model"], "hermes")
+    rep = compile_model(setup["model"], "hermes", replicate={"conv1": R})
+    assert rep.cost.execution == plain.cost.execution == "pipelined"
+    cores = [{t["array"] for t in json.loads(n.metadata_props["cimc.placement"])} for n in rep.analog_nodes()
+             if n.name.startswith("conv1/rep")]
+    assert len(cores) == R and len(set().union(*cores)) == R  # one core each
+    by_name = {c.name: c for c in rep.cost.layers}
+    adds_s = sum(by_name[f"conv1/rep_sum{i}"].latency_s for i in range(1, R)) + by_name["conv1/rep_mean"].latency_s
+    assert rep.cost.latency_s == pytest.approx(plain.cost.latency_s + adds_s, rel=1e-9)
+    assert rep.cost.cycles == rep.schedule["cycles"]  # the schedule starts the copies together too
+    starts = {json.loads(n.metadata_props["cimc.schedule"])["start_cycle"] for n in rep.analog_nodes()
+              if n.name.startswith("conv1/rep")}
+    assert len(starts) == 1
+    layer_j = {c.name: c for c in plain.cost.layers}["conv1"].energy_j["adc"]
+    assert rep.cost.energy_j["adc"] == pytest.approx(plain.cost.energy_j["adc"] + (R - 1) * layer_j, rel=1e-9)

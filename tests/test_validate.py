@@ -359,8 +359,6 @@ def test_results_json_is_byte_identical_across_runs(mlp_build: Path, tmp_path: P
     assert outs[0] == outs[1] and b"wall_time" not in outs[0]
 
 
-@pytest.mark.skipif(not hasattr(__import__("cimc.ir").ir, "name_nodes"),
-                    reason="node names are made unique at import by cimc.ir.name_nodes (on main)")
 @pytest.mark.parametrize("name", ["", "same"])
 def test_duplicate_and_empty_node_names_compile(name: str, tmp_path: Path, run_cli) -> None:
     nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name=name), helper.make_node("Relu", ["h"], ["a"], name=name),

@@ -1,5 +1,7 @@
 """``cimc harden``: make a compiled model meet a goal on the chip by trying mitigations on the simulator.
 
+(The module is ``cimc.hardening``: ``cimc.harden`` is the API function.)
+
 Starting from a compiled model, each round diagnoses the current model (:func:`cimc.diagnosis.diagnose`,
 per-layer SNR by cause), builds every mitigation the diagnosis suggests (:mod:`cimc.mitigations`) and
 measures it on ``instances`` simulated chips (fixed seed) at ``time``; the candidates are then applied one
@@ -152,11 +154,11 @@ def harden(
     hardened compiled model there, and ``harden/`` in it (harden.json, harden.png, harden.txt).
     """
     from cimc.artifact import load_compiled
-    from cimc.vocabulary import parse_times
     from cimc.data import Dataset, load_dataset
     from cimc.mitigations import Decisions, measure
     from cimc.runtime.metrics import check_metric, default_metric, higher_is_better, metric_name, output_size
     from cimc.runtime.simulator import format_duration
+    from cimc.vocabulary import parse_times
 
     started = _time.perf_counter()
     inputs = [compiled, data, calibration, training, validation]
@@ -331,8 +333,7 @@ def _finetune_step(state: _State, steps: list[dict[str, Any]], training: Any, va
     change = f"fine-tune ({method or 'default method'})"
     try:
         tuned, _history = finetune(_stripped_copy(root.model), root.target, training, validation,
-                                   method=method or DEFAULT_METHOD,
-                                   seed=seed, progress=progress)
+                                   method=method or DEFAULT_METHOD, seed=seed, progress=progress)
         variant = build(root, state.decisions, calib, source=tuned, seed=seed)
         m = evaluate(variant)
     except InputError as exc:
