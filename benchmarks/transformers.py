@@ -243,13 +243,18 @@ def _accuracy_rows(result: Any) -> list[tuple[float, float]]:
 
 
 def to_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    head = "| model | exporter | float (ort) | ideal rel. err. b1 / b7 | target | " + " | ".join(TIME_LABELS) + " |"
+    head = ("| model | exporter | float | quant. | ideal vs ort, b1 / b7 | target | " + " | ".join(TIME_LABELS)
+            + " |")
     lines = [f"Run: {meta['date']} · {meta['machine']} · {meta['instances']} chips · seed 0", "", head,
-             "|" + "---|" * (5 + len(TIME_LABELS))]
+             "|" + "---|" * (6 + len(TIME_LABELS))]
     for r in results:
         acc = r.get("accuracy") or []
         cells = [f"{m:.1f} ± {s:.1f}" for m, s in acc] or ["refused"] * len(TIME_LABELS)
-        lines.append(f"| {r['task']} | {r['exporter']} | {100 * r['float_accuracy']:.1f} | "
+        sim = r.get("simulate") or {}
+        flt = sim.get("float_score", r["float_accuracy"])  # on the simulated samples
+        quant = sim.get("quantized_score")
+        lines.append(f"| {r['task']} | {r['exporter']} | {100 * flt:.2f} | "
+                     f"{'—' if quant is None else f'{100 * quant:.2f}'} | "
                      f"{r['ideal_rel_b1']:.1e} / {r['ideal_rel_b7']:.1e} | {r.get('target', '—')} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
