@@ -17,6 +17,7 @@ and the latency from the compiled model's cost model, so each step's price is vi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -212,7 +213,8 @@ def harden(
                        progress)
         stopped = ("goal met" if _met(state.best.value, goal_value, higher) else
                    f"{stopped}; fine-tuning was the last step")
-    hardened = state.compiled
+    # The manifest says what harden decided, also when it kept nothing (the model as compiled is the answer).
+    hardened = dataclasses.replace(state.compiled, extra={**state.compiled.extra, "hardened": state.decisions.to_dict()})
     result: dict[str, Any] = {
         "format": "cimc-harden/1",
         "model": c.source,
