@@ -17,6 +17,7 @@ and the latency from the compiled model's cost model, so each step's price is vi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -51,7 +52,9 @@ class HardenResult:
         rows = []
         for s in d["steps"]:
             m = s["measurement"]
-            rows.append([s["step"], s["round"], "kept" if s["kept"] else "-", s["change"],
+            status = "kept" if s["kept"] else ("skip" if (s.get("error") or "").startswith("skipped") else
+                                               "n/a" if m is None else "-")
+            rows.append([s["step"], s["round"], status, s["change"],
                          "-" if m is None else format_score(metric, m["value"]),
                          "-" if m is None else f"{m['energy_per_inference_j'] * 1e6:.4g}",
                          "-" if m is None else f"{m['latency_s'] * 1e3:.4g}"])
@@ -212,7 +215,8 @@ def harden(
                        progress)
         stopped = ("goal met" if _met(state.best.value, goal_value, higher) else
                    f"{stopped}; fine-tuning was the last step")
-    hardened = state.compiled
+    # The manifest says what harden decided, also when it kept nothing (the model as compiled is the answer).
+    hardened = dataclasses.replace(state.compiled, extra={**state.compiled.extra, "hardened": state.decisions.to_dict()})
     result: dict[str, Any] = {
         "format": "cimc-harden/1",
         "model": c.source,
@@ -300,6 +304,11 @@ def _round(state: _State, round_no: int, steps: list[dict[str, Any]], x: np.ndar
             continue
         if _met(state.best.value, goal, higher):
             break
+        changed = set(state.decisions.digital) | {n for n, _ in state.decisions.replicate}
+        if t["layer"] and t["layer"] in changed and t["layer"] not in set(start.digital) | {n for n, _ in start.replicate}:
+            steps.append(_step(number, round_no, t["text"], t["why"], None, False, None,
+                               f"skipped: a step of this round already moved {t['layer']}", t["kind"], t["layer"]))
+            continue
         if state.decisions == start:  # nothing kept yet this round: the trial was measured on these decisions
             variant, m, decisions = t["_compiled"], t["_measurement"], t["_decisions"]
         else:
