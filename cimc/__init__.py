@@ -7,6 +7,7 @@ The public API (the command line calls exactly these):
 * :func:`cimc.compile` — map, quantise and schedule onto a target (a :class:`~cimc.artifact.CompiledModel`);
 * :func:`cimc.simulate` — accuracy (or any metric) over time on simulated chips; :func:`cimc.run` — raw outputs;
 * :func:`cimc.diagnose` — which layer and which non-ideality cost the accuracy, and what to change;
+* :func:`cimc.harden` — try mitigations on the simulator until the model meets a goal on the chip;
 * :func:`cimc.sweep` — accuracy vs TOPS/W over a grid of target variations.
 """
 
@@ -32,13 +33,15 @@ from cimc.errors import CimcError
 
 __version__ = "0.2.0"
 # The API and its error type only; modules (cimc.api, cimc.data, ...) stay importable by name.
-__all__ = ["CimcError", "compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"]
+__all__ = ["CimcError", "compile", "diagnose", "finetune", "harden", "inspect", "load", "load_compiled", "run", "simulate",
+           "sweep"]
 
 logging.getLogger("cimc").addHandler(logging.NullHandler())
 
 # The API pulls in torch, onnxruntime and onnxscript (seconds); ``cimc --version``, ``--help`` and ``targets``
 # need none of them. The API functions are therefore imported on first use (PEP 562).
-_API = frozenset({"compile", "diagnose", "finetune", "inspect", "load", "load_compiled", "run", "simulate", "sweep"})
+_API = frozenset({"compile", "diagnose", "finetune", "harden", "inspect", "load", "load_compiled", "run", "simulate",
+                  "sweep"})
 
 
 def __getattr__(name: str) -> object:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,12 @@ import numpy as np
 
 import onnx_ir as ir
 
+from cimc.artifact import load_compiled  # re-exported: the API's way to open a compiled model
 from cimc.frontend import load_model
 from cimc.inspection import InspectReport, inspect_model
+from cimc.vocabulary import parse_times  # re-exported
 
-__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "run", "load_compiled", "finetune"]
+__all__ = ["load", "inspect", "compile", "simulate", "diagnose", "harden", "run", "load_compiled", "finetune"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +78,6 @@ def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: A
     return compile_model(model, target, **options)
 
 
-def load_compiled(path: Any) -> Any:
-    """A :class:`cimc.artifact.CompiledModel` from a directory (or the object itself)."""
-    from cimc.artifact import CompiledModel
-
-    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)
-
-
 def simulate(
     compiled: Any,
     data: Any,
@@ -96,17 +91,21 @@ def simulate(
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
-    metric: str | None = None,
+    metric: str | Callable[..., float] | None = None,
     instance_range: tuple[int, int] | None = None,
     workers: int | None = None,
     ray: str | None = None,
+    yield_target: float | str | None = None,
 ) -> Any:
     """A metric over time on the simulated chip (program → drift → read), Monte Carlo over instances.
 
     ``data``: a :class:`cimc.data.Dataset`, an ``.npz`` path or a builtin name; ``y`` is optional.
-    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: accuracy, top5, cosine, mse,
-    snr or relerr (see :mod:`cimc.runtime.metrics`; default accuracy with labels, cosine agreement with the
-    float model without). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written there.
+    ``drift``: comma-separated times ("1s,1h,24h,6mo") or seconds. ``metric``: a name (accuracy, top5, auc,
+    detect@0.5, cosine, mse, snr, relerr, module:function), a :class:`cimc.runtime.metrics.Metric` or a
+    ``callable(outputs, labels_or_reference) -> float`` (see :mod:`cimc.runtime.metrics`; the default fits the
+    data and the output). ``yield_target``: also report the share of chip instances meeting this value (metric
+    units; "90%" for shares). With ``out_dir``, ``results.json``, ``timings.json`` and ``drift.png`` are written
+    there.
 
     ``instance_range=(a, b)``: only chips a..b-1 of the ``instances`` (merge shards with
     :func:`cimc.runtime.simulator.merge_results`). ``workers=N`` splits the instances over N local processes,
@@ -132,7 +131,7 @@ def simulate(
     if workers is None and ray is None:
         result = run_simulation(c, x, y, times, instances=instances, seed=seed, batch_size=batch_size,
                                 compare_gdc=compare_gdc, progress=progress, metric=metric,
-                                instance_range=instance_range)
+                                instance_range=instance_range, yield_target=yield_target)
     else:
         from cimc.parallel import get_backend, split_range
 
@@ -151,7 +150,7 @@ def simulate(
                     bar.update(1)
             if bar is not None:
                 bar.close()
-        result = merge_results(c, shards)
+        result = merge_results(c, shards, yield_target=yield_target)
         result.timings["wall_time_s"] = _time.perf_counter() - started
         result.timings["shards"] = len(ranges)
     result.data["data"] = ds.name
@@ -260,12 +259,38 @@ def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
     return run_diagnosis(compiled, data, **options)
 
 
-def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
-    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
-    from cimc.runtime.simulator import check_time, parse_duration
+def harden(
+    compiled: Any,
+    data: Any,
+    *,
+    time: str | float = "24h",
+    goal: float | None = None,
+    drop: float | str | None = None,
+    metric: str | Callable[..., float] | None = None,
+    instances: int = 5,
+    seed: int = 0,
+    samples: int | None = None,
+    batch_size: int = 64,
+    calibration: Any = None,
+    training: Any = None,
+    validation: Any = None,
+    finetune_method: str | None = None,
+    max_rounds: int = 3,
+    max_trials: int = 10,
+    min_gain: float = 0.0,
+    progress: bool = False,
+    out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> Any:
+    """Try mitigations on the simulator until the compiled model meets ``goal`` (or loses at most ``drop``
+    against the float model) at ``time``; see :func:`cimc.harden.harden`. Returns a
+    :class:`cimc.harden.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
+    from cimc.harden import harden as run_harden
 
-    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
-    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]
+    return run_harden(compiled, data, time=time, goal=goal, drop=drop, metric=metric, instances=instances, seed=seed,
+                      samples=samples, batch_size=batch_size, calibration=calibration, training=training,
+                      validation=validation, finetune_method=finetune_method, max_rounds=max_rounds,
+                      max_trials=max_trials, min_gain=min_gain, progress=progress, out_dir=out_dir, force=force)
 
 
 def compiled_payload(compiled: Any) -> dict[str, Any]:
@@ -319,9 +344,9 @@ def _simulate_shard_task(shared: dict[str, Any], instance_range: tuple[int, int]
 def _shard_bar(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, unit="shard", desc="simulating", leave=False, dynamic_ncols=True)
+    return progress_bar(total, "simulating", unit="shard")  # redraws only on a terminal
 
 
 def run(
@@ -335,6 +360,7 @@ def run(
     seed: int = 0,
     ideal: bool = False,
     all_outputs: bool = False,
+    force: bool = False,
 ) -> Any:
     """Raw outputs of the compiled model on one chip instance at ``time`` after programming.
 
@@ -342,7 +368,8 @@ def run(
     file with one array per input name; first axis = samples. ``instance`` picks one of ``instances`` chips
     drawn with ``seed`` (the same devices ``simulate`` draws). Returns the first output as an array, or with
     ``all_outputs`` a ``{output name: array}`` dict. ``output``: ``.npy`` (the first output; several outputs
-    need ``.npz``) or ``.npz`` (every output, by name), written atomically.
+    need ``.npz``) or ``.npz`` (every output, by name), written atomically and marked as cimc's (an existing
+    file cimc did not write is replaced only with ``force``: :func:`cimc.outputs.check_output_file`).
     """
     import torch
 
@@ -361,7 +388,7 @@ def run(
     if out_path is not None:
         from cimc.outputs import check_output_file
 
-        check_output_file(out_path, out_path.suffix, [compiled, inputs])
+        check_output_file(out_path, out_path.suffix, [compiled, inputs], force=force)
     arrays = _read_inputs(inputs, c.model)
     in_axes = [axis if shape else None for _, shape, _, axis in _input_specs(c.model)]  # None: a scalar input
     n = instances or instance + 1
@@ -418,14 +445,17 @@ def run(
     if out_path is not None:
         import io
 
+        from cimc.outputs import mark_npy, mark_npz
         from cimc.report import write_bytes_atomic
 
         buf = io.BytesIO()
         if out_path.suffix == ".npz":
             np.savez(buf, **named)
+            data = mark_npz(buf.getvalue())
         else:
             np.save(buf, results[0])
-        write_bytes_atomic(out_path, buf.getvalue())
+            data = mark_npy(buf.getvalue())
+        write_bytes_atomic(out_path, data)
     return named if all_outputs else results[0]
 
 
@@ -440,11 +470,13 @@ def finetune(
     seed: int = 0,
     progress: bool = False,
     output: str | os.PathLike[str] | None = None,
+    force: bool = False,
     **options: Any,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Noise-aware fine-tuning; returns ``(model, history)`` and writes ``output`` (.onnx, atomically) if given.
 
     See :func:`cimc.passes.finetune.finetune` for the methods and options (``dac_bits``, ``lr``, ``eta`` ...).
+    An existing ``output`` that cimc did not write (no ``cimc.finetune`` metadata) is replaced only with ``force``.
     """
     from cimc.outputs import check_output_file
     from cimc.passes.finetune import DEFAULT_METHOD, save_finetuned
@@ -452,11 +484,11 @@ def finetune(
 
     sources = [model, train, val]
     if output is not None:  # refuse a bad -o before the training, not after it
-        check_output_file(output, ".onnx", sources)
+        check_output_file(output, ".onnx", sources, force=force)
     tuned, history = run_finetune(model, target, train, val, method=method or DEFAULT_METHOD, epochs=epochs,
                                   seed=seed, progress=progress, **options)
     if output is not None:
-        save_finetuned(tuned, output, sources)
+        save_finetuned(tuned, output, sources, force=force)
     return tuned, history
 
 

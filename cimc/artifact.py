@@ -26,10 +26,19 @@ from typing import Any
 
 import onnx_ir as ir
 
+from cimc import __version__
 from cimc.errors import InputError
+from cimc.frontend import _check_external_data
+from cimc.optional import import_pandas as _pandas
+from cimc.outputs import output_dir
+from cimc.plots import plot_occupancy
 from cimc.report import format_table, human, write_json_atomic, write_text_atomic
+from cimc.runtime.cost import estimate_cost
+from cimc.runtime.twin import build_qdq_twin
+from cimc.runtime.workload import model_workload
+from cimc.targets import load_target, target_yaml
 
-__all__ = ["ARTIFACT_FORMAT", "CompiledModel", "sha256_file"]
+__all__ = ["ARTIFACT_FORMAT", "CompiledModel", "load_compiled", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +105,10 @@ class CompiledModel:
             "pipeline": self.pipeline,
             "ops_definition": cost["ops_definition"],
             "tops_per_w": cost["tops_per_w"],
+            "analog_tops_per_w": cost["tops_per_w"],
+            "system_tops_per_w": cost["system_tops_per_w"],
+            "system_ops_definition": cost["system_ops_definition"],
+            "model_macs": cost["model_macs"],
             "tops": cost["tops"],
             "energy_per_inference_j": cost["total_energy_j"],
             "energy_breakdown_j": cost["energy_j"],
@@ -111,6 +124,7 @@ class CompiledModel:
             "crossbar_layers": mapping.get("layers", len(self.analog_nodes())),
             "analog_uses": mapping.get("analog_nodes", len(self.analog_nodes())),
             "shared_weights": mapping.get("shared_weights", {}),
+            "replication": mapping.get("replication", {}),
             "sram_peak_bytes": self.schedule.get("sram_peak_bytes"),
             "execution": self.cost.execution,
             "execution_requested": mapping.get("execution_requested", self.target.execution),
@@ -122,8 +136,6 @@ class CompiledModel:
 
     def to_pandas(self) -> Any:
         """One row per scheduled layer of report.json: name, op, kind, cycles, energy, placement (needs pandas)."""
-        from cimc.runtime.simulator import _pandas
-
         pd = _pandas()
         rows = []
         for row in self.report()["layers"]:
@@ -134,8 +146,6 @@ class CompiledModel:
 
     def plot(self, path: str | Path | None = None) -> Any:
         """The occupancy figure (a matplotlib Figure; also saved to ``path`` if given)."""
-        from cimc.plots import plot_occupancy
-
         return plot_occupancy(self, path)
 
     def summary_table(self) -> str:
@@ -188,12 +198,16 @@ class CompiledModel:
                 f"{mode}{' (chosen)' if mode == r['execution'] else ''}: {ch['arrays_used']} cores, latency "
                 f"{human(ch['latency_s'], 's')}, {ch['inferences_per_s']:.4g} inferences/s"
                 for mode, ch in sorted(choices.items())))
+        digital_macs = r["model_macs"] - sum(
+            c.model_macs for c in self.cost.layers if c.kind == "analog")
+        moved = f", {digital_macs:,} of the model's MACs on the digital unit" if digital_macs else ""
         return (
             f"{table}\n\n" + "\n".join(lines) + "\n"
-            f"per inference: {r['macs']:,} analog MACs, latency {human(r['latency_s'], 's')}, "
-            f"energy {human(r['energy_per_inference_j'], 'J')} ({parts})\n"
-            f"throughput {r['inferences_per_s']:.4g} inferences/s; efficiency {r['tops_per_w']:.3g} TOPS/W "
-            f"(ops = 2 x analog MACs)\n{self._notes()}"
+            f"per inference: energy {human(r['energy_per_inference_j'], 'J')} ({parts}), latency "
+            f"{human(r['latency_s'], 's')}; {r['macs']:,} analog MACs{moved}\n"
+            f"throughput {r['inferences_per_s']:.4g} inferences/s; system efficiency {r['system_tops_per_w']:.3g} "
+            f"TOPS/W (the model's ops, analog and digital, over all energy); analog {r['tops_per_w']:.3g} TOPS/W "
+            f"(ops = 2 x analog MACs, the figure papers quote)\n{self._notes()}"
         )
 
     def _notes(self) -> str:
@@ -203,10 +217,22 @@ class CompiledModel:
         calibrated = any("cimc.quant" in n.metadata_props for n in self.model.graph)
         digital = json.loads(self.model.metadata_props.get("cimc.digital", "[]"))
         notes = [f"batch dimension fixed at {batch} (model.onnx, model.qdq.onnx and the schedule)"]
-        notes.append("converters calibrated (model.qdq.onnx is the quantised twin)" if calibrated else
-                     "converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        conv = self.target.converters
+        if not calibrated:
+            notes.append("converters NOT modelled: compiled without --calib, DAC/ADC are ideal")
+        elif conv.dac_bits is None and conv.adc_bits is None:  # e.g. the ideal target: nothing to quantise
+            notes.append("converters off on this target (dac_bits and adc_bits null): nothing is quantised, "
+                         "model.qdq.onnx computes the float model")
+        else:
+            bits = ", ".join(f"{name} {b} bits" if b else f"{name} off" for name, b in
+                             (("DAC", conv.dac_bits), ("ADC", conv.adc_bits)))
+            notes.append(f"converters calibrated ({bits}; model.qdq.onnx is the quantised twin)")
         if digital:
             notes.append(f"kept digital: {', '.join(digital)}")
+        replication = self.mapping.get("replication") or {}
+        if replication:
+            notes.append("replicated (copies averaged on the digital unit): "
+                         + ", ".join(f"{name} x{r}" for name, r in replication.items()))
         return "; ".join(notes)
 
     # ------------------------------------------------------------------------------------ save/load
@@ -217,9 +243,6 @@ class CompiledModel:
         another folder); it may not be or contain one of ``inputs`` (:mod:`cimc.outputs`). Only cimc's own
         files in it are replaced.
         """
-        from cimc.outputs import output_dir
-        from cimc.targets import target_yaml
-
         out = Path(out_dir)
         with output_dir(out, "compiled", inputs, force=force) as tmp:
             ir.save(self.model, tmp / "model.onnx")
@@ -228,17 +251,11 @@ class CompiledModel:
             write_json_atomic(tmp / "schedule.trace.json", self.chrome_trace())
             files = ["model.onnx", "target.yaml", "report.json", "schedule.trace.json"]
             if any("cimc.quant" in n.metadata_props for n in self.model.graph):
-                from cimc.passes.quantize import build_qdq_twin
-
                 ir.save(build_qdq_twin(self.model), tmp / "model.qdq.onnx")
                 files.append("model.qdq.onnx")
             if plots:
-                from cimc.plots import plot_occupancy
-
                 plot_occupancy(self, tmp / "occupancy.png")
                 files.append("occupancy.png")
-            from cimc import __version__
-
             write_json_atomic(
                 tmp / "manifest.json",
                 {"format": ARTIFACT_FORMAT, "cimc_version": __version__, "source": self.source,
@@ -250,13 +267,12 @@ class CompiledModel:
     @classmethod
     def load(cls, path: str | Path) -> CompiledModel:
         """Read a compiled-model directory (or its model.onnx) back."""
-        from cimc.runtime.cost import estimate_cost
-        from cimc.runtime.workload import model_workload
-        from cimc.targets import load_target
-
         p = Path(path)
         folder = p.parent if p.suffix == ".onnx" else p
         manifest_path = folder / "manifest.json"
+        if not p.exists():
+            raise InputError(f"{p}: no such folder; give the compiled-model directory 'cimc compile MODEL.onnx -o DIR' "
+                             "wrote")
         if not folder.is_dir() or not manifest_path.is_file():
             raise InputError(
                 f"{p}: not a compiled-model directory (no manifest.json); run 'cimc compile MODEL.onnx -o DIR' first"
@@ -321,8 +337,6 @@ def _load_compiled_onnx(path: Path) -> ir.Model:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from cimc.frontend import _check_external_data
-
     if not path.is_file():
         raise InputError(f"{path}: missing; the compiled-model folder is incomplete: recompile the model")
     try:
@@ -343,3 +357,8 @@ def _ranges(values: list[int]) -> str:
     if values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
         return f"{values[0]}-{values[-1]}"
     return ",".join(map(str, values))
+
+
+def load_compiled(path: str | Path | CompiledModel) -> CompiledModel:
+    """A :class:`CompiledModel` from a directory (or the object itself)."""
+    return path if isinstance(path, CompiledModel) else CompiledModel.load(path)

@@ -186,6 +186,11 @@ def _add_force(p: Any) -> None:
                         "kept; never an input or the current folder)")
 
 
+def _add_file_force(p: Any) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing -o file that cimc did not write (never an input)")
+
+
 def _add_target_options(p: Any) -> None:
     p.add_argument("--target", "-t", default="aon-cim", help="target preset name or YAML file (default aon-cim)")
     p.add_argument("--dac-bits", type=int, help="override the target's DAC (input) bits; 0 = no quantisation")
@@ -204,7 +209,7 @@ def _compile(args: argparse.Namespace) -> int:
         args.model, args.target, pipeline=args.pipeline, calibration=args.calib, training=args.finetune,
         validation=args.val, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays,
         batch=args.batch_size, seed=args.seed, progress=_progress_enabled(args), out_dir=out, force=args.force,
-        digital=args.digital or (), **_fixed_inputs(args),
+        digital=args.digital or (), replicate=_replicas(args.replicate), **_fixed_inputs(args),
     )
     files = json.loads((Path(out) / "manifest.json").read_text())["files"] + ["manifest.json"]
     if args.json:
@@ -217,6 +222,19 @@ def _compile(args: argparse.Namespace) -> int:
             print("note: compiled without --calib: the DAC/ADC converters are not modelled (ideal); add --calib "
                   "DATA.npz to calibrate them", file=sys.stderr)
     return 0
+
+
+def _replicas(items: list[str] | None) -> dict[str, int]:
+    """``--replicate LAYER=R`` options as ``{layer: r}`` (one-line error for a malformed one)."""
+    out: dict[str, int] = {}
+    for item in items or ():
+        name, sep, count = item.rpartition("=")
+        if not sep or not name or not count.strip().isdigit():
+            raise InputError(f"--replicate {item}: write LAYER=R with an integer R, e.g. --replicate conv1=4")
+        if name in out:
+            raise InputError(f"--replicate {name} is given twice; give each layer once")
+        out[name] = int(count)
+    return out
 
 
 def _add_compile(sub: Any) -> None:
@@ -233,6 +251,9 @@ def _add_compile(sub: Any) -> None:
     p.add_argument("--digital", action="append", metavar="LAYER",
                    help="keep this analog layer off the crossbar (float, on the digital unit); repeatable; "
                    "'cimc diagnose' says which layers to keep digital")
+    p.add_argument("--replicate", action="append", metavar="LAYER=R",
+                   help="map this analog layer R times on independent devices and average the R results "
+                   "digitally (noise falls about sqrt(R); R x its crossbar space, MVMs and energy); repeatable")
     _add_batch_size(p, "batch size to fix a dynamic batch dimension (default 1)", 1)
     _add_input_options(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (fine-tuning)")
@@ -241,6 +262,11 @@ def _add_compile(sub: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------ simulate / run
+_METRIC_HELP = ("end metric: {names}; topK; auc or auc[COLUMN] and detect@THRESHOLD or detect@T[COLUMN] (labels "
+                "needed; a one-value output is the score, positives labelled 1); or module:function, a Python "
+                "function(outputs, labels or float outputs) -> float. Default: accuracy with labels (auc for a "
+                "one-value output); without labels cosine to the float model, snr for outputs of 8 values or fewer")
+
 def _add_backend_options(p: Any, what: str) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--workers", type=int, metavar="N",
@@ -260,7 +286,7 @@ def _simulate(args: argparse.Namespace) -> int:
     result = api.simulate(
         args.compiled, args.data, drift=times, instances=args.instances, seed=args.seed, samples=args.samples,
         batch_size=args.batch_size, compare_gdc=not args.no_compare, progress=_progress_enabled(args), out_dir=out,
-        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray,
+        force=args.force, metric=args.metric, workers=args.workers, ray=args.ray, yield_target=args.yield_target,
     )
     if args.json:
         _print_json({**result.data, "output": out})
@@ -279,9 +305,10 @@ def _add_simulate(sub: Any) -> None:
                    "name (kws-test)")
     p.add_argument("--drift", default="1s,1h,24h,30d,1y",
                    help=f"comma-separated times after programming (default 1s,1h,24h,30d,1y); {DURATION_HELP}")
-    p.add_argument("--metric", choices=METRICS,
-                   help="accuracy/top5 need labels; cosine, mse, snr, relerr compare with the float model's outputs "
-                   "(default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
+    p.add_argument("--yield-target", metavar="VALUE",
+                   help="also report the chip yield: the share of chip instances whose metric meets VALUE (in the "
+                   "metric's units; 0.9 or 90%% for shares) at each time")
     p.add_argument("--instances", type=int, default=25, help="chip instances (Monte Carlo draws, default 25)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     p.add_argument("--samples", type=int, help="use only the first N samples of the data")
@@ -299,10 +326,12 @@ def _add_simulate(sub: Any) -> None:
 def _diagnose(args: argparse.Namespace) -> int:
     from cimc.diagnosis import diagnose
 
+    _threads(args)
     out = args.output or str(Path(args.compiled) / "diagnose")
     result = diagnose(args.compiled, args.data, time=args.time, instances=args.instances, seed=args.seed,
                       samples=args.samples, batch_size=args.batch_size, metric=args.metric,
-                      progress=_progress_enabled(args), out_dir=out, force=args.force)
+                      progress=_progress_enabled(args), out_dir=out, force=args.force, try_advice=args.try_advice,
+                      calibration=args.calib)
     if args.json:
         _print_json({**result.data, "output": out})
     elif not args.quiet:
@@ -320,13 +349,74 @@ def _add_diagnose(sub: Any) -> None:
     p.add_argument("--data", required=True, help=".npz with x (and optionally y), or a builtin name (kws-test)")
     p.add_argument("--time", default="24h", help=f"time after programming to diagnose at (default 24h); {DURATION_HELP}")
     p.add_argument("--instances", type=int, default=5, help="chip instances (Monte Carlo draws, default 5)")
-    p.add_argument("--metric", choices=METRICS, help="end metric (default: accuracy with labels, cosine without)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
     p.add_argument("--samples", type=int, default=512, help="use the first N samples (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same numbers")
     _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    p.add_argument("--calib", help="calibration data for the advice that maps the model again (default: --data)")
+    p.add_argument("--no-try", dest="try_advice", action="store_false",
+                   help="do not try the advice on the simulator (no measured gains; faster)")
+    _add_threads_option(p)
     p.add_argument("-o", "--output", help="output directory (default DIR/diagnose)")
     _add_force(p)
     _add_output_flags(p, json_help="print diagnose.json's content as one JSON document")
+
+
+# ------------------------------------------------------------------------------------------ harden
+@command("harden")
+def _harden(args: argparse.Namespace) -> int:
+    import cimc.api as api
+
+    _threads(args)
+    goal = None if args.goal is None else _goal_number(args.goal)
+    result = api.harden(args.compiled, args.data, time=args.time, goal=goal, drop=args.drop, metric=args.metric,
+                        instances=args.instances, seed=args.seed, samples=args.samples, batch_size=args.batch_size,
+                        calibration=args.calib, training=args.finetune, validation=args.val,
+                        finetune_method=args.method, max_rounds=args.rounds, progress=_progress_enabled(args),
+                        out_dir=args.output, force=args.force)
+    if args.json:
+        _print_json({**result.data, "output": args.output})
+    elif not args.quiet:
+        print(result.table())
+        print(f"\nwrote {args.output}/ (the hardened compiled model) and {args.output}/harden/ (harden.json, "
+              "harden.png, harden.txt)")
+    return 0
+
+
+def _goal_number(text: str) -> float:
+    """``--goal``: a number in the metric's units, or a percentage ("97%" = 0.97)."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise InputError(f"--goal {text!r} is not a number; write e.g. 0.97 or 97%") from None
+
+
+def _add_harden(sub: Any) -> None:
+    from cimc.vocabulary import DURATION_HELP, METRICS
+
+    p = sub.add_parser("harden", help="try mitigations on the simulator (digital layers, converter ranges, per-column "
+                       "scales, drift compensation, replication, fine-tuning) until the model meets a goal")
+    p.add_argument("compiled", help="compiled-model directory from 'cimc compile'")
+    p.add_argument("--data", required=True, help=".npz with x (and optionally y) the metric is measured on")
+    p.add_argument("--time", default="24h", help=f"time after programming to harden for (default 24h); {DURATION_HELP}")
+    goal = p.add_mutually_exclusive_group()
+    goal.add_argument("--goal", help="metric value to reach, e.g. 0.97 or 97%% (default: improve until nothing helps)")
+    goal.add_argument("--drop", help="or the most the chip may lose against the float model, e.g. 1%% (= 0.01)")
+    p.add_argument("--metric", help=_METRIC_HELP.format(names=", ".join(METRICS)))
+    p.add_argument("--instances", type=int, default=5, help="chip instances each step is measured on (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same steps")
+    p.add_argument("--samples", type=int, help="use only the first N samples of --data")
+    p.add_argument("--calib", help="calibration data for steps that map the model again (default: --data)")
+    p.add_argument("--finetune", metavar="TRAIN", help="training data: noise-aware fine-tuning is the last step")
+    p.add_argument("--val", help="validation data for the fine-tuning")
+    p.add_argument("--method", help="fine-tuning method (default: the fine-tuner's; see cimc finetune --help)")
+    p.add_argument("--rounds", type=int, default=3, help="diagnose-and-try rounds at most (default 3)")
+    _add_batch_size(p, "inputs per forward pass (default 64)", 64)
+    _add_threads_option(p)
+    p.add_argument("-o", "--output", required=True, help="directory for the hardened compiled model")
+    _add_force(p)
+    _add_output_flags(p, json_help="print harden.json's content as one JSON document")
 
 
 @command("run")
@@ -336,7 +426,7 @@ def _run(args: argparse.Namespace) -> int:
     to_stdout = args.output == "-"
     outs = api.run(args.compiled, args.input, None if to_stdout else args.output, time=args.time,
                    instance=args.instance, instances=args.instances, seed=args.seed, ideal=args.ideal,
-                   all_outputs=True)
+                   all_outputs=True, force=args.force)
     if to_stdout:  # binary on stdout, for a pipe: .npy for one output, .npz for several
         import io
 
@@ -370,6 +460,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--instances", type=int, help="instances to draw (default instance+1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ideal", action="store_true", help="ideal devices, quantised converters (the digital twin)")
+    _add_file_force(p)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -381,7 +472,7 @@ def _sweep(args: argparse.Namespace) -> int:
         args.model, args.target, vary=args.vary or [], grid=args.grid, calib=args.calib, data=args.data,
         drift=args.drift, instances=args.instances, seed=args.seed, samples=args.samples, batch_size=args.batch_size,
         finetune=args.finetune, pareto_time=args.pareto_time, out_dir=args.output, workers=args.workers,
-        ray=args.ray, progress=_progress_enabled(args),
+        ray=args.ray, progress=_progress_enabled(args), force=args.force,
     )
     print(rows.table(color=sw.color_allowed(sys.stdout)))
     print(f"\nwrote {args.output}/ (sweep.csv, sweep.json, pareto.png, points/)")
@@ -407,6 +498,7 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--pareto-time", default="24h", help="time whose accuracy the Pareto front uses (default 24h)")
     _add_backend_options(p, "points")
     p.add_argument("-o", "--output", required=True, help="output folder (resumable: finished points are kept)")
+    _add_force(p)
     _add_output_flags(p)
 
 
@@ -486,7 +578,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from cimc.vocabulary import parse_duration
 
     sources = [args.model, args.data, args.val]
-    check_output_file(args.output, ".onnx", sources)  # before the training, not after it
+    check_output_file(args.output, ".onnx", sources, force=args.force)  # before the training, not after it
     # The cores this process is given; OpenMP workers sleep rather than spin (cimc/threads.py), so a shared
     # machine no longer calls for one thread.
     _threads(args)
@@ -498,7 +590,7 @@ def _finetune(args: argparse.Namespace) -> int:
         args.model, args.target, args.data, args.val, method=args.method, epochs=args.epochs, seed=args.seed,
         progress=not args.quiet, dac_bits=args.dac_bits, adc_bits=args.adc_bits, arrays=args.arrays, **_fixed_inputs(args), **options,
     )
-    save_finetuned(model, args.output, sources)
+    save_finetuned(model, args.output, sources, force=args.force)
     for line in finetune_summary(history):
         print(line)
     print(f"wrote {args.output}; compile it with 'cimc compile {args.output} --target {args.target} --calib DATA.npz'")
@@ -550,11 +642,13 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
     _add_threads_option(p)
     p.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    _add_file_force(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors (no progress bar)")
 
 
 _PARSER_BUILDERS: list[Callable[[Any], None]] = [_add_inspect, _add_targets, _add_compile, _add_simulate, _add_sweep, _add_run, _add_export, _add_verify, _add_demo, _add_finetune]
 _PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_simulate) + 1, _add_diagnose)
+_PARSER_BUILDERS.insert(_PARSER_BUILDERS.index(_add_diagnose) + 1, _add_harden)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,14 +664,23 @@ def build_parser() -> argparse.ArgumentParser:
     budget_help = ("largest tensor or data array cimc will hold, e.g. 8G (default 4G, or CIMC_MEMORY_BUDGET); "
                    "bigger ones are refused before they are allocated")
     parser.add_argument("--memory-budget", metavar="SIZE", help=budget_help)
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document on stdout (compile, simulate, diagnose, verify, inspect)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _PARSER_BUILDERS:
         add(sub)
-    for subparser in sub.choices.values():  # also accepted after the command name
+    for name, subparser in sub.choices.items():  # also accepted after the command name
         _add_common(subparser)
         subparser.add_argument("--memory-budget", metavar="SIZE", default=argparse.SUPPRESS, help=budget_help)
+        json_flag = subparser._option_string_actions.get("--json")
+        if json_flag is not None:  # keep a --json given before the command (the subparser's default would reset it)
+            json_flag.default = argparse.SUPPRESS
+            _JSON_COMMANDS.add(name)
     return parser
 
+
+# Commands that take --json (filled by build_parser).
+_JSON_COMMANDS: set[str] = set()
 
 # Commands that load neither onnxruntime nor torch (so they start in a fraction of a second).
 _LIGHT_COMMANDS = frozenset({"targets"})
@@ -622,6 +725,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("cimc: error: give a command, e.g. 'cimc demo' or 'cimc compile MODEL.onnx'; 'cimc --help' lists "
               "them", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False) and args.command not in _JSON_COMMANDS:
+        print(f"cimc {args.command}: error: --json is not available for '{args.command}'; it works with "
+              f"{', '.join(sorted(_JSON_COMMANDS))}", file=sys.stderr)
         return 2
     _STDOUT[0] = sys.stdout
     redirect = None

@@ -64,6 +64,7 @@ def compile_model(
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
     digital: Sequence[str] = (),
+    replicate: Mapping[str, int] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model for a target.
 
@@ -72,7 +73,9 @@ def compile_model(
     ``input_shapes``/``input_values`` fix dynamic input dimensions and freeze inputs to constants (see
     :func:`cimc.frontend.load_model`). ``pipeline`` overrides the pass list (e.g. ``"canonicalize,map,schedule"``). ``digital``: names of analog
     layers to keep off the crossbar (run in float, costed on the digital unit), e.g. a depthwise layer that
-    ``cimc diagnose`` flags.
+    ``cimc diagnose`` flags. ``replicate``: ``{layer: r}`` maps each named analog layer r times on independent
+    devices and averages the r results on the digital unit (noise falls about √r; r× the crossbar space, MVMs
+    and conversions; :mod:`cimc.passes.replicate`).
     ``arrays`` overrides the target's array/core count (same geometry; the report's ``arrays_used`` says how
     many were needed). When ``out_dir`` is given
     the compiled-model directory is written there atomically; it must be new, empty or an earlier compiled
@@ -93,7 +96,7 @@ def compile_model(
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
-                         digital=tuple(digital))
+                         digital=tuple(digital), replicate=dict(replicate or {}))
     spec = pipeline or default_pipeline(calib is not None, train is not None)
     passes = parse_pipeline(spec, ctx)
     names = [p.name for p in passes]

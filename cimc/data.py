@@ -27,7 +27,7 @@ import numpy as np
 from cimc.errors import DataError, InputError
 
 __all__ = ["Dataset", "batches", "check_input_array", "check_labels", "load_dataset", "load_npy", "load_npz_arrays",
-           "save_dataset"]
+           "reshape_hint", "save_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
     _check_finite(x, f"{where}: 'x'")
     if y is None:
         return
+    if _looks_one_hot(y) and y.shape[0] == x.shape[0]:
+        raise DataError(f"{where}: 'y' has shape {tuple(y.shape)} and looks one-hot; store one integer class label "
+                        "per sample: y = y.argmax(axis=1).astype(np.int64)")
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}: 'y' has dtype {y.dtype}; store class labels as integers (e.g. y.astype(np.int64))")
     if y.ndim != 1:
@@ -81,6 +84,24 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, where: str) -> None:
         raise DataError(
             f"{where}: 'x' has {x.shape[0]} samples but 'y' has {y.shape[0]} labels; give one label per sample"
         )
+
+
+def _looks_one_hot(y: np.ndarray) -> bool:
+    """[N, C] of zeros and ones with exactly one 1 per row (C ≥ 2): one-hot labels."""
+    if y.ndim != 2 or y.shape[1] < 2 or not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        return False
+    values = y.astype(np.float64)
+    return bool(np.isin(values, (0.0, 1.0)).all() and (values.sum(axis=1) == 1).all())
+
+
+def reshape_hint(per_sample: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """For a shape-mismatch error: the reshape that fixes it when the sizes agree, else nothing.
+
+    ``per_sample`` is the data's shape after the sample axis, ``expected`` the model's input shape per sample."""
+    if int(np.prod(per_sample)) != int(np.prod(expected)) or not expected:
+        return ""
+    dims = ", ".join(str(int(d)) for d in expected)
+    return f"; the sizes agree: reshape it, x = x.reshape(len(x), {dims}), and save it again"
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:

@@ -40,23 +40,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.artifact import load_compiled
 from cimc.errors import DataError, InputError
+from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS
+from cimc.vocabulary import CAUSES, LOW_SNR_DB, parse_times
 
 __all__ = ["CAUSES", "DiagnoseResult", "diagnose"]
 
 logger = logging.getLogger(__name__)
 
-CAUSES = ("dac", "adc", "output", "programming", "drift", "read")
-_CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "output": "output (periphery) noise",
-                 "programming": "programming noise",
-                 "drift": "drift (compensated)", "read": "read noise", "all": "all together"}
 # Device noise sources as target fields: a cause keeps its own scale and zeroes the others.
 _DEVICE_SCALES = {"programming": "prog_noise_scale", "drift": "drift_scale", "read": "read_noise_scale"}
 # Advice thresholds (explained in docs/diagnose.md).
 CLIP_WARN = 0.01  # more than 1 % of conversions at full scale: the ADC range is too small
 LEVELS_WARN = 0.10  # fewer than 10 % of the ADC's levels used: the range is too large
 LOW_K_ROWS = 32  # a depthwise layer with this few rows sums too few products to average noise out
-LOW_SNR_DB = 20.0
+SNR_GOOD_DB = 40.0  # the reference of the snr metric's costs (the float model's own SNR is infinite)
 
 
 @dataclass
@@ -83,6 +82,8 @@ class DiagnoseResult:
     """Per-layer SNR by cause, ADC use, the single-layer end metric, ranking and advice (``data``)."""
 
     data: dict[str, Any]
+    # The tried variants with their compiled models and measurements (not in ``data``): harden reuses them.
+    trials: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def table(self) -> str:
         from cimc.report import format_table
@@ -115,7 +116,17 @@ class DiagnoseResult:
             f"{metric}: float model {format_score(metric, d['float_metric'])}, whole chip at {d['time']} "
             f"{format_score(metric, d['chip_metric'])}; most to blame: {d['blame']}",
         ]
-        lines += [f"advice: {a['text']}" for a in d["advice"]] or ["advice: none (no cause stands out)"]
+        tried = d.get("tried") or []
+        if tried:
+            w = d["tried_with"]
+            before = tried[0]["before"]["value"]
+            lines.append(f"advice tried on the simulator ({w['instances']} chips at {w['time']}, seed {w['seed']}; "
+                         f"{metric} before: {format_score(metric, before)}), ranked by the gain it gave:")
+            for i, t in enumerate(tried, 1):
+                lines.append("  " + _tried_line(i, t, metric))
+        lines += [f"advice: {a['text']}" for a in d["advice"]]
+        if not tried and not d["advice"]:
+            lines.append("advice: none (every layer is above 0 dB and the chip is close to float)")
         return "\n".join(lines)
 
     def to_pandas(self) -> Any:
@@ -321,8 +332,30 @@ def _metric_pass(executor: Any, variant: _Variant, only: str | None, x: np.ndarr
 
 
 # ------------------------------------------------------------------------------------------ advice
+# What each cause's advice says (the measured candidates come from :mod:`cimc.mitigations`).
+_CAUSE_FIX = {
+    "dac": "recalibrate its input range (quantize{clip=mse} or another percentile) or give the DAC more bits",
+    "adc": "search its ADC full scale (wider if it clips, narrower if it uses few levels) or add ADC bits",
+    "output": "replicate it (r copies, partial sums added: the periphery noise falls about sqrt(r)), keep it "
+              "digital, or change its ADC range",
+    "programming": "per-column weight scales (device.weight_scale: column) or noise-aware fine-tuning "
+                   "('cimc finetune MODEL.onnx --data TRAIN.npz', then compile the result)",
+    "drift": "per-column drift compensation (device.gdc: column) or a compensation factor pulled towards 1 "
+             "(device.gdc_gain)",
+    "read": "replicate it, or pull the compensation factor towards 1 (device.gdc_gain) so the read noise is "
+            "amplified less",
+}
+
+
+def _weakest_cause(layer: dict[str, Any]) -> str | None:
+    s = layer["snr_db"]
+    causes = [c for c in CAUSES if s.get(c) is not None]
+    return min(causes, key=lambda c: s[c]) if causes else None
+
+
 def _advice(layers: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
+    chip_loss = (1.0 if data["higher_is_better"] else -1.0) * (data["reference_value"] - data["chip_metric"])
     for layer in layers:
         name, adc, s = layer["name"], layer["adc"], layer["snr_db"]
         low = s["all"] is not None and s["all"] < LOW_SNR_DB
@@ -336,27 +369,35 @@ def _advice(layers: list[dict[str, Any]], data: dict[str, Any]) -> list[dict[str
             out.append({"layer": name, "kind": "adc-range", "text": (
                 f"layer {name}: its ADC uses {100 * adc['levels_used']:.0f} % of its levels: the range is too large "
                 "for its outputs; lower the range percentile (quantize{percentile=99.9}) or add ADC bits")})
-        if layer["groups"] > 1 and layer["rows"] <= LOW_K_ROWS and (low or layer["cost"] > data["cost_warn"]):
+        # Few rows sum too few products to average the noise out, whatever the layer's grouping.
+        if layer["rows"] <= LOW_K_ROWS and (low or layer["cost"] > data["cost_warn"]):
+            what = "depthwise layer" if layer["groups"] > 1 else "layer"
             out.append({"layer": name, "kind": "digital", "text": (
-                f"depthwise layer {name} has K={layer['rows']} rows: its SNR ({_fmt_db(s['all'])} dB) is low at "
-                f"any precision; keep it digital with --digital {name}")})
+                f"{what} {name} has K={layer['rows']} rows: its SNR ({_fmt_db(s['all'])} dB) is low at "
+                f"any precision; keep it digital with --digital {name}, or replicate it")})
+        cause = _weakest_cause(layer)
+        if cause is not None and s["all"] is not None and (s["all"] < 0.0 or (
+                low and layer["cost"] > data["cost_warn"])):
+            out.append({"layer": name, "kind": f"cause-{cause}", "text": (
+                f"layer {name} ({_fmt_db(s['all'])} dB, {layer['cost_text']} when only it is analog): its weakest "
+                f"cause is {_CAUSE_LABELS[cause]} ({_fmt_db(s[cause])} dB); {_CAUSE_FIX[cause]}")})
     # The cause with the lowest SNR in most layers, when it is a device effect and the chip loses accuracy.
-    weakest = [min(CAUSES, key=lambda c, l=l: l["snr_db"][c] if l["snr_db"][c] is not None else 1e9)
-               for l in layers]
+    weakest = [c for c in (_weakest_cause(l) for l in layers) if c is not None]
     if weakest:
         top = max(set(weakest), key=weakest.count)
-        chip_loss = (1.0 if data["higher_is_better"] else -1.0) * (data["float_metric"] - data["chip_metric"])
         median = float(np.median([l["snr_db"][top] for l in layers if l["snr_db"][top] is not None] or [1e9]))
-        if top in _DEVICE_SCALES and 2 * weakest.count(top) > len(layers) and \
-                (median < LOW_SNR_DB or chip_loss > data["cost_warn"]):
-            fix = {"programming": "noise-aware fine-tuning ('cimc finetune MODEL.onnx --data TRAIN.npz', then "
-                                  "compile the result)",
-                   "drift": "per-column drift compensation (device.gdc: column in a derived target)",
-                   "read": "noise-aware fine-tuning or more devices per weight"}[top]
-            out.append({"layer": "", "kind": "device", "text": (
+        if 2 * weakest.count(top) > len(layers) and (median < LOW_SNR_DB or chip_loss > data["cost_warn"]):
+            out.append({"layer": "", "kind": "device" if top in _DEVICE_SCALES else f"cause-{top}", "text": (
                 f"{_CAUSE_LABELS[top]} is the weakest cause in {weakest.count(top)} of {len(layers)} layers (median "
-                f"SNR {median:.1f} dB) and the whole chip loses {_cost_text(data['metric'], chip_loss)[1:]}: "
-                f"consider {fix}")})
+                f"SNR {median:.1f} dB) and the whole chip {_loss_text(data, chip_loss)}: "
+                f"consider {_CAUSE_FIX[top]}")})
+    if not out and layers and (chip_loss > data["cost_warn"] or any(
+            l["snr_db"]["all"] is not None and l["snr_db"]["all"] < 0.0 for l in layers)):
+        worst = layers[0]  # never silent while the chip is far from float or a layer is below 0 dB
+        cause = _weakest_cause(worst) or "output"
+        out.append({"layer": worst["name"], "kind": f"cause-{cause}", "text": (
+            f"the chip {_loss_text(data, chip_loss)}; most to blame: {worst['name']} "
+            f"({_fmt_db(worst['snr_db']['all'])} dB), weakest cause {_CAUSE_LABELS[cause]}: {_CAUSE_FIX[cause]}")})
     return out
 
 
@@ -374,20 +415,33 @@ def diagnose(
     seed: int = 0,
     samples: int | None = None,
     batch_size: int = 64,
-    metric: str | None = None,
+    metric: str | Callable[..., float] | None = None,
     progress: bool = False,
     out_dir: str | os.PathLike[str] | None = None,
     force: bool = False,
+    try_advice: bool = True,
+    calibration: Any = None,
+    max_trials: int = 8,
 ) -> DiagnoseResult:
     """Per-layer SNR by cause, single-layer end metric and advice (see the module docstring).
 
     ``compiled``: a compiled-model directory or object; ``data``: a Dataset, ``.npz`` path or builtin name
-    (labels optional: without them the metric is cosine agreement with the float model). ``time``: when after
-    programming (e.g. "24h"). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
+    (labels optional: without them the metric fits the output, see :func:`cimc.runtime.metrics.default_metric`).
+    ``time``: when after programming (e.g. "24h"). With ``try_advice`` (default) up to ``max_trials`` mitigations
+    (:mod:`cimc.mitigations`) are compiled and simulated on ``instances`` chips at ``time`` and ranked by the
+    gain they gave (``tried``); variants that map the model again are calibrated on ``calibration`` (default:
+    ``data``). With ``out_dir``, ``diagnose.json`` and ``diagnose.png`` are written there.
     """
-    from cimc.api import load_compiled, parse_times
-    from cimc.data import Dataset, load_dataset
-    from cimc.runtime.metrics import LABEL_METRICS, check_labels, check_metric, default_metric, higher_is_better
+    from cimc.data import Dataset, load_dataset, reshape_hint
+    from cimc.runtime.metrics import (
+        check_metric,
+        default_metric,
+        get_metric,
+        higher_is_better,
+        is_percent,
+        metric_name,
+        output_size,
+    )
     from cimc.runtime.simulator import _progress, format_duration, run_outputs
 
     started = _time.perf_counter()
@@ -405,8 +459,9 @@ def diagnose(
         raise DataError("no samples to diagnose on; give data with at least one sample")
     expected = tuple(c.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
-    metric = metric or default_metric(y)
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
+    metric = metric_name(metric) or default_metric(y, output_size(c.model))
     check_metric(metric, y)
     calibrated = any("cimc.quant" in n.metadata_props for n in c.analog_nodes())
     variants = {cause: _Variant(c, cause, instances, seed, t_s) for cause in (*CAUSES, "all")}
@@ -422,8 +477,7 @@ def diagnose(
         executor.hook = None
         reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
         classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1])
-        if metric in LABEL_METRICS:
-            y = check_labels(y, classes)
+        y = get_metric(metric).check_labels(y, classes)
         full = variants["all"].chip
         snr = {cause: _snr_pass(executor, v, x, per_run, full if cause == "adc" else None, tick)
                for cause, v in variants.items()}
@@ -435,12 +489,15 @@ def diagnose(
         if bar is not None:
             bar.close()
     sign = 1.0 if higher_is_better(metric) else -1.0
+    # An agreement metric without a finite float value (snr: the float model has no error) is measured from
+    # a good SNR instead, so costs stay finite numbers.
+    reference_value = float_metric if math.isfinite(float_metric) else SNR_GOOD_DB
     steps = {s.name: s for s in executor.analog_steps}
     layers = []
     for order, name in enumerate(layer_names):
         st = steps[name]
         adc = snr["adc"][name]
-        cost = sign * (float_metric - single[name])
+        cost = sign * (reference_value - single[name])
         layers.append({
             "name": name, "order": order, "op_type": st.op_type, "rows": st.rows, "cols": st.cols, "groups": st.groups,
             "shape": f"{st.rows}x{st.cols}" + (f" x{st.groups}" if st.groups > 1 else ""),
@@ -472,6 +529,7 @@ def diagnose(
         "data": ds.name,
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
+        "percent": is_percent(metric),
         "float_metric": float_metric,
         "chip_metric": chip_metric,
         "converters_modelled": calibrated,
@@ -481,14 +539,23 @@ def diagnose(
         "layers": ranked,
         "blame": blame,
     }
-    result["cost_warn"] = 0.01 if metric in LABEL_METRICS else 0.001
+    result["reference_value"] = reference_value
+    result["cost_warn"] = 0.01 if is_percent(metric) else 0.5 if get_metric(metric).unit == "dB" else 0.001
     result["advice"] = _advice(ranked, result)
     if not calibrated:
         result["advice"].insert(0, {"layer": "", "kind": "uncalibrated", "text": (
             "converters are not modelled (compiled without --calib): DAC/ADC causes are not measured; "
             "compile with --calib DATA.npz")})
+    trials: list[dict[str, Any]] = []
+    if try_advice:
+        calib = calibration if calibration is not None else ds
+        calib = calib if isinstance(calib, Dataset) or calib is None else load_dataset(calib)
+        trials = _try_advice(c, result, x, y, t_s, instances, seed, batch_size, calib, max_trials, progress)
+    result["tried"] = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]
+    result["tried_with"] = {"instances": instances, "seed": seed, "time": format_duration(t_s)} if try_advice else None
+    result = _json_ready(result)
     timings = {"format": "cimc-timings/1", "wall_time_s": _time.perf_counter() - started}
-    out = DiagnoseResult(result)
+    out = DiagnoseResult(result, trials)
     if out_dir is not None:
         from cimc.outputs import output_dir
         from cimc.plots import plot_diagnose
@@ -501,14 +568,78 @@ def diagnose(
     return out
 
 
+def _try_advice(c: Any, result: dict[str, Any], x: np.ndarray, y: np.ndarray | None, t_s: float, instances: int,
+                seed: int, batch_size: int, calibration: Any, max_trials: int, progress: bool) -> list[dict[str, Any]]:
+    """Compile and simulate each mitigation the diagnosis suggests; ranked by the measured gain."""
+    from cimc.mitigations import Decisions, candidates_for, measure, try_candidates
+    from cimc.runtime.simulator import _progress
+
+    candidates = candidates_for(result, Decisions(), c)[:max(0, max_trials)]
+    if not candidates:
+        return []
+
+    def evaluate(compiled: Any) -> Any:
+        return measure(compiled, x, y, t_s, result["metric"], instances, seed, batch_size)
+
+    before = evaluate(c)
+    bar = _progress(len(candidates), progress, desc="trying advice")
+    try:
+        return try_candidates(c, before, candidates, Decisions(), evaluate, calibration, result["higher_is_better"],
+                              seed, (lambda: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _json_ready(value: Any) -> Any:
+    """JSON has no infinity or NaN: such numbers become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _tried_line(rank: int, t: dict[str, Any], metric: str) -> str:
+    """One measured piece of advice: gain, what to do, before -> after, cost before -> after."""
+    from cimc.runtime.metrics import format_score, is_percent
+
+    if t.get("after") is None:
+        return f"{rank}. (not measured: {t.get('error', 'failed')}) {t['text']}"
+    gain = t["gain"]
+    gain_text = "inf" if gain is None else (f"{100 * gain:+.2f} pts" if is_percent(metric) else f"{gain:+.4g}")
+    b, a = t["before"], t["after"]
+    return (f"{rank}. {gain_text}  {t['text']}: {format_score(metric, b['value'])} -> "
+            f"{format_score(metric, a['value'])}; energy {b['energy_per_inference_j'] * 1e6:.3g} -> "
+            f"{a['energy_per_inference_j'] * 1e6:.3g} uJ, latency {b['latency_s'] * 1e3:.3g} -> "
+            f"{a['latency_s'] * 1e3:.3g} ms per inference" + (f"  ({t['why']})" if t.get("why") else ""))
+
+
 def _json_db(v: float) -> float | None:
     """dB for JSON: no error at all (inf) is null."""
     return None if math.isinf(v) and v > 0 else (-999.0 if math.isinf(v) else round(v, 3))
 
 
-def _cost_text(metric: str, cost: float) -> str:
-    from cimc.runtime.metrics import is_percent
+def _loss_text(data: dict[str, Any], loss: float) -> str:
+    """What the whole chip loses against the float model, as a phrase."""
+    from cimc.runtime.metrics import get_metric, is_percent
 
+    metric = data["metric"]
+    if get_metric(metric).unit == "dB":
+        return f"is at {data['chip_metric']:.1f} dB SNR to the float model"
     if is_percent(metric):
-        return f"{-100 * cost:+.2f} pts"
-    return f"{-cost:+.4f}"
+        return f"loses {100 * loss:.2f} pts"
+    return f"loses {loss:.4g}"
+
+
+def _cost_text(metric: str, cost: float) -> str:
+    from cimc.runtime.metrics import get_metric, is_percent
+
+    if get_metric(metric).unit == "dB":
+        return f"{SNR_GOOD_DB - cost:.1f} dB"
+    # Rounded first, then + 0.0: a loss that rounds to nothing prints +0.0000, not -0.0000.
+    if is_percent(metric):
+        return f"{round(-100 * cost, 2) + 0.0:+.2f} pts"
+    return f"{round(-cost, 4) + 0.0:+.4f}"

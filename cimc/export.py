@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from cimc.artifact import CompiledModel, sha256_file
 from cimc.errors import FitError, InputError
 from cimc.ir import analog_matrix, constant_array, node_attrs, static_shape, weight_to_matrix
 from cimc.mapping_schema import MAPPING_FORMAT, MAPPING_FORMAT_VERSION, mapping_schema
+from cimc.passes.replicate import REPLICA_KEY, REPLICATION_KEY
 from cimc.report import write_json_atomic
 
 __all__ = [
@@ -320,6 +320,9 @@ def _export_layer(compiled: CompiledModel, users: list[ir.Node], layer_id: int) 
         "schedule": first["schedule"],
         "users": user_entries,
     }
+    if node.metadata_props.get(REPLICA_KEY):  # one of r independently programmed copies of a layer
+        replica = json.loads(node.metadata_props[REPLICA_KEY])
+        entry["replica"] = {"of": replica["of"], "index": replica["index"], "count": replica["count"]}
     return _Exported(entry, np.clip(g, 0, None), np.clip(-g, 0, None), biases, probe)
 
 
@@ -409,7 +412,7 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
 
     inputs = [] if isinstance(compiled_or_dir, CompiledModel) else [compiled_or_dir]
     check_output_dir(out_dir, "bundle", inputs, force=force)
-    compiled, compiled_dir, model_sha = _load_compiled(compiled_or_dir)
+    compiled, _, model_sha = _load_compiled(compiled_or_dir)
     nodes = _ordered_layers(compiled)
     if not nodes:
         raise InputError(
@@ -425,9 +428,6 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
     arrays = _fill_arrays(compiled, layers)
     dpw = compiled.target.array.devices_per_weight
     out = Path(out_dir)
-    if compiled_dir is not None:
-        # Relative to the bundle, so the same export gives the same bytes wherever the two folders live.
-        compiled_dir = Path(os.path.relpath(compiled_dir, os.path.abspath(out))).as_posix()
     with output_dir(out, "bundle", inputs, force=force) as tmp:
         array_entries = []
         for index, g_us in arrays.items():
@@ -460,7 +460,7 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
             "source": {
                 "model": compiled.source,
                 "model_sha256": compiled.source_sha256 or None,
-                "compiled_dir": compiled_dir,
+                # What identifies the compiled model, not where it lay: verify finds it by this hash.
                 "compiled_model_sha256": model_sha,
                 "pipeline": compiled.pipeline,
             },
@@ -481,6 +481,9 @@ def export_mapping(compiled_or_dir: Any, out_dir: str | Path, csv: bool = False,
                 compiled, {u["node"]: lay.entry["id"] for lay in layers for u in lay.entry["users"]}
             ),
         }
+        replication = json.loads(compiled.model.metadata_props.get(REPLICATION_KEY, "{}"))
+        if replication:
+            manifest["replication"] = replication
         write_json_atomic(tmp / "manifest.json", manifest)
     logger.info("exported %d layer(s) on %d crossbar(s) to %s", len(layers), len(arrays), out)
     return out
@@ -731,13 +734,12 @@ def _resolve_model(manifest: dict[str, Any], model: Any, bundle: Path) -> tuple[
     if isinstance(model, CompiledModel):
         return ir.from_proto(ir.to_proto(model.model)), None
     if model is None:
-        recorded = manifest["source"].get("compiled_dir")
-        # Recorded relative to the bundle; an absolute path (an older bundle, or an edited one) is not followed.
-        where = bundle / recorded if recorded and not os.path.isabs(recorded) else None
-        if where is None or not (where / "model.onnx").is_file():
-            raise InputError(
-                "the bundle does not record a compiled model that still exists; pass it with --model DIR|MODEL.onnx"
-            )
+        sha = manifest["source"].get("compiled_model_sha256")
+        where = _find_compiled(sha, bundle) if sha else None
+        if where is None:
+            hint = f" (its model.onnx has SHA-256 {sha[:12]}...)" if sha else ""
+            raise InputError(f"no compiled model beside the bundle or in the current folder is the one it was "
+                             f"exported from{hint}; pass it with --model DIR|MODEL.onnx")
         model = where
     path = Path(model)
     onnx_path = path / "model.onnx" if path.is_dir() else path
@@ -747,6 +749,32 @@ def _resolve_model(manifest: dict[str, Any], model: Any, bundle: Path) -> tuple[
         return ir.load(onnx_path), onnx_path
     except (DecodeError, OSError, ValueError) as exc:
         raise InputError(f"{onnx_path}: cannot read it as ONNX ({exc}); pass the compiled model.onnx") from None
+
+
+# How many compiled-model folders verify hashes when it looks for the one a bundle names.
+_MAX_CANDIDATES = 64
+
+
+def _find_compiled(sha: str, bundle: Path) -> Path | None:
+    """The compiled-model folder whose model.onnx has SHA-256 ``sha``, looked for among the bundle's sibling
+    folders and the current folder's sub-folders (where ``cimc compile -o`` and ``cimc export -o`` put them)."""
+    seen: set[Path] = set()
+    for parent in (bundle.resolve().parent, Path.cwd()):
+        try:
+            folders = sorted(p for p in parent.iterdir() if p.is_dir())
+        except OSError:
+            continue
+        for folder in folders:
+            if len(seen) >= _MAX_CANDIDATES:
+                return None
+            onnx_path = folder / "model.onnx"
+            if folder in seen or not (folder / "manifest.json").is_file() or not onnx_path.is_file():
+                continue
+            seen.add(folder)
+            if sha256_file(onnx_path) == sha:
+                logger.info("verifying against %s (SHA-256 of model.onnx matches the bundle's)", folder)
+                return folder
+    return None
 
 
 def _model_inputs(model: ir.Model, data: Any) -> list[np.ndarray]:

@@ -9,7 +9,7 @@ from typing import Any
 import onnx_ir as ir
 
 from cimc.ir import RECURRENT_OPS, analog_matrix, classify, static_shape, weight_value
-from cimc.report import format_table, human
+from cimc.console import format_table, human
 
 __all__ = ["InspectReport", "NodeRow", "inspect_model"]
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from cimc.targets import target_json_schema
+
 __all__ = ["MAPPING_FORMAT", "MAPPING_FORMAT_VERSION", "mapping_schema"]
 
 MAPPING_FORMAT = "cimc-mapping"
-MAPPING_FORMAT_VERSION = "1.1"  # 1.1: layers are crossbar blocks with a list of users (shared weights)
+# 1.1: layers are crossbar blocks with a list of users (shared weights); 1.2: replicas (optional "replica" per
+# layer, "replication" at the top)
+MAPPING_FORMAT_VERSION = "1.2"
 
 _NAT = {"type": "integer", "minimum": 0}
 _POS = {"type": "integer", "minimum": 1}
@@ -154,7 +158,13 @@ def _layer() -> dict[str, Any]:
             "gdc": gdc,
             "schedule": schedule,
             "users": {"type": "array", "items": user, "minItems": 1},
-        }
+            "replica": _obj(
+                {"of": {"type": "string", "minLength": 1}, "index": _NAT, "count": {"type": "integer", "minimum": 2}},
+                description="This block is replica `index` (0-based) of `count` independently programmed copies of "
+                "layer `of`; the digital unit adds the copies' outputs and multiplies by 1/count",
+            ),
+        },
+        optional=("replica",),
     )
 
 
@@ -206,8 +216,6 @@ def _schedule() -> dict[str, Any]:
 
 def mapping_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) that every ``manifest.json`` of format version 1 validates against."""
-    from cimc.targets import target_json_schema
-
     target = target_json_schema()
     defs = dict(target.pop("$defs", {}))
     target.pop("$schema", None)
@@ -237,7 +245,8 @@ def mapping_schema() -> dict[str, Any]:
             "compiled_dir": {"type": ["string", "null"]},
             "compiled_model_sha256": {"oneOf": [_SHA, {"type": "null"}]},
             "pipeline": {"type": "string"},
-        }
+        },
+        optional=("compiled_dir",),  # written by cimc <= 0.2.0 only: a path means nothing once a bundle is shipped
     )
     root = _obj(
         {
@@ -251,7 +260,13 @@ def mapping_schema() -> dict[str, Any]:
             "arrays": {"type": "array", "items": {"$ref": "#/$defs/mapping_array"}},
             "layers": {"type": "array", "items": {"$ref": "#/$defs/mapping_layer"}, "minItems": 1},
             "schedule": {"$ref": "#/$defs/mapping_schedule"},
-        }
+            "replication": {
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 2},
+                "description": "replicated layer -> number of independently programmed copies (blocks with 'replica')",
+            },
+        },
+        optional=("replication",),
     )
     root.update(
         {

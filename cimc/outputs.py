@@ -35,8 +35,22 @@ from typing import Any
 
 from cimc.errors import InputError
 
-__all__ = ["KINDS", "OutputKind", "TMP_PREFIX", "output_dir", "check_output_dir", "check_output_file",
-           "clean_stale_temporaries", "temporary_file"]
+__all__ = [
+    "FILE_MARK",
+    "KINDS",
+    "TMP_PREFIX",
+    "OutputKind",
+    "check_output_dir",
+    "check_output_file",
+    "clean_stale_temporaries",
+    "close_incremental_dir",
+    "mark_npy",
+    "mark_npz",
+    "open_incremental_dir",
+    "output_dir",
+    "temporary_file",
+    "written_by_cimc",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +91,15 @@ KINDS: dict[str, OutputKind] = {
         "diagnosis folder", "diagnose.json", "cimc-diagnose/", (r"diagnose\.json", r"diagnose\.png", r"timings\.json"),
     ),
     "demo": OutputKind("demo folder", "manifest.json", "cimc-demo/", (r"manifest\.json",)),
+    # Written point by point (resumable), not swapped in: a '.cimc-partial' naming the kind marks it until
+    # sweep.json is written.
+    "sweep": OutputKind(
+        "sweep folder", "sweep.json", "cimc-sweep/", (r"sweep\.json", r"sweep\.csv", r"pareto\.png"),
+    ),
+    "harden": OutputKind(
+        "hardening folder", "harden.json", "cimc-harden/",
+        (r"harden\.json", r"harden\.png", r"harden\.txt", r"timings\.json"),
+    ),
 }
 
 
@@ -147,6 +170,21 @@ def check_output_dir(dest: str | os.PathLike[str], kind: str, inputs: Iterable[A
                 f"choose a new or empty folder, or add --force to add cimc's files to it (other files are kept)"
             )
     return out
+
+
+def open_incremental_dir(dest: str | os.PathLike[str], kind: str, inputs: Iterable[Any] = (), *,
+                         force: bool = False, flag: str = "-o") -> Path:
+    """Check ``dest`` like :func:`check_output_dir` for an output written piece by piece (a resumable sweep),
+    create it and mark it with a ``.cimc-partial`` naming ``kind`` until :func:`close_incremental_dir`."""
+    out = check_output_dir(dest, kind, inputs, force=force, flag=flag)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL_MARKER).write_text(kind + "\n", encoding="utf-8")
+    return out
+
+
+def close_incremental_dir(folder: str | os.PathLike[str]) -> None:
+    """The output's marker file is written: drop the ``.cimc-partial`` mark."""
+    (Path(folder) / PARTIAL_MARKER).unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -254,9 +292,79 @@ class output_dir:
             logger.info("%s: kept %s (not cimc %s files)", dest, ", ".join(kept), kind.name)
 
 
+# What cimc writes into the files it produces, so that a rerun recognises them (and nothing else) as its own.
+FILE_MARK = "cimc-output/1"
+_ONNX_MARK_KEYS = ("cimc.finetune", "cimc.output")
+
+
+def mark_npy(data: bytes) -> bytes:
+    """``.npy`` bytes with :data:`FILE_MARK` as a comment at the end of the header's space padding.
+
+    The header is a Python literal parsed by ``ast.literal_eval``-like readers (numpy's included), for which a
+    trailing comment is whitespace; the header length, the alignment and the array bytes are unchanged."""
+    if data[:6] != b"\x93NUMPY":
+        return data
+    major = data[6]
+    size_bytes = 2 if major == 1 else 4
+    start = 8 + size_bytes
+    length = int.from_bytes(data[8:start], "little")
+    header = data[start:start + length].decode("latin1")
+    body = header.rstrip("\n").rstrip(" ")
+    tagged = f"{body} # {FILE_MARK}"
+    if len(tagged) + 1 > length:  # no room in the padding (never for numpy's 64-byte alignment): leave as is
+        return data
+    tagged = tagged + " " * (length - 1 - len(tagged)) + "\n"
+    return data[:start] + tagged.encode("latin1") + data[start + length:]
+
+
+def mark_npz(data: bytes) -> bytes:
+    """``.npz`` bytes with :data:`FILE_MARK` as the zip archive's comment (readers ignore it; no array added)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO(data)
+    with zipfile.ZipFile(buf, "a") as archive:
+        archive.comment = FILE_MARK.encode()
+    return buf.getvalue()
+
+
+def written_by_cimc(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a file cimc wrote: an ``.npy`` whose header ends with the mark, an ``.npz`` whose
+    zip comment is the mark, an ``.onnx`` with a ``cimc.finetune`` (or ``cimc.output``) metadata entry."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            with open(p, "rb") as f:
+                head = f.read(12)
+                if head[:6] != b"\x93NUMPY":
+                    return False
+                start = 8 + (2 if head[6] == 1 else 4)
+                length = int.from_bytes(head[8:start], "little")
+                f.seek(start)
+                return f"# {FILE_MARK}".encode() in f.read(min(length, 1 << 20))
+        if suffix == ".npz":
+            import zipfile
+
+            with zipfile.ZipFile(p) as archive:
+                return archive.comment == FILE_MARK.encode()
+        if suffix == ".onnx":
+            import onnx
+
+            model = onnx.load(str(p), load_external_data=False)
+            return any(entry.key in _ONNX_MARK_KEYS for entry in model.metadata_props)
+    except Exception:  # noqa: BLE001 - unreadable or not what its name says: not ours
+        return False
+    return False
+
+
 def check_output_file(dest: str | os.PathLike[str], suffix: str, inputs: Iterable[Any] = (), *,
-                      flag: str = "-o") -> Path:
-    """Check an output *file* path: the right suffix, not a folder, not one of the inputs; returns it."""
+                      force: bool = False, flag: str = "-o") -> Path:
+    """Check an output *file* path; returns it.
+
+    The right suffix; not a folder; never one of the command's inputs nor an existing file inside an input
+    folder (``--force`` does not lift this); an existing file cimc did not write (:func:`written_by_cimc`) is
+    replaced only with ``force``."""
     out = Path(os.fspath(dest))
     if out.suffix.lower() != suffix:
         raise InputError(f"{flag} {str(dest)!r} must name a {suffix} file, e.g. {flag} out{suffix}")
@@ -266,9 +374,16 @@ def check_output_file(dest: str | os.PathLike[str], suffix: str, inputs: Iterabl
     for given in inputs:
         if given is None or not isinstance(given, (str, os.PathLike)) or not Path(given).exists():
             continue
-        if Path(given).resolve() == real:
+        src = Path(given).resolve()
+        if src == real:
             raise InputError(f"{flag} {str(dest)!r} is the input {str(given)!r}; writing there would destroy it: "
                              "choose a new file name")
+        if src in real.parents and out.exists():
+            raise InputError(f"{flag} {str(dest)!r} is a file of the input {str(given)!r}, which this command "
+                             "reads; choose a file name outside it")
+    if (out.exists() or out.is_symlink()) and not force and not written_by_cimc(out):
+        raise InputError(f"{flag} {str(dest)!r} exists and was not written by cimc; refusing to replace it: "
+                         f"choose a new file name, or add --force to replace it")
     return out
 
 

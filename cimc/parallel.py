@@ -20,13 +20,19 @@ as tasks finish, in completion order; callers that need a fixed order sort by in
 from __future__ import annotations
 
 import abc
+import ast
 import logging
 import multiprocessing
+import multiprocessing.context
 import os
+import pickle
+import sys
+import types
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cimc.errors import CimcError, InputError
@@ -137,6 +143,74 @@ def _pool_call(fn: Task, task: Any) -> Any:
     return _guarded(fn, _WORKER_SHARED, task)
 
 
+# ------------------------------------------------------------------------------------------ start method
+def _guarded_lines(path: str) -> list[tuple[int, int]]:
+    """Line ranges of the top-level ``if __name__ == "__main__":`` blocks of a script (none if unreadable)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    ranges = []
+    for node in tree.body:
+        if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test):
+            ranges.append((node.lineno, node.end_lineno or node.lineno))
+    return ranges
+
+
+def main_reruns_in_workers() -> bool:
+    """True when this call comes from the top-level code of the ``__main__`` script outside its
+    ``if __name__ == "__main__":`` block (a plain script). A spawned worker re-imports ``__main__`` to find
+    what the parent defined there, which would run that code again in every worker (a compile, then a nested
+    pool, which Python refuses with "An attempt has been made to start a new process before the current
+    process has finished its bootstrapping phase")."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>":
+            line = frame.f_lineno
+            return not any(first <= line <= last for first, last in _guarded_lines(frame.f_code.co_filename))
+        frame = frame.f_back
+    return False
+
+
+class _SpawnWithoutMainProcess(multiprocessing.context.SpawnProcess):
+    """A spawned process that does not re-import the parent's ``__main__`` (see :func:`main_reruns_in_workers`).
+
+    cimc's tasks and payloads live in cimc's own modules, so the worker never needs the script. While the
+    process is created ``__main__`` is an empty module: the child is told of no main module to import, and a
+    payload that does need the script (a metric class defined in it) fails to pickle here, in the parent, with
+    a one-line error instead of a hang.
+    """
+
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        saved = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise InputError(f"worker processes cannot receive what this script defines itself ({exc}); put the "
+                             "script's code under 'if __name__ == \"__main__\":', or move the definition into a "
+                             "module of its own") from None
+        finally:
+            sys.modules["__main__"] = saved
+
+
+class _SpawnWithoutMainContext(multiprocessing.context.SpawnContext):
+    Process = _SpawnWithoutMainProcess  # type: ignore[assignment]
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of the local pool: spawn (a fresh interpreter: no inherited torch/OpenMP thread pool,
+    which a forked child can deadlock on), without re-importing a plain script's ``__main__``."""
+    if main_reruns_in_workers():
+        logger.debug("called from a script's top level: workers will not re-import __main__")
+        return _SpawnWithoutMainContext()
+    return multiprocessing.get_context("spawn")
+
+
 class LocalBackend(Backend):
     """An embedded process pool of ``workers`` spawned processes, ``threads`` torch threads each."""
 
@@ -156,13 +230,17 @@ class LocalBackend(Backend):
             return
         # spawn, not fork: a forked child inherits torch's initialised OpenMP pool and this process' threads.
         # The environment is read when each child starts: OpenMP must not spin-wait in workers that share cores.
+        context = worker_context()
         previous = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
-            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)),
-                                       mp_context=multiprocessing.get_context("spawn"),
+            pool = ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context,
                                        initializer=_init_worker, initargs=(self.threads, shared))
-            futures = {pool.submit(_pool_call, fn, task): i for i, task in enumerate(tasks)}
+            try:
+                futures = {pool.submit(_pool_call, fn, task): i for i, task in enumerate(tasks)}
+            except BaseException:  # a payload the workers cannot receive: no pool left behind
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         finally:
             if previous is None:
                 os.environ.pop("OMP_WAIT_POLICY", None)

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from cimc.console import progress_bar
 from cimc.errors import CimcError, InputError
 
 __all__ = [
@@ -48,6 +49,7 @@ class CompileContext:
     seed: int = 0
     progress: bool = True
     digital: tuple[str, ...] = ()  # analog layers the user keeps off the crossbar (--digital NAME)
+    replicate: dict[str, int] = field(default_factory=dict)  # layer -> replicas (--replicate NAME=R)
     results: dict[str, Any] = field(default_factory=dict)  # what passes report (packing, cost, ...)
 
 
@@ -150,8 +152,6 @@ def run_pipeline(model: ir.Model, passes: list[CimcPass]) -> ir.Model:
     show = bool(passes) and passes[0].ctx.progress
     bar = None
     if show:
-        from cimc.report import progress_bar
-
         bar = progress_bar(total=len(passes), desc="compiling", unit="pass")
     try:
         for p in passes:

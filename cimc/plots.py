@@ -14,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS  # noqa: E402
+from cimc.vocabulary import CAUSES, LOW_SNR_DB  # noqa: E402
+
 __all__ = ["plot_diagnose", "plot_drift", "plot_occupancy"]
 
 _MAX_ARRAYS_DRAWN = 64
@@ -116,7 +119,7 @@ def plot_drift(results: dict[str, Any], path: str | os.PathLike[str] | None = No
     the quantised twin as horizontal lines. Accuracies use a fixed span (float − 30 … float + 2 points,
     widened only to show every band) so a small drop looks small."""
     metric = results.get("metric", "accuracy")
-    pct = metric in ("accuracy", "top5")
+    pct = results.get("percent", metric in ("accuracy", "top5"))  # detect@T is a share too
     scale = 100.0 if pct else 1.0
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     lows: list[float] = []
@@ -172,8 +175,6 @@ _CAUSE_COLOURS = {"dac": "#4477aa", "adc": "#66ccee", "output": "#aa3377", "prog
 def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = None) -> Any:
     """Per-layer SNR by cause (grouped horizontal bars, layers top to bottom in execution order, ``all``
     as a black diamond) beside the end-metric cost of running only that layer analog."""
-    from cimc.diagnosis import CAUSES, LOW_SNR_DB, _CAUSE_LABELS
-
     layers = sorted(data["layers"], key=lambda l: l.get("order", 0))
     n = len(layers)
     finite = [v for l in layers for v in l["snr_db"].values() if v is not None]
@@ -201,7 +202,7 @@ def plot_diagnose(data: dict[str, Any], path: str | os.PathLike[str] | None = No
                   "hatched bar at the right edge: no error from that cause; dashed line: 20 dB", fontsize=9)
     ax.grid(True, axis="x", alpha=0.3)
     metric = data["metric"]
-    pct = metric in ("accuracy", "top5")
+    pct = data.get("percent", metric in ("accuracy", "top5"))
     costs = [(100 if pct else 1) * l["cost"] for l in layers]
     ax2.barh(range(n), costs, color=["#bb5566" if c > 0 else "#999999" for c in costs], height=0.6)
     ax2.axvline(0, color="black", linewidth=0.8)

@@ -374,6 +374,7 @@ def sweep(
     workers: int | None = None,
     ray: str | None = None,
     progress: bool = False,
+    force: bool = False,
 ) -> SweepResult:
     """Compile and simulate ``model`` at every point of a grid of target variations.
 
@@ -382,6 +383,8 @@ def sweep(
     sweep YAML file (see :func:`load_grid_file`). ``calib`` and ``data`` (datasets or names) are required;
     ``finetune``: training data for noise-aware fine-tuning at each point. With ``out_dir``, points are stored
     as they finish and a rerun resumes; ``sweep.csv``, ``sweep.json`` and ``pareto.png`` are written there.
+    ``out_dir`` follows the ``-o`` rules of :mod:`cimc.outputs` (not an input or a folder holding one, not the
+    current folder; an existing folder must be a sweep's, or ``force``).
     ``workers``/``ray`` choose the execution backend (:func:`cimc.parallel.get_backend`).
     Returns the rows (a list of dicts; ``.to_pandas()``; ``.table()``).
     """
@@ -449,9 +452,12 @@ def sweep(
                       "target": t.model_dump(mode="json")})
 
     # -- resume: points already stored are not run again ------------------------------------------------
-    out = Path(out_dir) if out_dir is not None else None
+    out = None
     records: dict[int, dict[str, Any]] = {}
-    if out is not None:
+    if out_dir is not None:
+        from cimc.outputs import open_incremental_dir
+
+        out = open_incremental_dir(out_dir, "sweep", [model, calib, data, finetune, grid], force=force)
         (out / "points").mkdir(parents=True, exist_ok=True)
         for task in tasks:
             stored = _load_point(out / "points" / f"{task['key']}.json", task["key"])
@@ -495,6 +501,9 @@ def sweep(
             "data": data_ds.name, "calib": calib_ds.name, "rows": list(rows)})
         plot_pareto(rows, out / "pareto.png", rows.pareto_time,
                     f"{model_path.name} on {base.name}: {spec.instances} chips, {spec.samples} samples of {data_ds.name}")
+        from cimc.outputs import close_incremental_dir
+
+        close_incremental_dir(out)
     return rows
 
 
@@ -514,9 +523,9 @@ def _load_point(path: Path, key: str) -> dict[str, Any] | None:
 def _points_bar(total: int, done: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm import tqdm
+    from cimc.report import progress_bar
 
-    return tqdm(total=total, initial=done, unit="point", desc="sweep", dynamic_ncols=True, file=sys.stderr)
+    return progress_bar(total, "sweep", unit="point", initial=done)  # redraws only on a terminal
 
 
 def color_allowed(stream: Any = None) -> bool:

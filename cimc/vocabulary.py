@@ -1,4 +1,4 @@
-"""The words the command line accepts — time units, metric names — importable without torch.
+"""The words the command line accepts — time units, metric names, diagnosis causes — importable without torch.
 
 ``cimc --help`` builds every subcommand's parser; its choices and help texts come from here so that building
 the parser imports nothing heavy (the simulator and the metrics re-export these names).
@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from cimc.errors import InputError
 
-__all__ = ["DURATION_HELP", "LABEL_METRICS", "METRICS", "check_time", "format_duration", "parse_duration"]
+__all__ = ["CAUSES", "CAUSE_LABELS", "DURATION_HELP", "LABEL_METRICS", "LOW_SNR_DB", "METRICS", "check_time",
+           "format_duration", "parse_duration", "parse_times"]
 
 LABEL_METRICS = ("accuracy", "top5")
 METRICS = ("accuracy", "top5", "cosine", "mse", "snr", "relerr")
+
+# The non-idealities ``cimc diagnose`` separates, in the order its table and figure show them.
+CAUSES = ("dac", "adc", "output", "programming", "drift", "read")
+CAUSE_LABELS = {"dac": "DAC quantisation", "adc": "ADC quantisation", "output": "output (periphery) noise",
+                "programming": "programming noise",
+                "drift": "drift (compensated)", "read": "read noise", "all": "all together"}
+LOW_SNR_DB = 20.0  # a layer below this output SNR (dB) is flagged by diagnose (docs/diagnose.md)
 
 _UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
           "mo": 2629800.0, "M": 2629800.0, "y": 31557600.0}
@@ -46,3 +55,9 @@ def format_duration(t_s: float) -> str:
         if t_s >= size and abs(t_s / size - round(t_s / size)) < 1e-9:
             return f"{round(t_s / size)}{unit}"
     return f"{t_s:g}s"
+
+
+def parse_times(drift: str | float | Sequence[float | str]) -> list[float]:
+    """Times after programming in seconds from "1s,24h,6mo" or a list of seconds/strings; all must be > 0."""
+    items = drift.split(",") if isinstance(drift, str) else [drift] if isinstance(drift, (int, float)) else drift
+    return [parse_duration(t) if isinstance(t, str) else check_time(float(t)) for t in items]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from cimc.data import reshape_hint
 from cimc.errors import CimcError, DataError, InputError
 from cimc.passes.finetune_methods import DEFAULT_METHOD, LABEL_FREE_METHOD, METHODS
 from cimc.pipeline import CimcPass, CompileContext, register_pass
@@ -230,8 +231,9 @@ def _model_inputs(model: ir.Model, data: Any, role: str) -> list[np.ndarray]:
         got = tuple(array.shape[1:])
         if expected is not None and (len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got))):
             shown = tuple("?" if e is None else e for e in expected)
+            hint = reshape_hint(got, expected) if None not in expected else ""
             raise DataError(f"{role} inputs for '{name}' have shape {got} per sample but the model takes {shown}; "
-                            "pass data made for this model")
+                            f"pass data made for this model{hint}")
     if len({a.shape[0] for a in arrays}) != 1:
         raise DataError(f"{role} data '{data.name}' has different sample counts per input "
                         f"({[a.shape[0] for a in arrays]}); give the same number of samples for every input")
@@ -488,15 +490,16 @@ def finetune(
     return work, ctx.results["finetune"]
 
 
-def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = ()) -> Path:
+def save_finetuned(model: ir.Model, path: str | os.PathLike[str], inputs: Any = (), *, force: bool = False) -> Path:
     """Write the fine-tuned model as a plain ONNX file, atomically (temporary file, then rename).
 
-    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data).
+    ``path`` must end in ``.onnx`` and may not be one of ``inputs`` (the source model, the data); an existing file
+    cimc did not write is replaced only with ``force`` (:func:`cimc.outputs.check_output_file`).
     """
     from cimc.frontend import save_model
     from cimc.outputs import check_output_file
 
-    out = check_output_file(path, ".onnx", inputs)
+    out = check_output_file(path, ".onnx", inputs, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, out)
     return out

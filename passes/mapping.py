@@ -49,6 +49,7 @@ from cimc.errors import FitError, InputError, UnsupportedOpError
 from cimc.ir import DIGITAL_KEY, AnalogMatrix, analog_matrix, classify, constant_array, is_analog, node_attrs, weight_to_matrix
 from cimc.ir import layer_of, placements_of, weight_value
 from cimc.passes.packing import ArrayGeometry, Block, Packing, Placement, pack_blocks
+from cimc.passes.replicate import REPLICA_KEY, replicate_layers
 from cimc.pipeline import CimcPass, CompileContext, register_pass
 from cimc.runtime.cost import AnalogLayerWork, TileShape, Workload, estimate_cost
 from cimc.runtime.workload import build_workload, execution_order
@@ -230,6 +231,25 @@ def _min_arrays(blocks: list[Block], geometry: ArrayGeometry) -> int:
     return pack_blocks(blocks, ArrayGeometry(geometry.rows, geometry.weight_cols, None)).arrays_used
 
 
+def _replica_fit_error(layers: list[SharedLayer], geometry: ArrayGeometry, replicated: dict[str, int]) -> FitError | None:
+    """The replicas do not fit: say how many weights they add and what the chip has, in one line (None when the
+    model would not fit without them either: then the ordinary refusal applies)."""
+    of = {layer.name: json.loads(layer.users[0].metadata_props.get(REPLICA_KEY, "{}")).get("of") for layer in layers}
+    total = sum(layer.weights for layer in layers)
+    extra = {name: sum(layer.weights for layer in layers if of[layer.name] == name) * (r - 1) // r
+             for name, r in replicated.items()}
+    available = (geometry.count or 0) * geometry.weights_per_array
+    if total - sum(extra.values()) > available and geometry.count is not None:
+        return None
+    asked = ", ".join(f"{name}={r}" for name, r in replicated.items())
+    added = ", ".join(f"{name} +{extra[name]:,}" for name in replicated)
+    return FitError(
+        f"--replicate {asked} does not fit: the replicas add {added} weights, {total:,} in all, and the target "
+        f"has {available:,} ({geometry.count} array(s) of {geometry.rows}x{geometry.weight_cols} weights; "
+        f"{total - sum(extra.values()):,} without replication); use a smaller replica count or --arrays N"
+    )
+
+
 def _fit_hint(layers: list[SharedLayer], geometry: ArrayGeometry, target: Any, exc: FitError) -> FitError:
     """The packer's refusal, plus the override that makes the model fit a larger chip of the same kind."""
     n = _min_arrays([b for layer in layers for b in layer.blocks()], geometry)
@@ -312,6 +332,7 @@ class MapPass(CimcPass):
         if unsupported:  # every offending node at once, before any work
             raise UnsupportedOpError(unsupported)
         mark_digital(model, self.ctx.digital)
+        replicated = replicate_layers(model, self.ctx.replicate)
         target = self.ctx.target
         geometry = ArrayGeometry.from_target(target)
         nodes = [n for n in model.graph if is_analog(n)]
@@ -335,7 +356,8 @@ class MapPass(CimcPass):
             except FitError as exc:
                 failures[mode] = exc
         if not candidates:
-            raise _fit_hint(layers, geometry, target, next(iter(failures.values())))
+            refusal = _replica_fit_error(layers, geometry, replicated) if replicated else None
+            raise refusal or _fit_hint(layers, geometry, target, next(iter(failures.values())))
         order = execution_order(model.graph)
         choices: dict[str, dict[str, Any]] = {}
         for mode, packing in candidates.items():
@@ -356,7 +378,8 @@ class MapPass(CimcPass):
         else:
             execution = wanted
         if execution not in candidates:
-            raise _fit_hint(layers, geometry, target, failures[execution])
+            refusal = _replica_fit_error(layers, geometry, replicated) if replicated else None
+            raise refusal or _fit_hint(layers, geometry, target, failures[execution])
         packing = candidates[execution]
         _write(layers, packing)
         shared = {layer.name: [u.name for u in layer.users] for layer in layers if len(layer.users) > 1}
@@ -373,6 +396,7 @@ class MapPass(CimcPass):
             "layers": len(layers),
             "analog_nodes": len(nodes),
             "shared_weights": shared,
+            "replication": replicated,
             "execution": execution,
             "execution_requested": wanted,
             "shared_cores": choices.get(execution, {}).get("shared_cores", {}),

@@ -36,9 +36,17 @@ Execution modes: ``layer-serial`` - latency is the sum of the layers, one infere
 busiest core (the uses placed on one core - small layers packed together, or the several uses of one shared
 weight - run on it in turn, so its busy time is the sum of theirs) or the slowest digital op.
 
-Efficiency counts **ops = 2 × MACs executed in the analog arrays** (one multiply and one add per weight
-use); digital ops are spent energy but not counted as useful ops. TOPS/W is derived from the energy
-breakdown (``ops / sum(energy_j.values())``), never computed on the side.
+Two efficiencies, both over the **whole inference's energy** (every component, digital unit included):
+
+* ``tops_per_w`` (analog, the paper-comparable figure): **ops = 2 × MACs executed in the analog arrays** (one
+  multiply and one add per weight use; every replica of a replicated layer counts). Moving a layer to the
+  digital unit removes its MACs from the ops, so this figure can *rise* when the chip does less.
+* ``system_tops_per_w``: **ops = 2 × the model's MACs wherever they run** (analog layers, layers kept
+  digital, activation × activation products), each layer once (replicas are one layer's work). The same model
+  always has the same ops, so a mitigation that costs energy (a layer kept digital, replication) lowers it.
+
+Element-wise digital ops (ReLU, pooling, the replicas' adds) are spent energy, not counted as ops. Both are
+derived from the energy breakdown, never computed on the side.
 
 Data-dependent variant: pass measured per-layer :class:`LayerActivity` (fraction of non-zero inputs, mean
 input magnitude, optionally the mean largest input which shortens pulse-width integration) to
@@ -58,6 +66,7 @@ from cimc.targets.schema import Target
 
 __all__ = [
     "ENERGY_COMPONENTS",
+    "SYSTEM_OPS_DEFINITION",
     "AnalogLayerWork",
     "CostReport",
     "DigitalOpWork",
@@ -66,12 +75,14 @@ __all__ = [
     "TileShape",
     "Workload",
     "estimate_cost",
+    "explain_measured",
     "tiles_from_placements",
 ]
 
 logger = logging.getLogger(__name__)
 
 ENERGY_COMPONENTS = ("dac", "array", "adc", "periphery", "digital", "sram", "static")
+SYSTEM_OPS_DEFINITION = "2 x the model's MACs, analog and digital, each layer once (replicas not counted again)"
 
 
 @dataclass(frozen=True)
@@ -96,11 +107,17 @@ class AnalogLayerWork:
     mvms: int
     tiles: tuple[TileShape, ...] = ()
     layer: str = ""  # the crossbar block it reads ("" = its own); uses of one shared weight name the same block
+    replicas: int = 1  # copies of one model layer computing the same product (weight replication), this one of them
 
     @property
     def macs(self) -> int:
         """Multiply-accumulates per inference."""
         return self.rows * self.cols * self.mvms
+
+    @property
+    def model_macs(self) -> int:
+        """The model's own multiply-accumulates this use stands for: a replica carries 1/r of its layer's."""
+        return self.macs // max(self.replicas, 1)
 
     def placed_tiles(self) -> tuple[TileShape, ...]:
         return self.tiles or (TileShape(self.rows, self.cols, 0),)
@@ -110,7 +127,9 @@ class AnalogLayerWork:
 class DigitalOpWork:
     """A digital-unit op: ``elements`` outputs computed with ``ops`` arithmetic ops.
 
-    ``input_elements`` (default: ``elements``) is what it reads from SRAM.
+    ``input_elements`` (default: ``elements``) is what it reads from SRAM. ``macs``: the multiply-accumulates
+    of a matrix product run on the digital unit (a layer kept digital, an activation × activation product), the
+    model's work that the system efficiency counts.
     """
 
     name: str
@@ -118,6 +137,7 @@ class DigitalOpWork:
     elements: int
     ops: int
     input_elements: int | None = None
+    macs: int = 0
 
 
 LayerWork = AnalogLayerWork | DigitalOpWork
@@ -172,6 +192,7 @@ class LayerCost:
     energy_j: dict[str, float]
     macs: int = 0
     mvms: int = 0
+    model_macs: int = 0  # the model's MACs this op stands for (analog or digital; a replica's share)
 
     @property
     def total_energy_j(self) -> float:
@@ -220,8 +241,24 @@ class CostReport:
 
     @property
     def ops(self) -> int:
-        """Useful ops per inference: 2 × analog MACs."""
+        """Analog ops per inference: 2 × MACs executed in the arrays (replicas each count)."""
         return 2 * self.macs
+
+    @property
+    def model_macs(self) -> int:
+        """The model's MACs per inference wherever they run (analog or digital), each layer counted once."""
+        return sum(layer.model_macs for layer in self.layers)
+
+    @property
+    def system_ops(self) -> int:
+        """The model's ops per inference: 2 × its MACs, analog and digital, replicas counted once."""
+        return 2 * self.model_macs
+
+    @property
+    def system_tops_per_w(self) -> float:
+        """System efficiency: the model's ops over the whole inference's energy (digital work included)."""
+        energy = self.total_energy_j
+        return self.system_ops / energy / 1e12 if energy > 0 else math.inf
 
     @property
     def cycles(self) -> int:
@@ -233,6 +270,7 @@ class CostReport:
 
     @property
     def tops_per_w(self) -> float:
+        """Analog efficiency (the paper-comparable figure): analog ops over the whole inference's energy."""
         energy = self.total_energy_j
         return self.ops / energy / 1e12 if energy > 0 else math.inf
 
@@ -251,6 +289,7 @@ class CostReport:
             "execution": self.execution,
             "settings": dict(self.settings),
             "ops_definition": "2 x MACs executed in the analog arrays",
+            "system_ops_definition": SYSTEM_OPS_DEFINITION,
             "latency_s": self.latency_s,
             "period_s": self.period_s,
             "cycles": self.cycles,
@@ -260,6 +299,9 @@ class CostReport:
             "macs": self.macs,
             "ops": self.ops,
             "tops_per_w": self.tops_per_w,
+            "model_macs": self.model_macs,
+            "system_ops": self.system_ops,
+            "system_tops_per_w": self.system_tops_per_w,
             "tops": self.tops,
             "average_power_w": self.average_power_w,
             "core_busy_s": {str(k): v for k, v in sorted(self.core_busy_s.items())},
@@ -399,7 +441,8 @@ def _analog_layer(target: Target, work: AnalogLayerWork, act: LayerActivity) -> 
     mvm_s = max(analog_s, digital_s) if dig.overlapped else analog_s + digital_s
     latency_s = work.mvms * mvm_s
     energy = {c: float(v) * work.mvms for c, v in per_mvm_j.items()}
-    return LayerCost(work.name, "analog", _cycles(latency_s, target), latency_s, energy, work.macs, work.mvms)
+    return LayerCost(work.name, "analog", _cycles(latency_s, target), latency_s, energy, work.macs, work.mvms,
+                     work.model_macs)
 
 
 # --- digital layers and static power ----------------------------------------------------------------------
@@ -415,7 +458,7 @@ def _digital_layer(target: Target, work: DigitalOpWork) -> LayerCost:
         "sram": inputs * nbytes * sram.read_energy_per_byte_j
         + work.elements * nbytes * sram.write_energy_per_byte_j,
     }
-    return LayerCost(work.name, "digital", cycles, cycles / target.clock_hz, energy)
+    return LayerCost(work.name, "digital", cycles, cycles / target.clock_hz, energy, model_macs=work.macs)
 
 
 def _add_static(target: Target, layers: Sequence[LayerCost], latency_s: float, period_s: float) -> None:
@@ -429,3 +472,30 @@ def _add_static(target: Target, layers: Sequence[LayerCost], latency_s: float, p
 
 def _cycles(latency_s: float, target: Target) -> int:
     return math.ceil(latency_s * target.clock_hz - 1e-9)
+
+
+def explain_measured(target: Target, static: CostReport, measured: CostReport,
+                     activity: Mapping[str, LayerActivity]) -> str | None:
+    """Why the cost counted on measured activity differs from the static estimate, in one sentence.
+
+    The static estimate assumes the target's ``activity`` defaults for every analog layer; a run measures each
+    layer's DAC inputs (share of non-zero inputs, mean and largest magnitude), which set the DAC and array
+    energy and, for pulse-width inputs, the integration time. Names the components that moved most; None when
+    the two agree to 0.1 %.
+    """
+    diff = {c: measured.energy_j[c] - static.energy_j[c] for c in ENERGY_COMPONENTS}
+    total = static.total_energy_j
+    if total <= 0 or abs(measured.total_energy_j - total) <= 1e-3 * total:
+        return None
+    moved = sorted((c for c in diff if abs(diff[c]) > 0.01 * total), key=lambda c: -abs(diff[c]))
+    parts = ", ".join(f"{c} {static.energy_j[c] * 1e6:.3g} -> {measured.energy_j[c] * 1e6:.3g} uJ" for c in moved[:3])
+    a = target.activity
+    if activity:
+        dens = [v.input_density for v in activity.values()]
+        mag = [v.mean_input_magnitude for v in activity.values()]
+        seen = (f"this data drives the DAC inputs {100 * min(dens):.0f}-{100 * max(dens):.0f} % non-zero with mean "
+                f"|x| {100 * min(mag):.1f}-{100 * max(mag):.1f} % of full scale")
+    else:
+        seen = "this run measured no analog layer"
+    return (f"compile assumed the target's input activity ({100 * a.input_density:.0f} % non-zero, mean |x| "
+            f"{100 * a.mean_input_magnitude:.1f} % of full scale); {seen}" + (f": {parts}" if parts else ""))

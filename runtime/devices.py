@@ -20,8 +20,41 @@ better than the chip. Reading the same :class:`ProgrammedArray` at several times
 
 The PCM model is the IBM statistical model (Nandakumar et al., ICECS 2019; Joshi et al., Nat. Commun. 2020),
 with the formulas listed in ``docs/device-model.md``. Conductances are in microsiemens, times in seconds.
-Parameters come from the target's device description (any object with the attribute names below; the
-target schema's pydantic model is one).
+Parameters come from the target's device description (any object with the attribute names the model reads;
+the target schema's pydantic model is one).
+
+Adding a device model
+---------------------
+A device model is one class: its parameters (the target file's ``device:`` section, a pydantic class nested
+as ``Params``) and its behaviour (:meth:`DeviceModel.program`, :meth:`DeviceModel.read_programmed`), registered
+once with :func:`register_device_model`. Nothing else in cimc needs editing::
+
+    from typing import Literal
+    import torch
+    from pydantic import Field
+    from cimc.runtime.devices import DeviceModel, ProgrammedArray, randn_instances, register_device_model
+    from cimc.targets import DeviceParamsBase
+
+    @register_device_model("my-rram")
+    class MyRram(DeviceModel):
+        # lognormal programming noise, no drift
+        class Params(DeviceParamsBase):
+            model: Literal["my-rram"] = "my-rram"
+            sigma_log: float = Field(0.1, ge=0, description="σ of ln G after programming (assumed)")
+
+        def program(self, g_target_us, instances, generator):
+            z = randn_instances((instances, *g_target_us.shape), generator, g_target_us.dtype)
+            g = g_target_us * torch.exp(self.params.sigma_log * z)
+            return ProgrammedArray(g_target_us=g_target_us, g_prog_us=g, nu=None, device=self)
+
+        def read_programmed(self, programmed, t_s, generator):
+            return programmed.g_prog_us.clone()
+
+A target file (or ``target.with_overrides``) can then say ``device: {model: my-rram, sigma_log: 0.05}``:
+``cimc compile`` validates it against ``Params`` and the simulator, fine-tuning and export build ``MyRram``
+from it. The weight mapping onto differential pairs, multi-layer batching and drift compensation come from
+the base class and the simulator. ``tests/test_device_registry.py`` is a complete example. The built-in models'
+parameter classes live in :mod:`cimc.targets.devices` so that reading a target needs no torch.
 """
 
 from __future__ import annotations
@@ -37,6 +70,8 @@ import torch
 from torch import Tensor
 
 from cimc.errors import InputError, TargetError
+from cimc.targets.devices import DeviceParamsBase, PcmIbmDevice, device_class, device_models, register_device
+from cimc.targets.devices import IdealDevice as IdealParams
 
 __all__ = [
     "DeviceModel",
@@ -45,7 +80,6 @@ __all__ = [
     "IdealDevice",
     "NEGLIGIBLE_WEIGHT",
     "PCMDevice",
-    "PCMParams",
     "ProgrammedArray",
     "ProgrammedLayers",
     "ProgrammedWeights",
@@ -78,31 +112,13 @@ _WEIGHT_SCALE_MODES = ("layer", "column")
 
 
 class DeviceParams(Protocol):
-    """What every device model needs from the target file: its name and the maximum conductance."""
+    """What every device model needs from the target file: its name and the maximum conductance.
+
+    A model's own fields are those of its ``Params`` class (for ``pcm-ibm``: :class:`cimc.targets.PcmIbmDevice`).
+    """
 
     model: str
     g_max_us: float
-
-
-class PCMParams(DeviceParams, Protocol):
-    """Parameters of the ``pcm-ibm`` model (field names of the target schema's device section)."""
-
-    t0_s: float
-    t_read_s: float
-    prog_noise_coeffs_us: tuple[float, float, float]
-    prog_noise_scale: float
-    drift_nu_mean_coeffs: tuple[float, float]
-    drift_nu_mean_range: tuple[float, float]
-    drift_nu_std_coeffs: tuple[float, float]
-    drift_nu_std_range: tuple[float, float]
-    drift_scale: float
-    read_noise_q_coeff: float
-    read_noise_q_exponent: float
-    read_noise_q_max: float
-    read_noise_scale: float
-    g_min_clip: float
-    gdc: str
-    weight_scale: str
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -299,7 +315,12 @@ _D = TypeVar("_D", bound="type[DeviceModel]")
 
 
 def register_device_model(name: str) -> Callable[[_D], _D]:
-    """Class decorator: make a :class:`DeviceModel` subclass buildable from ``model: <name>`` in a target."""
+    """Class decorator: make a :class:`DeviceModel` subclass buildable from ``model: <name>`` in a target.
+
+    The one registration of a device model: with a ``Params`` class (``model: Literal[name] = name``), its
+    parameters also become a valid ``device:`` section of target files (the schema registry of
+    :mod:`cimc.targets.devices`, which the built-in models fill torch-free).
+    """
 
     def decorator(cls: _D) -> _D:
         existing = _DEVICE_MODELS.get(name)
@@ -307,6 +328,9 @@ def register_device_model(name: str) -> Callable[[_D], _D]:
             raise ValueError(f"device model '{name}' is already registered by {existing.__qualname__}")
         if not (isinstance(cls, type) and issubclass(cls, DeviceModel)):
             raise TypeError(f"@register_device_model('{name}') needs a DeviceModel subclass, got {cls!r}")
+        params = cls.Params
+        if params is not None and (name not in device_models() or device_class(name) is not params):
+            register_device(name)(params)  # checks that Params says model: Literal[name] = name
         cls.name = name
         _DEVICE_MODELS[name] = cls
         return cls
@@ -347,6 +371,9 @@ class DeviceModel(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    # The target file's ``device:`` section for this model (validated when the target is read); None for a model
+    # built from any object with the attributes it reads.
+    Params: ClassVar[type[DeviceParamsBase] | None] = None
 
     def __init__(self, params: Any):
         _require(params, ("g_max_us",), self.name or type(self).__name__)
@@ -412,6 +439,8 @@ class DeviceModel(abc.ABC):
 class IdealDevice(DeviceModel):
     """Exact devices: no programming noise, no drift, no read noise (for debugging and golden tests)."""
 
+    Params = IdealParams
+
     @torch.no_grad()
     def program(self, g_target_us: Tensor, instances: int, generator: Generators) -> ProgrammedArray:
         g = _as_float(g_target_us)
@@ -422,27 +451,16 @@ class IdealDevice(DeviceModel):
         return programmed.g_prog_us.clone()
 
 
-_PCM_FIELDS = (
-    "t0_s",
-    "t_read_s",
-    "prog_noise_coeffs_us",
-    "prog_noise_scale",
-    "drift_nu_mean_coeffs",
-    "drift_nu_mean_range",
-    "drift_nu_std_coeffs",
-    "drift_nu_std_range",
-    "drift_scale",
-    "read_noise_q_coeff",
-    "read_noise_q_exponent",
-    "read_noise_q_max",
-    "read_noise_scale",
-    "g_min_clip",
-)
+# The fields the PCM formulas read; gdc, gdc_readout and weight_scale have defaults (read with getattr).
+_PCM_FIELDS = tuple(f for f in PcmIbmDevice.model_fields
+                    if f not in DeviceParamsBase.model_fields and f not in ("gdc", "gdc_readout", "weight_scale"))
 
 
 @register_device_model("pcm-ibm")
 class PCMDevice(DeviceModel):
     """The IBM PCM statistical model: programming noise, per-device power-law drift, 1/f read noise."""
+
+    Params = PcmIbmDevice
 
     def __init__(self, params: Any):
         super().__init__(params)

@@ -43,14 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimc.console import format_table, progress_bar
+from cimc.data import reshape_hint
 from cimc.errors import DataError, InputError, ModelError
+from cimc.optional import import_pandas as _pandas
 from cimc.runtime.analog import analog_conv, analog_mvm, conv_weights, dac, layer_plans, onehot_response, probe_response
-from cimc.runtime.cost import LayerActivity, estimate_cost
+from cimc.runtime.cost import SYSTEM_OPS_DEFINITION, LayerActivity, estimate_cost, explain_measured
 from cimc.runtime.devices import build_device, gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
-from cimc.runtime.metrics import (LABEL_METRICS, MetricAccumulator, check_labels, check_metric, default_metric,
-                                  format_score, higher_is_better, is_percent, per_class_accuracy)
+from cimc.runtime.metrics import (MetricAccumulator, check_metric, check_yield_target, chip_yield, default_metric,
+                                  format_score, get_metric, higher_is_better, is_percent, metric_name, needs_labels,
+                                  output_size, per_class_accuracy)
 from cimc.runtime.workload import model_workload
+from cimc.validate import samples_per_pass
 from cimc.vocabulary import _UNITS, DURATION_HELP, check_time, format_duration, parse_duration  # re-exported
 
 __all__ = ["DURATION_HELP", "Chip", "ChipState", "ShardResult", "SimulationResult", "check_batch_axis",
@@ -119,6 +124,7 @@ class Chip:
         self.device = build_device(device)
         self.gdc_mode = getattr(device, "gdc", "none")
         self.gdc_readout = getattr(device, "gdc_readout", "probe")
+        self.gdc_gain = float(getattr(device, "gdc_gain", 1.0))
         self.layer = {name: (self.plans[name].layer or name) for name in self.steps}  # use → block
         with torch.no_grad():
             self.ideal: dict[str, torch.Tensor] = {}  # block → [G, K, N], from its first use
@@ -188,6 +194,8 @@ class Chip:
                 # instance's factor must not depend on how many instances share the batch.
                 state.gdc[name] = torch.cat([gdc_factor(ref[i : i + 1], cur[i : i + 1], per_column=per_column)
                                              for i in range(self.instances)])
+                if self.gdc_gain != 1.0:  # shrink towards 1: less noise amplified with the signal
+                    state.gdc[name] = 1.0 + self.gdc_gain * (state.gdc[name] - 1.0)
         return state
 
     def hook(self, state: ChipState) -> Callable[..., torch.Tensor]:
@@ -474,8 +482,6 @@ class SimulationResult:
     shard: ShardResult | None = None
 
     def table(self) -> str:
-        from cimc.report import format_table
-
         d = self.data
         metric = d.get("metric", "accuracy")
         pct = is_percent(metric)
@@ -488,9 +494,14 @@ class SimulationResult:
                 vs = "" if base is None or p["mean"] is None else f"{scale * (p['mean'] - base):+.2f}" if pct else ""
                 rows.append([series["label"], p["label"], *(fmt(p[k]) if p[k] is not None else "inf"
                                                            for k in ("mean", "std", "min")), vs])
+                if "yield" in p:
+                    rows[-1].append(f"{100 * p['yield']:.0f} %")
         unit = " %" if pct else (" dB" if metric == "snr" else "")
-        head = format_table(["drift compensation", "time", f"{metric} mean{unit}", "std", "min", "vs float"], rows,
-                            right=(2, 3, 4, 5))
+        columns = ["drift compensation", "time", f"{metric} mean{unit}", "std", "min", "vs float"]
+        if d.get("yield_target") is not None:
+            columns.append(f"yield ({'>=' if d.get('higher_is_better', True) else '<='} "
+                           f"{format_score(metric, d['yield_target'])})")
+        head = format_table(columns, rows, right=tuple(range(2, len(columns))))
         c = d["cost"]
         if pct:
             baseline = (f"float model: {format_score(metric, d['float_score'])}   quantised, ideal devices: "
@@ -501,10 +512,9 @@ class SimulationResult:
         return (
             f"{head}\n\n{baseline}   ({d['samples']} samples, {d['instances']} instances, seed {d['seed']}, "
             f"target {d['target']})\n"
-            f"cost counted on this data: {c['measured']['tops_per_w']:.3g} TOPS/W, "
-            f"{c['measured']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['measured']['latency_s'] * 1e3:.3g} ms per inference "
-            f"(compile's static estimate: {c['static']['tops_per_w']:.3g} TOPS/W, "
-            f"{c['static']['energy_per_inference_j'] * 1e6:.3g} uJ, {c['static']['latency_s'] * 1e3:.3g} ms)"
+            f"cost counted on this data, per inference: {_cost_line(c['measured'])}\n"
+            f"compile's static estimate: {_cost_line(c['static'])}"
+            + (f"\nwhy they differ: {c['why_measured_differs']}" if c.get("why_measured_differs") else "")
         )
 
     def to_pandas(self) -> Any:
@@ -514,20 +524,6 @@ class SimulationResult:
                  **{k: p[k] for k in ("mean", "std", "min", "max")}}
                 for s in self.data["series"] for p in s["points"]]
         return pd.DataFrame(rows)
-
-    def plot(self, path: Any = None) -> Any:
-        """The drift figure (a matplotlib Figure; also saved to ``path`` if given)."""
-        from cimc.plots import plot_drift
-
-        return plot_drift(self.data, path)
-
-
-def _pandas() -> Any:
-    try:
-        import pandas as pd
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("to_pandas() needs pandas: pip install pandas") from exc
-    return pd
 
 
 def simulate(
@@ -540,8 +536,9 @@ def simulate(
     batch_size: int = 64,
     compare_gdc: bool = True,
     progress: bool = False,
-    metric: str | None = None,
+    metric: str | Any | None = None,
     instance_range: tuple[int, int] | None = None,
+    yield_target: float | str | None = None,
 ) -> SimulationResult:
     """Monte Carlo ``metric`` of ``compiled`` on (x, y) at each time after programming.
 
@@ -554,18 +551,19 @@ def simulate(
     """
     shard = simulate_shard(compiled, x, y, times_s, instances, seed, batch_size, compare_gdc, progress,
                            instance_range, metric=metric)
-    return merge_results(compiled, [shard])
+    return merge_results(compiled, [shard], yield_target=yield_target)
 
 
 def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, times_s: Sequence[float],
                             instances: int, instance_range: tuple[int, int] | None = None,
                             metric: str | None = None) -> tuple[int, int, str]:
     """Raise the user's error before any work starts; returns the instance range [first, stop) and the metric."""
-    metric = metric or default_metric(y)
+    metric = metric_name(metric) or default_metric(y, output_size(compiled.model))
     check_metric(metric, y)
     expected = tuple(compiled.model.graph.inputs[0].shape)[1:]
     if tuple(x.shape[1:]) != expected:
-        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}")
+        raise DataError(f"data inputs have shape {tuple(x.shape[1:])} per sample but the model takes {expected}"
+                        f"{reshape_hint(tuple(x.shape[1:]), expected)}")
     for t in times_s:
         check_time(t)
     if isinstance(instances, bool) or int(instances) != instances or instances < 1:
@@ -574,8 +572,6 @@ def check_simulation_inputs(compiled: Any, x: np.ndarray, y: np.ndarray | None, 
     if not 0 <= first < stop <= instances:
         raise InputError(f"instance range {first}..{stop - 1} is not inside 0..{instances - 1}; "
                          f"give 0 <= a < b <= instances")
-    from cimc.validate import samples_per_pass
-
     samples_per_pass(compiled.model, 1, 1)  # instances run one after another: one sample must fit the budget
     return int(first), int(stop), metric
 
@@ -595,8 +591,6 @@ def simulate_shard(
 ) -> ShardResult:
     """Chips ``instance_range`` (default: all ``instances``) of the population: per-instance numbers."""
     first, stop, metric = check_simulation_inputs(compiled, x, y, times_s, instances, instance_range, metric)
-    from cimc.validate import samples_per_pass
-
     # Samples per pass; every instance runs the same batches on its own (so a shard runs the whole run's).
     per_run = samples_per_pass(compiled.model, 1, batch_size)
     started = time.perf_counter()
@@ -610,9 +604,8 @@ def simulate_shard(
     # The float run first: its outputs are the reference of the agreement metrics and fix the class count.
     reference = [out[0] for _, out in run_outputs(executor, x, 1, per_run, tick)]
     classes = int(reference[0].reshape(reference[0].shape[0], -1).shape[1]) if reference else 0
-    if metric in LABEL_METRICS:
-        y = check_labels(y, classes)
-    extra = ("relerr",) if metric not in LABEL_METRICS and metric != "relerr" else ()
+    y = get_metric(metric).check_labels(y, classes)
+    extra = ("relerr",) if not needs_labels(metric) and metric != "relerr" else ()
 
     def evaluate(n: int, progress_tick: Callable[[int], None] | None = tick,
                  per_instance: Sequence[Selector] | None = None) -> dict[str, list[MetricAccumulator]]:
@@ -669,10 +662,12 @@ def simulate_shard(
     )
 
 
-def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult]) -> SimulationResult:
+def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult],
+                  yield_target: float | str | None = None) -> SimulationResult:
     """One result from shards of the same run (any order): per-instance numbers concatenated in instance
     order, then reduced (mean, std, min, max, per class); the same bytes as computing every instance in one
-    process."""
+    process. With ``yield_target`` (in the metric's units; "90%" for shares) each point also carries the chip
+    yield: the share of instances that meet it."""
     parts = sorted((s.shard if isinstance(s, SimulationResult) else s for s in shards),  # type: ignore[misc]
                    key=lambda r: r.instance_range[0])
     if not parts or any(p is None for p in parts):
@@ -700,6 +695,7 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         baselines=head.baselines, samples=head.samples, wall_time_s=max(p.wall_time_s for p in parts),
     )
     metric = merged.metric
+    target_value = check_yield_target(metric, yield_target)
     series = []
     for mode in merged.modes:
         points = []
@@ -707,6 +703,8 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
             acc = np.asarray(per_instance, dtype=np.float64)
             point = {"label": format_duration(t), "t_s": t, "mean": _finite(acc.mean()), "std": _finite(acc.std()),
                      "min": _finite(acc.min()), "max": _finite(acc.max()), "per_instance": [_finite(a) for a in acc]}
+            if target_value is not None:
+                point["yield"] = chip_yield(acc, target_value, higher_is_better(metric))
             if merged.class_correct and merged.class_total is not None:
                 point["per_class"] = per_class_accuracy(np.asarray(merged.class_correct[mode][i], dtype=np.float64),
                                                         np.asarray(merged.class_total, dtype=np.float64))
@@ -719,6 +717,7 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
                 for name, rows in merged.activity.items()}
     workload = model_workload(compiled.model)
     counted = estimate_cost(compiled.target, workload, activity=measured)
+    why = explain_measured(compiled.target, compiled.cost, counted, measured)
     b = merged.baselines
     data: dict[str, Any] = {
         "format": "cimc-simulation/1",
@@ -729,9 +728,12 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         "samples": merged.samples,
         "metric": metric,
         "higher_is_better": higher_is_better(metric),
-        "float_score": b["float_score"] if metric in LABEL_METRICS else None,
+        "float_score": b["float_score"] if needs_labels(metric) else None,
         "quantized_score": b["quantized_score"],
+        "percent": is_percent(metric),
     }
+    if target_value is not None:
+        data["yield_target"] = target_value
     if (first, stop) != (0, merged.population):
         data["instance_range"] = [first, stop]
     if metric == "accuracy":  # the names every earlier results.json used
@@ -746,20 +748,29 @@ def merge_results(compiled: Any, shards: Sequence[ShardResult | SimulationResult
         "series": series,
         "cost": {"static": _cost_summary(compiled.cost), "measured": _cost_summary(counted),
                  "activity": {k: vars(v) for k, v in measured.items()},
-                 "ops_definition": "2 x MACs executed in the analog arrays"},
+                 "why_measured_differs": why,
+                 "ops_definition": "2 x MACs executed in the analog arrays",
+                 "system_ops_definition": SYSTEM_OPS_DEFINITION},
     })
     timings = {"format": "cimc-timings/1", "wall_time_s": merged.wall_time_s}
     return SimulationResult(data, timings, merged)
 
 
 def _cost_summary(cost: Any) -> dict[str, Any]:
-    return {"tops_per_w": cost.tops_per_w, "energy_per_inference_j": cost.total_energy_j, "latency_s": cost.latency_s,
+    return {"energy_per_inference_j": cost.total_energy_j, "latency_s": cost.latency_s,
+            "system_tops_per_w": cost.system_tops_per_w, "tops_per_w": cost.tops_per_w,
             "cycles": cost.cycles, "inferences_per_s": cost.inferences_per_s, "energy_breakdown_j": cost.energy_j}
+
+
+def _cost_line(c: dict[str, Any]) -> str:
+    """Energy per inference and latency first, then the system and the analog efficiency."""
+    system = c.get("system_tops_per_w")
+    head = (f"{c['energy_per_inference_j'] * 1e6:.3g} uJ, {c['latency_s'] * 1e3:.3g} ms"
+            + (f", system {system:.3g} TOPS/W" if system is not None else ""))
+    return f"{head}, analog {c['tops_per_w']:.3g} TOPS/W"
 
 
 def _progress(total: int, enabled: bool, desc: str = "simulating") -> Any:
     if not enabled:
         return None
-    from cimc.report import progress_bar
-
     return progress_bar(total=total, unit="inf", desc=desc)

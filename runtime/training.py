@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from cimc.console import progress_bar
 from cimc.runtime.analog import LayerPlan, analog_conv, analog_mvm, conv_weights, dac, probe_response
 from cimc.runtime.devices import gdc_factor
 from cimc.runtime.executor import AnalogStep, Executor
@@ -666,6 +667,4 @@ def compare_on_chip(executor: Executor, hook: NoiseHook, states: dict[str, dict[
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    from cimc.report import progress_bar
-
     return progress_bar(total=total, unit="step", desc="fine-tuning")

@@ -24,11 +24,13 @@ import onnx_ir as ir
 from cimc.ir import is_analog, layer_of, node_attrs, placements_of, static_shape, to_networkx
 from cimc.runtime.cost import AnalogLayerWork, DigitalOpWork, TileShape, Workload
 
-__all__ = ["activation_bytes", "build_workload", "digital_ops", "execution_order", "model_execution",
+__all__ = ["REPLICA_KEY", "activation_bytes", "build_workload", "digital_ops", "execution_order", "model_execution",
            "model_workload"]
 
 logger = logging.getLogger(__name__)
 
+REPLICA_KEY = "cimc.replica"  # node metadata of weight replication (cimc.passes.replicate): {"of", "index", "count"}
+_MATRIX_OPS = {"MatMul", "Gemm", "Conv", "Einsum", "ConvTranspose"}  # their digital ops are 2 x MACs
 _MOVES = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Concat", "Split", "Slice",
           "Gather", "Expand", "Tile", "Pad", "Cast", "Shape", "GatherElements", "GatherND", "DepthToSpace",
           "SpaceToDepth", "Trilu", "OneHot", "Size", "Range", "ConstantOfShape", "EyeLike", "CastLike"}
@@ -65,8 +67,13 @@ def digital_ops(node: ir.Node) -> int:
         return out * math.prod(node_attrs(node).get("kernel_shape", [1]))
     if node.op_type in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax"):
         return _numel(node.inputs[0])
-    if node.op_type in ("MatMul", "Gemm", "Conv"):  # activation × activation products stay digital
-        k = (static_shape(node.inputs[0]) or (1,))[-1]
+    if node.op_type == "Conv":  # a convolution kept digital: C_in/groups · kernel MACs per output
+        w = static_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        return 2 * out * math.prod(w[1:]) if w else 0
+    if node.op_type in ("MatMul", "Gemm"):  # activation × activation products stay digital
+        a = static_shape(node.inputs[0]) or (1,)
+        trans_a = node.op_type == "Gemm" and node_attrs(node).get("transA", 0)
+        k = a[0] if trans_a and len(a) == 2 else a[-1]
         return 2 * out * k
     if node.op_type == "Einsum":  # a multiply and an add for every point of the joint index space
         return 2 * _einsum_points(node)
@@ -110,11 +117,14 @@ def build_workload(order: list[ir.Node], name: str = "", execution: str | None =
         if is_analog(node) and "cimc.matrix" in node.metadata_props:
             m = json.loads(node.metadata_props["cimc.matrix"])
             tiles = tuple(TileShape(t["rows"], t["cols"], t["array"]) for t in placements_of(node))
+            replica = json.loads(node.metadata_props.get(REPLICA_KEY) or "{}")
             layers.append(AnalogLayerWork(node.name, m["rows"], m["cols"] * m["groups"], m["mvms"], tiles,
-                                          layer=layer_of(node)))
+                                          layer=layer_of(node), replicas=int(replica.get("count", 1))))
         else:
             ins = sum(_numel(v) for v in node.inputs if v is not None and not v.is_initializer())
-            layers.append(DigitalOpWork(node.name, node.op_type, _numel(node.outputs[0]), digital_ops(node), ins))
+            ops = digital_ops(node)
+            macs = ops // 2 if node.op_type in _MATRIX_OPS else 0
+            layers.append(DigitalOpWork(node.name, node.op_type, _numel(node.outputs[0]), ops, ins, macs))
     return Workload(tuple(layers), name=name, execution=execution)
 
 

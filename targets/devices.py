@@ -1,15 +1,14 @@
-"""Device models of a target: parameter sets keyed by the ``model:`` discriminator.
+"""Device parameters of a target: parameter sets keyed by the ``model:`` discriminator.
 
 A target file says ``device: {model: pcm-ibm, g_max_us: 25.0}``. The ``model`` value selects a registered
-parameter class; users add their own with :func:`register_device` without editing cimc::
+parameter class (frozen, validated numbers). These classes are the ``Params`` of the device models in
+:mod:`cimc.runtime.devices`, which add the behaviour (program, drift, read); the built-in ones are defined here so
+that reading a target needs no torch.
 
-    @register_device("my-rram")
-    class MyRram(DeviceParamsBase):
-        model: Literal["my-rram"] = "my-rram"
-        g_max_us: float = Field(100.0, gt=0, description="assumed: ...")
-
-These classes only hold numbers (frozen, validated). The torch implementation of programming noise, drift
-and read noise lives in ``cimc.runtime`` and reads the field names defined here.
+To add a device model, write one :class:`cimc.runtime.devices.DeviceModel` subclass with a nested ``Params``
+class and decorate it with ``register_device_model("my-rram")``: that one registration also registers its
+``Params`` here (see :mod:`cimc.runtime.devices`). :func:`register_device` alone registers parameters only
+(a target can then be read and validated, but not simulated).
 """
 
 from __future__ import annotations
@@ -155,6 +154,12 @@ class PcmIbmDevice(DeviceParamsBase):
     )
     weight_scale: Literal["layer", "column"] = Field(
         "layer", description="Granularity at which max|W| maps to g_max (HARDWARE.md: mapping, per layer)"
+    )
+    gdc_gain: float = Field(
+        1.0, ge=0, le=1,
+        description="Share of the measured drift-compensation factor that is applied: factor' = 1 + gdc_gain x "
+        "(factor - 1). 1 = the exact factor (default); below 1 the factor is pulled towards 1, which amplifies the "
+        "output and read noise less than the exact factor does (docs/hardening.md)",
     )
 
 

@@ -6,6 +6,7 @@ the reason, e.g. ``aon-cim.yaml: converters.adc_bits: Input should be greater th
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from importlib import resources
@@ -165,10 +166,61 @@ def _validate(data: dict[str, Any], label: str) -> Target:
     try:
         return Target.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise TargetError(f"{label}: {field}: {first['msg']}{more}") from None
+        raise TargetError(f"{label}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem of a target validation as one line: the field path, the reason, and for an unknown
+    field the valid ones (closest first)."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        where = ".".join(_public_path(loc[:-1])) or "the top level"
+        msg = f"unknown field; {hint}valid fields at {where}: {', '.join(known)}"
+    elif loc and loc[-1] in _FIELD_HINTS:
+        msg = f"{msg}; {_FIELD_HINTS[loc[-1]]}"
+    field = ".".join(_public_path(loc))
+    return f"{field}: {msg}{more}" if field else f"{msg}{more}"
+
+
+_FIELD_HINTS = {
+    "dac_bits": "a converter has 2 to 16 bits, or 0 / null for no quantisation",
+    "adc_bits": "a converter has 2 to 16 bits, or 0 / null for no quantisation",
+}
+
+
+def _public_path(loc: list[str]) -> list[str]:
+    """The field path a user writes: without the device model's tag (``device.pcm-ibm.t0_s`` → ``device.t0_s``)."""
+    from .devices import device_models
+
+    return [part for i, part in enumerate(loc) if not (i == 1 and loc[0] == "device" and part in device_models())]
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """Field names of the (nested) section at ``loc`` of a target, or [] if it is not a section."""
+    from pydantic import BaseModel
+
+    from .devices import device_class, device_models
+
+    cls: Any = Target
+    for i, part in enumerate(loc):
+        if i == 0 and part == "device" and len(loc) > 1:  # the parameter class is chosen by the next part, the tag
+            continue
+        if i == 1 and loc[0] == "device" and part in device_models():
+            cls = device_class(part)
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    names = list(getattr(cls, "model_fields", {}))
+    return names + ["base"] if cls is Target else names
 
 
 def schema_json() -> str:

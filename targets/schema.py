@@ -12,6 +12,7 @@ quantisation" - the converter is ideal and costs no time and no energy in the co
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -30,7 +31,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
+# allow_inf_nan=False: a target number is finite (pydantic's floats take inf and NaN by default).
+_FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+# Upper bounds that keep every time, energy and noise formula of the cost model and the simulator finite
+# (sums over millions of conversions stay far below float64's range and noise far below float32's), while
+# leaving orders of magnitude of room above any real chip.
+_MAX_TIME_S = 1.0  # one conversion, pulse or settle
+_MAX_ENERGY_J = 1e-3  # one conversion, op, byte or MVM
+_MAX_POWER_W = 1e3
+_MAX_DIM = 8192  # rows or device columns of one array (an export writes rows x cols conductances)
+_MAX_COUNT = 1 << 20  # arrays, ADCs, ops per cycle
 
 
 class ArrayConfig(BaseModel):
@@ -38,8 +49,8 @@ class ArrayConfig(BaseModel):
 
     model_config = _FROZEN
 
-    rows: int = Field(gt=0, description="Word lines (analog inputs) per array")
-    cols: int = Field(gt=0, description="Device columns (bit lines) per array")
+    rows: int = Field(gt=0, le=_MAX_DIM, description="Word lines (analog inputs) per array")
+    cols: int = Field(gt=0, le=_MAX_DIM, description="Device columns (bit lines) per array")
     devices_per_weight: int = Field(
         2,
         ge=1,
@@ -47,7 +58,8 @@ class ArrayConfig(BaseModel):
         description="Devices per weight: 2 = differential pair G+ - G- (HARDWARE.md), 1 = single",
     )
     count: int | None = Field(
-        1, ge=1, description="Number of arrays (cores); null = as many as the model needs (ideal target)"
+        1, ge=1, le=_MAX_COUNT,
+        description="Number of arrays (cores); null = as many as the model needs (ideal target)"
     )
 
     @model_validator(mode="after")
@@ -82,15 +94,17 @@ class ConverterConfig(BaseModel):
 
     dac_bits: int | None = Field(
         8,
-        ge=1,
+        ge=2,
         le=16,
-        description="Input (DAC) resolution in bits; null/0 = no quantisation, DAC ideal and free",
+        description="Input (DAC) resolution in bits, 2..16 (a signed 1-bit converter has no level but 0); "
+        "null/0 = no quantisation, DAC ideal and free",
     )
     adc_bits: int | None = Field(
         8,
-        ge=1,
+        ge=2,
         le=16,
-        description="Output (ADC) resolution in bits; null/0 = no quantisation, ADC ideal and free",
+        description="Output (ADC) resolution in bits, 2..16 (signed: 2^(bits-1) - 1 levels each side); "
+        "null/0 = no quantisation, ADC ideal and free",
     )
     reference_bits: int = Field(
         8, ge=1, le=16, description="Bit width at which the *_ref_s / *_ref_j values apply"
@@ -100,30 +114,35 @@ class ConverterConfig(BaseModel):
     )
     dac_time_ref_s: float = Field(
         256e-9,
-        ge=0,
+        ge=0, le=_MAX_TIME_S,
         description="Full-scale DAC pulse (= array integration time) at reference bits, s (assumed)",
     )
     dac_energy_ref_j: float = Field(
-        50e-15, ge=0, description="Energy of one row-driver conversion at reference bits, J (assumed)"
+        50e-15, ge=0, le=_MAX_ENERGY_J, description="Energy of one row-driver conversion at reference bits, J (assumed)"
     )
-    adc_count: int = Field(gt=0, description="ADCs per array; columns beyond this are converted in turns")
+    adc_count: int = Field(
+        gt=0, le=_MAX_COUNT, description="ADCs per array; columns beyond this are converted in turns"
+    )
     adc_time_ref_s: float = Field(
-        256e-9, ge=0, description="One ADC conversion at reference bits, s (assumed: ramp, 1 ns per LSB)"
+        256e-9,
+        ge=0,
+        le=_MAX_TIME_S,
+        description="One ADC conversion at reference bits, s (assumed: ramp, 1 ns per LSB)",
     )
     adc_energy_ref_j: float = Field(
         52e-15,
-        ge=0,
+        ge=0, le=_MAX_ENERGY_J,
         description="ADC energy per conversion at reference bits, J (HARDWARE.md: ~52 fJ at 8 bits)",
     )
     adc_sense_energy_ref_j: float = Field(
         52e-15,
-        ge=0,
+        ge=0, le=_MAX_ENERGY_J,
         description="Column current / sense energy per conversion at reference bits, J "
         "(HARDWARE.md: about as much again as the ADC)",
     )
     adc_power_w: float = Field(
         0.0,
-        ge=0,
+        ge=0, le=_MAX_POWER_W,
         description="Power of one column converter while it runs, W. It runs for its own conversion "
         "(adc_time_ref_s at adc_bits) after the input pulse, or for the whole integration window "
         "(max(pulse, conversion)) when adc_during_integration: a current-controlled oscillator integrates by "
@@ -137,7 +156,7 @@ class ConverterConfig(BaseModel):
     )
     output_noise: float = Field(
         0.0,
-        ge=0,
+        ge=0, le=100.0,
         description="Std of the additive analog noise on every column sum before its ADC, drawn per conversion, "
         "in units of the output of one device at g_max driven at the DAC's full scale (aihwkit forward.out_noise "
         "uses the same unit; its default is 0.06)",
@@ -177,21 +196,21 @@ class ArrayReadConfig(BaseModel):
 
     device_power_w: float = Field(
         0.1e-6,
-        ge=0,
+        ge=0, le=_MAX_POWER_W,
         description="Mean power of one active device during its pulse, W (assumed: V_read²·G_mean)",
     )
     settle_time_s: float = Field(
-        10e-9, ge=0, description="Fixed per-MVM precharge / integrator reset time, s (assumed)"
+        10e-9, ge=0, le=_MAX_TIME_S, description="Fixed per-MVM precharge / integrator reset time, s (assumed)"
     )
     column_energy_j: float = Field(
         0.0,
-        ge=0,
+        ge=0, le=_MAX_ENERGY_J,
         description="Fixed energy per active column per MVM that does not scale with the converter bits "
         "(bit-line precharge, integrator reset, read-out latch), J",
     )
     mvm_energy_j: float = Field(
         0.0,
-        ge=0,
+        ge=0, le=_MAX_ENERGY_J,
         description="Fixed energy per tile per MVM (row decoders, sequencing, clock tree of the array), J",
     )
 
@@ -201,12 +220,12 @@ class DigitalConfig(BaseModel):
 
     model_config = _FROZEN
 
-    ops_per_cycle: int = Field(16, gt=0, description="Arithmetic ops per clock cycle (assumed)")
+    ops_per_cycle: int = Field(16, gt=0, le=_MAX_COUNT, description="Arithmetic ops per clock cycle (assumed)")
     energy_per_op_j: float = Field(
-        0.1e-12, ge=0, description="Energy per 8-16-bit arithmetic op, J (assumed)"
+        0.1e-12, ge=0, le=_MAX_ENERGY_J, description="Energy per 8-16-bit arithmetic op, J (assumed)"
     )
     postprocess_ops_per_output: int = Field(
-        2, ge=0, description="Ops per ADC output for scale and bias (assumed: one multiply, one add)"
+        2, ge=0, le=1000, description="Ops per ADC output for scale and bias (assumed: one multiply, one add)"
     )
     per_array: bool = Field(
         False, description="One digital unit per array/core (ops_per_cycle each) instead of one shared unit"
@@ -222,11 +241,13 @@ class SramConfig(BaseModel):
     model_config = _FROZEN
 
     size_bytes: int | None = Field(
-        65536, ge=1, description="Activation SRAM capacity, bytes; null = unbounded (assumed)"
+        65536, ge=1, le=1 << 50, description="Activation SRAM capacity, bytes; null = unbounded (assumed)"
     )
-    read_energy_per_byte_j: float = Field(0.1e-12, ge=0, description="SRAM read energy per byte, J (assumed)")
+    read_energy_per_byte_j: float = Field(
+        0.1e-12, ge=0, le=_MAX_ENERGY_J, description="SRAM read energy per byte, J (assumed)"
+    )
     write_energy_per_byte_j: float = Field(
-        0.12e-12, ge=0, description="SRAM write energy per byte, J (assumed)"
+        0.12e-12, ge=0, le=_MAX_ENERGY_J, description="SRAM write energy per byte, J (assumed)"
     )
 
 
@@ -246,6 +267,47 @@ class ActivityDefaults(BaseModel):
     )
 
 
+# Device parameters (targets/devices.py) checked here, on the assembled target, against what the device model in
+# cimc.runtime computes with: (low, high) for a number, or for each entry of a coefficient tuple. A registered
+# device of a user's own is checked for finite numbers only.
+_DEVICE_BOUNDS: dict[str, tuple[float, float]] = {
+    "g_max_us": (1e-3, 1e6),
+    "t0_s": (1e-9, 1e6),
+    "t_read_s": (1e-12, 1.0),
+    "prog_noise_coeffs_us": (-1e3, 1e3),
+    "prog_noise_scale": (0.0, 100.0),
+    "drift_nu_mean_coeffs": (-10.0, 10.0),
+    "drift_nu_mean_range": (-1.0, 1.0),
+    "drift_nu_std_coeffs": (-10.0, 10.0),
+    "drift_nu_std_range": (0.0, 1.0),
+    "drift_scale": (0.0, 10.0),
+    "read_noise_q_coeff": (0.0, 10.0),
+    "read_noise_q_exponent": (0.0, 10.0),
+    "read_noise_q_max": (0.0, 10.0),
+    "read_noise_scale": (0.0, 100.0),
+    "g_min_clip": (1e-12, 0.5),
+}
+_ORDERED_RANGES = ("drift_nu_mean_range", "drift_nu_std_range")
+
+
+def _check_device(device: BaseModel) -> None:
+    """Every device number finite and inside :data:`_DEVICE_BOUNDS`; clip ranges as (low, high)."""
+    for name in type(device).model_fields:
+        value = getattr(device, name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            continue
+        where = f"device.{name}"
+        if not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"{where}: {value!r} is not a finite number")
+        low, high = _DEVICE_BOUNDS.get(name, (-math.inf, math.inf))
+        if not all(low <= v <= high for v in numbers):
+            raise ValueError(f"{where}: {value!r} is outside {low:g}..{high:g}, the range the device model is "
+                             "computed for")
+        if name in _ORDERED_RANGES and numbers[0] > numbers[1]:
+            raise ValueError(f"{where}: {value!r}: give the range as [low, high]")
+
+
 class Target(BaseModel):
     """A complete hardware target: geometry, device model, converters, costs, execution mode."""
 
@@ -260,14 +322,21 @@ class Target(BaseModel):
     digital: DigitalConfig = DigitalConfig()
     sram: SramConfig = SramConfig()
     activity: ActivityDefaults = ActivityDefaults()
-    clock_hz: float = Field(1e9, gt=0, description="Digital clock frequency, Hz (assumed)")
-    static_power_w: float = Field(0.0, ge=0, description="Leakage and bias power while running, W (assumed)")
+    clock_hz: float = Field(1e9, ge=1e3, le=1e12, description="Digital clock frequency, Hz, 1 kHz..1 THz (assumed)")
+    static_power_w: float = Field(
+        0.0, ge=0, le=_MAX_POWER_W, description="Leakage and bias power while running, W (assumed)"
+    )
     execution: Literal["layer-serial", "pipelined", "auto"] = Field(
         "layer-serial",
         description="layer-serial: layers take turns on the arrays; pipelined: every core is a pipeline stage "
         "(small layers may share a core and run in turn); auto: the compiler costs both and picks pipelined "
         "when it gives at least 5 % more throughput",
     )
+
+    @model_validator(mode="after")
+    def _device_computable(self) -> Target:
+        _check_device(self.device)
+        return self
 
     @property
     def weight_cols(self) -> int:

@@ -244,3 +244,32 @@ def test_kws_fit_reproduces_the_target_file_and_predicts_vww(aon):
         target = aon.with_overrides(dac_bits=bits, adc_bits=bits)
         report = estimate_cost(target, table.reference_workload("vww", target))
         assert report.tops_per_w == pytest.approx(published, rel=0.15)
+
+
+def test_system_efficiency_counts_the_models_macs_wherever_they_run(aon):
+    """Analog TOPS/W counts MACs in the arrays (every replica); system TOPS/W the model's MACs, once each."""
+    layer = AnalogLayerWork("conv", 40, 56, 120)
+    copies = tuple(AnalogLayerWork(f"conv/rep{i}", 40, 56, 120, replicas=2) for i in range(2))
+    fc_digital = DigitalOpWork("fc", "Gemm", 12, 2 * 72 * 12, 72, macs=72 * 12)
+    plain = estimate_cost(aon, Workload((layer, fc_digital)))
+    replicated = estimate_cost(aon, Workload((*copies, DigitalOpWork("sum", "Add", 56 * 120, 56 * 120), fc_digital)))
+    assert plain.ops == 2 * 40 * 56 * 120
+    assert plain.system_ops == 2 * (40 * 56 * 120 + 72 * 12)
+    assert replicated.ops == 2 * plain.ops and replicated.system_ops == plain.system_ops
+    assert plain.system_tops_per_w == pytest.approx(plain.system_ops / plain.total_energy_j / 1e12)
+    assert replicated.system_tops_per_w < plain.system_tops_per_w
+    d = plain.to_dict()
+    assert d["system_tops_per_w"] == plain.system_tops_per_w and d["model_macs"] == 40 * 56 * 120 + 72 * 12
+    assert "analog and digital" in d["system_ops_definition"]
+
+
+def test_measured_cost_says_why_it_differs(aon):
+    from cimc.runtime.cost import explain_measured
+
+    work = Workload((AnalogLayerWork("conv", 40, 56, 120),))
+    static = estimate_cost(aon, work)
+    same = {"conv": LayerActivity(aon.activity.input_density, aon.activity.mean_input_magnitude)}
+    assert explain_measured(aon, static, estimate_cost(aon, work, activity=same), same) is None
+    sparse = {"conv": LayerActivity(0.1, 0.01, 0.5)}
+    why = explain_measured(aon, static, estimate_cost(aon, work, activity=sparse), sparse)
+    assert why is not None and "compile assumed the target's input activity" in why and "10-10 % non-zero" in why

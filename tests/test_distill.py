@@ -182,3 +182,22 @@ def test_multi_input_models_distil_from_one_array_per_input_name(tmp_path: Path)
         finetune(path, "aon-cim", Named({"a": data.inputs["a"]}), method="distill+pcm", epochs=1)
     with pytest.raises(DataError, match="takes 2 inputs"):
         finetune(path, "aon-cim", Dataset(data.inputs["a"], None, "one"), method="distill+pcm", epochs=1)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs", "logprobs", "sigmoid", "regression"])
+def test_each_output_distance_is_zero_at_the_teacher_and_grows_away_from_it(kind: str) -> None:
+    from cimc.runtime.training import output_distance
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(32, 5, generator=gen)
+    teacher = {"logits": raw, "probs": raw.softmax(-1), "logprobs": raw.log_softmax(-1), "sigmoid": raw.sigmoid(),
+               "regression": raw}[kind]
+    off = raw + 0.5 * torch.randn(32, 5, generator=gen)
+    student = {"logits": off, "probs": off.softmax(-1), "logprobs": off.log_softmax(-1), "sigmoid": off.sigmoid(),
+               "regression": off}[kind]
+    variance = float(raw.var())
+    assert float(output_distance(teacher, teacher, kind, variance)) == pytest.approx(0.0, abs=1e-6)
+    assert float(output_distance(student, teacher, kind, variance)) > 1e-3
+    if kind == "regression":  # squared error relative to the teacher's variance: the teacher's mean scores ~1
+        mean = teacher.mean().expand_as(teacher)
+        assert float(output_distance(mean, teacher, kind, variance)) == pytest.approx(1.0, rel=0.05)

@@ -72,12 +72,12 @@ def hermes_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def kws_bundle(kws_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_mapping(kws_build, tmp_path_factory.mktemp("kws_bundle") / "bundle", csv=True)
+    return export_mapping(kws_build, kws_build.parent / "bundle", csv=True)  # beside it: verify finds it by hash
 
 
 @pytest.fixture(scope="module")
 def hermes_bundle(hermes_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_mapping(hermes_build, tmp_path_factory.mktemp("hermes_bundle") / "bundle")
+    return export_mapping(hermes_build, hermes_build.parent / "bundle")
 
 
 def _manifest(bundle: Path) -> dict:
@@ -85,6 +85,8 @@ def _manifest(bundle: Path) -> dict:
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of the bundle, with its compiled model beside it (where verify looks for it by hash)."""
+    (tmp_path / "build").symlink_to(bundle.parent / "build", target_is_directory=True)
     return Path(shutil.copytree(bundle, tmp_path / "copy"))
 
 
@@ -333,7 +335,7 @@ def test_shared_weight_exported_once_with_every_user(shared_bundle: tuple[Path, 
     report = verify_bundle(bundle)
     assert report.ok, report.problems
     manifest = _manifest(bundle)
-    assert manifest["format_version"] == "1.1"
+    assert manifest["format_version"] == "1.2"
     layers = {lay["name"]: lay for lay in manifest["layers"]}
     assert sorted(layers) == ["W", "gemm_alpha", "matmul"] and report.layers_checked == 3
     shared = layers["W"]
@@ -389,7 +391,7 @@ def test_bias_of_each_user_is_exported(tmp_path: Path):
 
 
 def test_same_export_twice_gives_the_same_bytes(kws_build: Path, tmp_path: Path, run_cli):
-    """No absolute path, time or random name in a bundle: the compiled folder is recorded relative to it."""
+    """No path, time or random name in a bundle: the compiled model is recorded by its hash."""
     for name in ("a", "b"):
         assert run_cli("export", kws_build, "-o", tmp_path / name, "--csv").code == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -397,9 +399,11 @@ def test_same_export_twice_gives_the_same_bytes(kws_build: Path, tmp_path: Path,
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    recorded = manifest["source"]["compiled_dir"]
-    assert not Path(recorded).is_absolute() and (tmp_path / "a" / recorded).resolve() == kws_build.resolve()
-    assert run_cli("verify", tmp_path / "a").code == 0  # the relative record still finds the compiled model
+    # The bundle names the compiled model by its hash, not by where it lay (issue 22) ...
+    assert "compiled_dir" not in manifest["source"] and len(manifest["source"]["compiled_model_sha256"]) == 64
+    res = run_cli("verify", tmp_path / "a")  # ... so verify needs to be told where it is, or find it by hash
+    assert res.code == 2 and "pass it with --model" in res.err and res.err.count("\n") == 1
+    assert run_cli("verify", tmp_path / "a", "--model", kws_build).code == 0
 
 
 def test_verify_does_not_follow_paths_out_of_the_bundle(kws_bundle: Path, tmp_path: Path, run_cli):
@@ -409,7 +413,6 @@ def test_verify_does_not_follow_paths_out_of_the_bundle(kws_bundle: Path, tmp_pa
     shutil.copytree(kws_bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["biases"] = "/etc/passwd"
-    manifest["source"]["compiled_dir"] = str(Path(manifest["source"]["compiled_dir"]).absolute())
     (copy / "manifest.json").write_text(json.dumps(manifest))
     res = run_cli("verify", copy)
     assert res.code == 1 and "manifest: files/biases" in res.out

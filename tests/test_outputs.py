@@ -191,3 +191,86 @@ def test_sigkill_during_compile_leaves_the_old_output_and_no_litter(tmp_path: Pa
     assert json.loads((build / "manifest.json").read_bytes()) == json.loads(first)  # ... the old output intact
     assert subprocess.run(argv, capture_output=True, timeout=120).returncode == 0
     assert not list(tmp_path.glob(f"{TMP_PREFIX}*"))  # ... cleaned by the next run
+
+
+# ------------------------------------------------------------------------------------------ issue 22: -o files
+def test_run_output_file_rules_and_marks(tmp_path: Path, run_cli) -> None:
+    """``run -o``: a file the command reads or a file in its input folder is never replaced; a user's file only
+    with --force; cimc's own output again without --force (it carries cimc's mark, invisible to numpy)."""
+    from cimc.outputs import written_by_cimc
+
+    model = _mlp(tmp_path / "m.onnx")
+    build = tmp_path / "build"
+    assert run_cli("compile", model, "-t", "ideal", "-o", build, "-q").code == 0
+    test_set = tmp_path / "digits_test.npz"
+    np.savez(test_set, x=np.ones((2, 8), np.float32), y=np.zeros(2, np.int64))
+    before = test_set.read_bytes()
+    res = run_cli("run", build, "--input", test_set, "-o", test_set, "--force")
+    assert res.code == 2 and "is the input" in _one_line(res.err)
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((2, 8), np.float32))
+    other = tmp_path / "other.npz"  # the user's file, not an input
+    np.savez(other, a=np.arange(3))
+    mine = other.read_bytes()
+    res = run_cli("run", build, "--input", x, "-o", other)
+    assert res.code == 2 and "was not written by cimc" in _one_line(res.err) and "--force" in res.err
+    assert other.read_bytes() == mine and test_set.read_bytes() == before
+    (build / "notes.npy").write_bytes(x.read_bytes())
+    res = run_cli("run", build, "--input", x, "-o", build / "notes.npy", "--force")  # inside the input folder
+    assert res.code == 2 and "which this command reads" in _one_line(res.err)
+    for out in (tmp_path / "y.npy", tmp_path / "y.npz"):
+        assert run_cli("run", build, "--input", x, "-o", out).code == 0
+        first = out.read_bytes()
+        assert written_by_cimc(out)
+        assert run_cli("run", build, "--input", x, "-o", out).code == 0, "a rerun needs no --force"
+        assert out.read_bytes() == first  # deterministic, mark included
+    assert np.load(tmp_path / "y.npy").shape == (2, 4) and list(np.load(tmp_path / "y.npz").files) == ["y"]
+    assert run_cli("run", build, "--input", x, "-o", other, "--force").code == 0  # the user asked to replace it
+    assert written_by_cimc(other) and list(np.load(other).files) == ["y"]
+    assert not written_by_cimc(x) and not written_by_cimc(test_set) and not written_by_cimc(model)
+
+
+def test_finetune_refuses_another_model_without_force(tmp_path: Path, run_cli) -> None:
+    model, data = _mlp(tmp_path / "a.onnx"), _calib(tmp_path / "d.npz")
+    b = _mlp(tmp_path / "b.onnx")  # the user's other model
+    before = b.read_bytes()
+    res = run_cli("finetune", model, "-t", "ideal", "--data", data, "-o", b, "--epochs", "1", "-q")
+    assert res.code == 2 and "was not written by cimc" in _one_line(res.err)
+    assert b.read_bytes() == before
+    tuned = tmp_path / "tuned.onnx"
+    assert run_cli("finetune", model, "-t", "ideal", "--data", data, "-o", tuned, "--epochs", "1", "-q").code == 0
+    assert run_cli("finetune", model, "-t", "ideal", "--data", data, "-o", tuned, "--epochs", "1", "-q").code == 0
+    assert run_cli("finetune", model, "-t", "ideal", "--data", data, "-o", b, "--epochs", "1", "-q",
+                   "--force").code == 0
+    assert b.read_bytes() != before
+
+
+# ------------------------------------------------------------------------------------------ issue 22: sweep -o
+def test_sweep_follows_the_output_rules(tmp_path: Path, run_cli, monkeypatch) -> None:
+    model, calib = _mlp(tmp_path / "m.onnx"), _calib(tmp_path / "calib.npz")
+    args = ["sweep", model, "-t", "aon-cim", "--vary", "converters.adc_bits=4", "--calib", calib, "--data", calib,
+            "--instances", "1", "--drift", "1s,24h", "-q"]
+    monkeypatch.chdir(tmp_path)
+    res = run_cli(*args, "-o", ".", "--force")
+    assert res.code == 2 and "contains the input" in _one_line(res.err)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    res = run_cli(*args, "-o", ".", "--force")
+    assert res.code == 2 and "current folder" in _one_line(res.err)
+    assert not any((tmp_path / "sub").iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    res = run_cli(*args, "-o", mine)
+    assert res.code == 2 and "is not a cimc sweep folder" in _one_line(res.err)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    build = tmp_path / "build"
+    assert run_cli("compile", model, "-t", "ideal", "-o", build, "-q").code == 0
+    res = run_cli(*args, "-o", build, "--force")
+    assert res.code == 2 and "is a cimc compiled-model folder, not a sweep folder" in _one_line(res.err)
+    res = run_cli(*args, "-o", tmp_path / "sw")
+    assert res.code == 0, res.err
+    assert not (tmp_path / "sw" / ".cimc-partial").exists() and (tmp_path / "sw" / "sweep.csv").is_file()
+    assert run_cli(*args, "-o", tmp_path / "sw").code == 0  # a rerun (resume) of its own folder
+    assert run_cli(*args, "-o", mine, "--force").code == 0
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "sweep.json").is_file()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +89,7 @@ def test_cosine_on_unlabelled_embedding_model(tmp_path: Path) -> None:
     assert "cosine" in r.table()
     df = r.to_pandas()
     assert list(df["time"]) == ["1s", "1y"] and set(df.columns) >= {"mean", "std", "series"}
-    fig = r.plot()
+    fig = plot_drift(r.data)  # figures are drawn by the face (cimc.plots), not by the result object
     assert "cosine" in fig.axes[0].get_ylabel()
 
 
@@ -136,7 +139,7 @@ def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_pat
     build, _ = mnist_build
     res = run_cli("export", build, "-o", tmp_path / "bundle", "-q")
     assert res.code == 0 and res.out == ""
-    res = run_cli("verify", tmp_path / "bundle", "--json")
+    res = run_cli("verify", tmp_path / "bundle", "--json", "--model", build)  # not beside it: named
     doc = json.loads(res.out)
     assert res.code == 0 and doc["ok"] is True and doc["problems"] == [] and doc["layers_checked"] >= 1
     plain = cimc.compile(builtin.mnist_model(), "aon-cim", out_dir=tmp_path / "plain")
@@ -145,3 +148,127 @@ def test_verify_json_and_export_warns_uncalibrated(mnist_build, run_cli, tmp_pat
     with caplog.at_level("WARNING", logger="cimc.export"):
         export_mapping(plain, tmp_path / "plain-bundle")
     assert "not calibrated" in caplog.text
+
+
+def _readme_python_snippet() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.DOTALL)
+    assert match, "README.md has a '## Python API' section with a python block"
+    return match.group(1)
+
+
+def test_readme_python_snippet_runs_as_a_plain_script(tmp_path: Path) -> None:
+    """The README's API snippet, saved as a script without ``if __name__ == "__main__":`` and run with python:
+    ``workers=2`` used to make each spawned worker re-run the script and the parent hang (issue 22)."""
+    model = MatMulMlp()
+    export_onnx(model, torch.randn(1, 20), tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    for name, n in (("val", 32), ("test", 24)):
+        x = rng.normal(size=(n, 20)).astype(np.float32)
+        y = model(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)  # the float model's own answers
+        np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    script = tmp_path / "api.py"
+    script.write_text(_readme_python_snippet() + "print('SNIPPET DONE', len(rows))\n", encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SNIPPET DONE 3" in proc.stdout and "bootstrapping phase" not in proc.stderr
+    assert (tmp_path / "build" / "manifest.json").is_file() and (tmp_path / "sweep" / "sweep.csv").is_file()
+
+
+def test_script_defined_payload_fails_at_once_in_one_line(tmp_path: Path) -> None:
+    """A plain script whose workers would need something defined in the script itself: one line, no hang."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "from cimc.errors import CimcError\n"
+        "from cimc.parallel import LocalBackend\n"
+        "class Mine:\n    pass\n"
+        "def task(shared, i):\n    return i\n"
+        "try:\n"
+        "    list(LocalBackend(2, threads=1).run(task, [1, 2], shared=Mine()))\n"
+        "except CimcError as exc:\n    print('REFUSED', exc)\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout and "if __name__" in proc.stdout and len(proc.stdout.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------ issue 22: small ones
+def test_json_before_the_command_and_refused_where_it_does_not_apply(run_cli, tmp_path: Path) -> None:
+    path = export_onnx(MatMulMlp(), torch.randn(1, 20), tmp_path / "mlp.onnx")
+    res = run_cli("--json", "inspect", path)
+    assert res.code == 0 and json.loads(res.out)["totals"]["analog_nodes"] >= 1
+    res = run_cli("--json", "run", tmp_path / "nothere", "--input", "x.npy", "-o", tmp_path / "y.npy")
+    assert res.code == 2 and res.err.count("\n") == 1 and "--json is not available for 'run'" in res.err
+
+
+def test_missing_compiled_folder_says_no_such_folder(run_cli, tmp_path: Path) -> None:
+    res = run_cli("simulate", tmp_path / "nothere_dir", "--data", "kws-test")
+    assert res.code == 2 and "nothere_dir: no such folder" in res.err and res.err.count("\n") == 1
+
+
+def test_diagnose_takes_threads() -> None:
+    from cimc.cli import build_parser
+
+    args = build_parser().parse_args(["diagnose", "build", "--data", "d.npz", "--threads", "1"])
+    assert args.threads == 1
+
+
+def test_no_negative_zero_in_diagnose_costs() -> None:
+    from cimc.diagnosis import _cost_text
+
+    assert _cost_text("mse", 1e-9) == "+0.0000" and _cost_text("mse", -1e-9) == "+0.0000"
+    assert _cost_text("accuracy", 1e-7) == "+0.00 pts" and _cost_text("accuracy", 0.0123) == "-1.23 pts"
+
+
+def test_progress_bars_of_sweeps_and_shards_do_not_redraw_into_a_log(monkeypatch) -> None:
+    import io
+
+    from cimc.api import _shard_bar
+    from cimc.sweeps import _points_bar
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for bar in (_points_bar(3, 1, True), _shard_bar(3, True)):
+        for _ in range(2):
+            bar.update(1)
+        bar.close()
+    assert "\r" not in log.getvalue()
+
+
+def test_shape_mismatch_names_the_reshape_and_one_hot_labels_are_recognised(mnist_build, tmp_path: Path) -> None:
+    from cimc.errors import DataError
+
+    build, data = mnist_build
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, x=data.x[:8].reshape(8, -1), y=data.y[:8])
+    with pytest.raises(DataError, match=r"per sample but the model takes \(1, 28, 28\); the sizes agree: reshape it, "
+                                        r"x = x\.reshape\(len\(x\), 1, 28, 28\)"):
+        cimc.simulate(build, str(flat), drift="1s", instances=1)
+    one_hot = tmp_path / "onehot.npz"
+    np.savez(one_hot, x=data.x[:8], y=np.eye(10, dtype=np.float32)[data.y[:8]])
+    with pytest.raises(DataError, match=r"looks one-hot; store one integer class label per sample: "
+                                        r"y = y\.argmax\(axis=1\)"):
+        load_dataset(str(one_hot))
+
+
+def test_ideal_target_does_not_claim_quantised_converters(tmp_path: Path) -> None:
+    path = export_onnx(MatMulMlp(), torch.randn(1, 20), tmp_path / "mlp.onnx")
+    calib = Dataset(np.random.default_rng(0).normal(size=(16, 20)).astype(np.float32), None, "calib")
+    text = cimc.compile(path, "ideal", calibration=calib, out_dir=tmp_path / "b").summary_table()
+    assert "nothing is quantised" in text and "quantised twin" not in text
+    text = cimc.compile(path, "aon-cim", calibration=calib, out_dir=tmp_path / "c").summary_table()
+    assert "converters calibrated (DAC 8 bits, ADC 8 bits; model.qdq.onnx is the quantised twin)" in text
+
+
+def test_demo_promises_no_duration(monkeypatch, tmp_path: Path) -> None:
+    from cimc import demo
+
+    said: list[str] = []
+    monkeypatch.setattr(demo, "_say", said.append)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("mine")
+    with pytest.raises(cimc.CimcError):
+        demo.run_demo(tmp_path / "x", progress=False)  # refused after its first line
+    assert said and " min " not in said[0] and "--instances 2" in said[0]
