@@ -140,12 +140,14 @@ def test_cli_finetunes_without_labels_and_reports_what_it_kept(embed_model: Path
     data = save_dataset(tmp_path / "unlabelled.npz", digits_x[:400])
     out = tmp_path / "tuned.onnx"
     ok = run_cli("finetune", embed_model, "--data", data, "--epochs", "1", "--verify-times", "24h,1y",
+                 "--method", "distill+pcm+qat+clip", "--clip-alpha", "3", "--lr", "1e-4",
                  "--batch-size", "64", "-o", out)  # not -q: the summary is the point
     assert ok.code == 0, ok.err
-    assert "method distill+pcm+qat: noisy validation agreement" in ok.out
+    assert "method clip+distill+pcm+qat: noisy validation agreement" in ok.out
     assert "keep-the-better check" in ok.out or "no epoch beat the input model" in ok.out
     record = json.loads(onnx.load(out).metadata_props[0].value)
     assert record["kept"] in ("fine-tuned", "input") and record["metric"] == "agreement"
+    assert record["options"]["clip_alpha"] == 3.0 and record["options"]["lr"] == 1e-4
     assert record["verification"] is None or record["verification"]["times_s"] == [86400.0, 31557600.0]
     bad = run_cli("finetune", embed_model, "--data", data, "--method", "distill+ce", "-o", tmp_path / "x.onnx", "-q")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "needs labels" in bad.err
