@@ -604,6 +604,7 @@ def _finetune(args: argparse.Namespace) -> int:
     # machine no longer calls for one thread.
     _threads(args)
     options = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("keep", args.keep),
+                                 ("clip_alpha", args.clip_alpha),
                                  ("verify_times", args.verify_times),
                                  ("val_time", None if args.val_time is None else parse_duration(args.val_time)),
                                  ("output_kinds", args.output_kinds)) if v is not None}
@@ -659,6 +660,7 @@ def _add_finetune(sub: Any) -> None:
                    "if it is not worse than the input on fresh noisy chips; 'tuned': always")
     p.add_argument("--epochs", type=int, help="training epochs (default 8)")
     p.add_argument("--lr", type=float, help="Adam learning rate, cosine-decayed")
+    p.add_argument("--clip-alpha", type=float, help="method 'clip': weights clipped to ±ALPHA std per layer (default 2)")
     p.add_argument("--batch-size", type=int, help="training batch size")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same weights")
     _add_threads_option(p)

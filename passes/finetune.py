@@ -231,8 +231,9 @@ def _model_inputs(model: ir.Model, data: Any, role: str) -> list[np.ndarray]:
         got = tuple(array.shape[1:])
         if expected is not None and (len(expected) != len(got) or any(e not in (None, g) for e, g in zip(expected, got))):
             shown = tuple("?" if e is None else e for e in expected)
+            hint = reshape_hint(got, expected) if None not in expected else ""
             raise DataError(f"{role} inputs for '{name}' have shape {got} per sample but the model takes {shown}; "
-                            f"pass data made for this model{reshape_hint(got, expected) if None not in expected else ''}")
+                            f"pass data made for this model{hint}")
     if len({a.shape[0] for a in arrays}) != 1:
         raise DataError(f"{role} data '{data.name}' has different sample counts per input "
                         f"({[a.shape[0] for a in arrays]}); give the same number of samples for every input")

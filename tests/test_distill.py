@@ -8,6 +8,7 @@ simulator, through ``cimc.run``), how close the outputs stay to the float model'
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -112,9 +113,19 @@ def test_keep_the_better_refuses_a_worse_model(embed_model: Path, digits_x: np.n
     """A learning rate far too high wrecks the weights; select=last forces that epoch through the selection, and
     the final check on fresh chips must still write the input model's weights, and say so."""
     train = Dataset(digits_x[:400], None, "unlabelled")
-    tuned, history = finetune(embed_model, "aon-cim", train, epochs=1, lr=1.0, select="last", **QUICK)
+    warnings_seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings_seen.append  # type: ignore[method-assign]
+    log = logging.getLogger("cimc.passes.finetune")  # its own handler: CLI tests may stop propagation to the root
+    log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cimc.passes.finetune"):
+            tuned, history = finetune(embed_model, "aon-cim", train, epochs=1, lr=1.0, select="last", **QUICK)
+    finally:
+        log.removeHandler(handler)
     assert history["best_epoch"] == 1 and history["kept"] == "input"
-    assert "made the model worse" in caplog.text and caplog.text.count("keeping the input model") == 1
+    messages = [r.getMessage() for r in warnings_seen]
+    assert len(messages) == 1 and "made the model worse" in messages[0] and "keeping the input model" in messages[0]
     assert history["verification"]["fine-tuned"]["score"] < history["verification"]["input"]["score"]
     original = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(embed_model).graph.initializer}
     for value in tuned.graph.initializers.values():
@@ -129,12 +140,14 @@ def test_cli_finetunes_without_labels_and_reports_what_it_kept(embed_model: Path
     data = save_dataset(tmp_path / "unlabelled.npz", digits_x[:400])
     out = tmp_path / "tuned.onnx"
     ok = run_cli("finetune", embed_model, "--data", data, "--epochs", "1", "--verify-times", "24h,1y",
+                 "--method", "distill+pcm+qat+clip", "--clip-alpha", "3", "--lr", "1e-4",
                  "--batch-size", "64", "-o", out)  # not -q: the summary is the point
     assert ok.code == 0, ok.err
-    assert "method distill+pcm+qat: noisy validation agreement" in ok.out
+    assert "method clip+distill+pcm+qat: noisy validation agreement" in ok.out
     assert "keep-the-better check" in ok.out or "no epoch beat the input model" in ok.out
     record = json.loads(onnx.load(out).metadata_props[0].value)
     assert record["kept"] in ("fine-tuned", "input") and record["metric"] == "agreement"
+    assert record["options"]["clip_alpha"] == 3.0 and record["options"]["lr"] == 1e-4
     assert record["verification"] is None or record["verification"]["times_s"] == [86400.0, 31557600.0]
     bad = run_cli("finetune", embed_model, "--data", data, "--method", "distill+ce", "-o", tmp_path / "x.onnx", "-q")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "needs labels" in bad.err
@@ -182,3 +195,22 @@ def test_multi_input_models_distil_from_one_array_per_input_name(tmp_path: Path)
         finetune(path, "aon-cim", Named({"a": data.inputs["a"]}), method="distill+pcm", epochs=1)
     with pytest.raises(DataError, match="takes 2 inputs"):
         finetune(path, "aon-cim", Dataset(data.inputs["a"], None, "one"), method="distill+pcm", epochs=1)
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs", "logprobs", "sigmoid", "regression"])
+def test_each_output_distance_is_zero_at_the_teacher_and_grows_away_from_it(kind: str) -> None:
+    from cimc.runtime.training import output_distance
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(32, 5, generator=gen)
+    teacher = {"logits": raw, "probs": raw.softmax(-1), "logprobs": raw.log_softmax(-1), "sigmoid": raw.sigmoid(),
+               "regression": raw}[kind]
+    off = raw + 0.5 * torch.randn(32, 5, generator=gen)
+    student = {"logits": off, "probs": off.softmax(-1), "logprobs": off.log_softmax(-1), "sigmoid": off.sigmoid(),
+               "regression": off}[kind]
+    variance = float(raw.var())
+    assert float(output_distance(teacher, teacher, kind, variance)) == pytest.approx(0.0, abs=1e-6)
+    assert float(output_distance(student, teacher, kind, variance)) > 1e-3
+    if kind == "regression":  # squared error relative to the teacher's variance: the teacher's mean scores ~1
+        mean = teacher.mean().expand_as(teacher)
+        assert float(output_distance(mean, teacher, kind, variance)) == pytest.approx(1.0, rel=0.05)

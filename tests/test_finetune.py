@@ -27,6 +27,7 @@ from cimc.passes.finetune import FinetunePass, finetune, parse_method, save_fine
 from cimc.pipeline import CompileContext, parse_pipeline
 from cimc.runtime.executor import Executor
 from cimc.runtime.training import NoiseHook, _kl, adversarial_kl, attack_parameters, clip_weights
+from cimc.targets import resolve_target
 
 FAST = {"val_instances": 1, "val_samples": 100, "batch_size": 32, "keep": "tuned"}
 
@@ -172,7 +173,7 @@ def test_bad_data_and_pipeline_options(tiny_model: Path, digits: Dataset) -> Non
         finetune(tiny_model, "aon-cim", wrong, epochs=1)
     with pytest.raises(DataError, match="method 'ce' needs labels"):
         finetune(tiny_model, "aon-cim", Dataset(digits.x, None, "unlabelled"), method="pcm+ce", epochs=1)
-    ctx = CompileContext(target=cimc.compiler.resolve_target("aon-cim"))
+    ctx = CompileContext(target=resolve_target("aon-cim"))
     with pytest.raises(InputError, match="has no option 'bogus'"):
         parse_pipeline("finetune{bogus=1}", ctx)
     with pytest.raises(InputError, match="method"):
@@ -196,7 +197,9 @@ def test_cli_writes_the_output_atomically(tiny_model: Path, digits: Dataset, tmp
     out = tmp_path / "out" / "tuned.onnx"
     out.parent.mkdir()
     out.write_bytes(b"previous")
-    bad = run_cli("finetune", tiny_model, "--data", data, "--method", "bogus", "-o", out, "-q")
+    refused = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "-o", out, "-q")
+    assert refused.code == 2 and "not written by cimc" in refused.err  # a file cimc did not write needs --force
+    bad = run_cli("finetune", tiny_model, "--data", data, "--method", "bogus", "-o", out, "-q", "--force")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "unknown fine-tuning method" in bad.err
     assert out.read_bytes() == b"previous"  # a failed run leaves the old file alone
     mine = run_cli("finetune", tiny_model, "--data", data, "--epochs", "1", "--method", "noise", "-o", out, "-q")
