@@ -42,6 +42,7 @@ import torch
 
 from cimc.artifact import load_compiled
 from cimc.errors import DataError, InputError
+from cimc.report import json_ready as _json_ready
 from cimc.vocabulary import CAUSE_LABELS as _CAUSE_LABELS
 from cimc.vocabulary import CAUSES, LOW_SNR_DB, parse_times
 
@@ -593,17 +594,6 @@ def _try_advice(c: Any, result: dict[str, Any], x: np.ndarray, y: np.ndarray | N
     finally:
         if bar is not None:
             bar.close()
-
-
-def _json_ready(value: Any) -> Any:
-    """JSON has no infinity or NaN: such numbers become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def _tried_line(rank: int, t: dict[str, Any], metric: str) -> str:

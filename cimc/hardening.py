@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cimc.errors import DataError, InputError
+from cimc.report import json_ready as _json_ready
 
 __all__ = ["HardenResult", "harden", "parse_drop", "plot_harden"]
 
@@ -354,16 +355,6 @@ def _finetune_step(state: _State, steps: list[dict[str, Any]], training: Any, va
     if keep:
         state.compiled, state.best, state.source = variant, m, tuned
         state.kept.append(change)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 def _write(result: HardenResult, out_dir: str | os.PathLike[str], inputs: list[Any], force: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from cimc.console import format_table, human, progress_bar, use_color
 from cimc.outputs import temporary_file
 
-__all__ = ["progress_bar", "use_color", "format_table", "human", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["progress_bar", "use_color", "format_table", "human", "json_ready", "write_bytes_atomic", "write_json_atomic",
+           "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
@@ -35,3 +37,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def json_ready(value: Any) -> Any:
+    """JSON has no infinity or NaN: such numbers become null (in nested dicts, lists and tuples too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
