@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from cimc.artifact import load_compiled  # re-exported: the API's way to open a compiled model
 from cimc.frontend import load_model
+from cimc.hardening import harden  # re-exported: the API function itself, no wrapper to keep in step
 from cimc.inspection import InspectReport, inspect_model
 from cimc.vocabulary import parse_times  # re-exported
 
@@ -229,40 +230,6 @@ def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
     from cimc.diagnosis import diagnose as run_diagnosis
 
     return run_diagnosis(compiled, data, **options)
-
-
-def harden(
-    compiled: Any,
-    data: Any,
-    *,
-    time: str | float = "24h",
-    goal: float | None = None,
-    drop: float | str | None = None,
-    metric: str | Callable[..., float] | None = None,
-    instances: int = 5,
-    seed: int = 0,
-    samples: int | None = None,
-    batch_size: int = 64,
-    calibration: Any = None,
-    training: Any = None,
-    validation: Any = None,
-    finetune_method: str | None = None,
-    max_rounds: int = 3,
-    max_trials: int = 10,
-    min_gain: float = 0.0,
-    progress: bool = False,
-    out_dir: str | os.PathLike[str] | None = None,
-    force: bool = False,
-) -> Any:
-    """Try mitigations on the simulator until the compiled model meets ``goal`` (or loses at most ``drop``
-    against the float model) at ``time``; see :func:`cimc.hardening.harden`. Returns a
-    :class:`cimc.hardening.HardenResult` (``.compiled`` is the hardened model, ``.data`` every step)."""
-    from cimc.hardening import harden as run_harden
-
-    return run_harden(compiled, data, time=time, goal=goal, drop=drop, metric=metric, instances=instances, seed=seed,
-                      samples=samples, batch_size=batch_size, calibration=calibration, training=training,
-                      validation=validation, finetune_method=finetune_method, max_rounds=max_rounds,
-                      max_trials=max_trials, min_gain=min_gain, progress=progress, out_dir=out_dir, force=force)
 
 
 def compiled_payload(compiled: Any) -> dict[str, Any]:
