@@ -4,7 +4,8 @@ Three real packages' models run on simulated chips and are scored as their users
 synthesised offline with espeak-ng (several voices; the scored clips never enter calibration):
 
 * **wake words** (openWakeWord 0.5.1: mel front end -> embedding CNN -> four wake-word heads, all ONNX from the
-  wheel): mel and embedding on ``hermes``, the heads on ``aon-cim``. Per wake word: ROC-AUC over clips (a clip's
+  wheel): mel and embedding on ``hermes``, the heads too (a head's
+  1536x128 layer is larger than aon-cim's one array). Per wake word: ROC-AUC over clips (a clip's
   score = the head's highest score over the clip) and the detection rate at the float threshold 0.5.
 * **streaming VAD** (silero-vad 6.2.3, 512-sample chunks with 64 samples of context, its LSTM state carried
   between chunks on the chip): one ``hermes`` chip. Speech clips' mean max-probability, noise clips' mean
@@ -275,7 +276,18 @@ STEPS: dict[str, Callable[[int], Step]] = {
     "column": lambda fr: Step("column", "per-column weight scale, ADC gain and drift compensation", _step_column),
     "column-weights": lambda fr: Step("column-weights", "per-column weight scale only (layer ADC gain and GDC)",
                                       _step_column_weights),
+    # wake words only: each stage through `cimc harden` (label-free metric, on calibration clips, 24 h); then the
+    # embedding model fine-tuned by distillation on speech of the calibration voices, compiled and hardened again
+    "harden": lambda fr: Step("harden", "each stage hardened by cimc.harden (24 h, label-free, calibration clips)",
+                              lambda kw, b: None),
+    "finetune": lambda fr: Step("finetune", "embedding fine-tuned by distillation (calibration voices), then "
+                                "every stage hardened", lambda kw, b: None),
 }
+HARDEN_METRIC = {"mel": "relerr", "emb": "cosine", "heads": None}  # None: harden's default (snr for one output)
+FT_PHRASES = ("the quick brown fox", "alexa", "hey jarvis", "hey my croft", "hey rhasspy", "open the window",
+              "what is the weather", "lights off please", "start the timer", "next song", "volume up", "good night",
+              "where is my phone", "one two three four", "send a message", "stop", "hey there", "read the news")
+FT_RECIPE = {"method": "distill+pcm+qat+clip", "clip_alpha": 3.0, "lr": 1e-4, "epochs": 3}
 
 
 # ------------------------------------------------------------------------------------------------ runner
@@ -355,17 +367,18 @@ def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, feeds)[0]
 
 
-def _ww_float(models: Path, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def _ww_float(models: Path, audio: np.ndarray, heads: bool = True
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Float chain with onnxruntime: mel [N, ...], embeddings [N, E, 96], head scores per word [N, H]."""
     mel = np.stack([_ort(models / "melspectrogram.onnx", {"input": a[None] * 32767.0}) for a in audio])
     win = _mel_windows(mel)
     emb = _ort(models / "embedding_model.onnx", {"input_1": win.reshape(-1, 76, 32, 1)})
     emb = emb.reshape(win.shape[0], win.shape[1], 96)
-    heads = _head_windows(emb)
-    scores = {}
-    for word, file in WAKE_WORDS.items():
+    scores: dict[str, np.ndarray] = {}
+    for word, file in WAKE_WORDS.items() if heads else ():
         name = _head_input(models / file)
-        scores[word] = np.array([[_ort(models / file, {name: h[None]})[0, 0] for h in clip] for clip in heads])
+        scores[word] = np.array([[_ort(models / file, {name: h[None]})[0, 0] for h in clip]
+                                 for clip in _head_windows(emb)])
     return mel, emb, scores
 
 
@@ -401,7 +414,7 @@ def wake_words(ctx: Ctx) -> dict[str, Any]:
     base = {
         "mel": {"target": "hermes", "calibration": {"input": calib_mel}, "input_shapes": {"input": [1, samples]}},
         "emb": {"target": "hermes", "calibration": {"x": calib_emb}, "input_shapes": {"input_1": [1, 76, 32, 1]}},
-        "heads": {"target": "aon-cim", "calibration": {"x": calib_heads}},
+        "heads": {"target": "hermes", "calibration": {"x": calib_heads}},
     }
     files = {"mel": models / "melspectrogram.onnx", "emb": models / "embedding_model.onnx"}
     compiled_base = {k: _compile(files[k], v) for k, v in base.items() if k in files}
@@ -409,14 +422,18 @@ def wake_words(ctx: Ctx) -> dict[str, Any]:
     result: dict[str, Any] = {"clips": len(audio.scored), "positives_per_word": audio.labels.count("alexa"),
                               "float": float_metrics, "steps": {}}
     keys = list(float_metrics)
+    hardened: dict[str, Any] = {}
     for name in ctx.steps:
         step = STEPS[name](ctx.few_rows)
         compiled = {}
-        for stage in ("mel", "emb"):
+        if name in ("harden", "finetune"):
+            calib = {"mel": {"input": calib_mel}, "emb": {"input_1": calib_emb}, "heads": {"x": calib_heads}}
+            compiled, heads, hardened[name] = _ww_hardened(name, ctx, base, files, compiled_base, calib, hardened)
+        for stage in ("mel", "emb") if not compiled else ():
             kw = step.apply(dict(base[stage]), compiled_base[stage])
             compiled[stage] = compiled_base[stage] if kw is None or kw == base[stage] else _compile(files[stage], kw)
-        heads = {}
-        for w, f in WAKE_WORDS.items():
+        heads = heads if name in ("harden", "finetune") else {}
+        for w, f in WAKE_WORDS.items() if name not in ("harden", "finetune") else ():
             kw = step.apply(dict(base["heads"]), compiled_base["heads"][w])
             heads[w] = compiled_base["heads"][w] if kw is None or kw == base["heads"] else _compile(models / f, kw)
         if all(compiled[s] is compiled_base[s] for s in ("mel", "emb")) and all(
@@ -446,8 +463,78 @@ def wake_words(ctx: Ctx) -> dict[str, Any]:
             "energy": energy, "digital": {s: list(getattr(compiled[s], "digital", ()) or ()) for s in compiled},
             "energy_per_second_j": sum(energy[s]["energy_per_inference_j"] * per_second[s] for s in energy),
             "wall_s": time.perf_counter() - started,
+            **({"hardened": {k: v for k, v in hardened[name].items() if not k.startswith("_")}}
+               if name in hardened else {}),
         }
     return result
+
+
+def _split(data: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Calibration windows halved, interleaved: harden measures on one half and maps again with the other."""
+    return {k: v[0::2] for k, v in data.items()}, {k: v[1::2] for k, v in data.items()}
+
+
+def _harden_stage(compiled: Any, stage: str, calib: dict[str, np.ndarray], ctx: Ctx) -> tuple[Any, dict[str, Any]]:
+    import cimc
+
+    measure_on, map_with = _split(calib)
+    n = min(len(next(iter(measure_on.values()))), 24 if stage == "mel" else 256)
+    res = cimc.harden(compiled, {k: v[:n] for k, v in measure_on.items()}, calibration=map_with, time="24h",
+                      metric=HARDEN_METRIC[stage], instances=2, seed=ctx.seed, max_rounds=2, max_trials=6)
+    summary = {"metric": res.data["metric"], "kept": res.data["kept"], "stopped": res.data["stopped"],
+               "start": res.data["steps"][0]["measurement"]["value"], "final": res.data["final"]["value"]}
+    logger.info("harden %s: %s", stage, summary)
+    return res.compiled, summary
+
+
+def _ww_training(ctx: Ctx) -> dict[str, np.ndarray]:
+    """Embedding-model inputs for fine-tuning: phrases spoken by the calibration voices only (never a scored
+    voice, phrase set or clip), through the float mel model."""
+    rng = np.random.default_rng(99)
+    clips = [_clip(_espeak(p, v, speed, pitch, ctx.cache), rng, earliest_s=WW_EARLIEST_S)
+             for p in FT_PHRASES[: 6 if ctx.quick else None] for v in CALIB_VOICES
+             for speed, pitch in ((140, 40), (175, 60))]
+    clips.extend(_noise_clips(16, rng))
+    mel, _, _ = _ww_float(_oww_dir(), np.stack(clips), heads=False)
+    return {"input_1": _mel_windows(mel).reshape(-1, 76, 32, 1)}
+
+
+def _ww_hardened(name: str, ctx: Ctx, base: dict[str, Any], files: dict[str, Path], compiled_base: dict[str, Any],
+                 calib: dict[str, dict[str, np.ndarray]], done: dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every stage through cimc.harden ('harden'); or the embedding fine-tuned first ('finetune', reusing the
+    mel and heads of 'harden' when it ran). Returns the compiled stages, the heads and what harden kept."""
+    import cimc
+
+    summary: dict[str, Any] = {}
+    if name == "finetune" and "harden" in done:
+        compiled, heads = done["harden"]["_compiled"]
+        summary.update({k: v for k, v in done["harden"].items() if k not in ("_compiled", "emb")})
+    else:
+        compiled, heads = {}, {}
+        compiled["mel"], summary["mel"] = _harden_stage(compiled_base["mel"], "mel", calib["mel"], ctx)
+        for w in WAKE_WORDS:
+            heads[w], summary[f"head {w}"] = _harden_stage(compiled_base["heads"][w], "heads", calib["heads"], ctx)
+    emb_base = compiled_base["emb"]
+    if name == "finetune":
+        from cimc.data import Dataset
+
+        train = _ww_training(ctx)
+        started = time.perf_counter()
+        tuned, history = cimc.finetune(files["emb"], "hermes", Dataset(train["input_1"], None, "speech"), None,
+                                       input_shapes=base["emb"]["input_shapes"], seed=ctx.seed, **FT_RECIPE)
+        summary["finetune"] = {"recipe": FT_RECIPE, "windows": len(train["input_1"]),
+                               "best_epoch": history.get("best_epoch"), "kept": history.get("kept"),
+                               "wall_s": time.perf_counter() - started}
+        logger.info("finetune emb: %s", summary["finetune"])
+        tuned_path = ctx.out / "embedding_model.finetuned.onnx"
+        from cimc.passes.finetune import save_finetuned
+
+        save_finetuned(tuned, tuned_path, force=True)
+        emb_base = _compile(tuned_path, base["emb"])
+    compiled["emb"], summary["emb"] = _harden_stage(emb_base, "emb", calib["emb"], ctx)
+    summary["_compiled"] = (dict(compiled), dict(heads))
+    return compiled, heads, summary
 
 
 # --- VAD

@@ -115,6 +115,12 @@ def compile_model(
         raise InputError("the 'finetune' pass needs training data: add --finetune TRAIN.npz (arrays x, y)")
     run_pipeline(ir_model, passes)
     if not any("cimc.placement" in n.metadata_props for n in ir_model.graph):
+        if digital:
+            raise InputError(
+                f"{path.name}: every layer that could map onto the crossbars is kept digital ({len(tuple(digital))} "
+                "named with --digital), so nothing runs on the chip's arrays; keep fewer layers digital, or run the "
+                "model digitally without cimc"
+            )
         raise ModelError(
             f"{path.name}: no layer maps onto the crossbars (no Conv, Gemm or MatMul with constant weights), so there "
             "is nothing to compile for a CIM chip; 'cimc inspect' shows how each node is classified"

@@ -10,6 +10,8 @@ entry of :data:`MITIGATIONS`; given a diagnosis it proposes :class:`Candidate` c
                    layers below 0 dB or that cost the most
 ``replicate``      map a few-row layer r times and add the partial sums (compile's ``replicate``, where the
                    compiler offers it): output and read noise fall about √r
+``replicate-wide`` every layer whose weakest cause is noise that copies average (output, read, programming,
+                   drift) mapped twice, as one step: deep models lose a little in every layer
 ``adc-range``      one layer's ADC full scale ×0.5 or ×2 (clipping: wider; unused levels or output noise
                    below the ADC's step: narrower)
 ``percentile``     every layer's converter ranges recalibrated at another percentile
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -208,6 +211,34 @@ def _replicate(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candid
     return out
 
 
+_AVERAGED = ("output", "read", "programming", "drift")  # causes r independent copies average (not DAC/ADC steps)
+WIDE_REPLICAS = 2
+
+
+@register_mitigation("replicate-wide", "map every layer whose weakest cause averages out twice (one step)")
+def _replicate_wide(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candidate]:
+    """Deep models lose a little in every layer rather than much in one: then one layer at a time gains too
+    little to be kept, while doubling all of them (on a target with spare arrays) cuts the noise they add up."""
+    if not replicate_supported():
+        return []
+    done = dict(d.replicate)
+    names = []
+    for layer in data["layers"]:
+        name, s = layer["name"], layer["snr_db"]
+        if name in d.digital or name in done or _REPLICA.fullmatch(name):
+            continue
+        causes = {c: s[c] for c in (*_AVERAGED, "dac", "adc") if s.get(c) is not None}
+        if causes and min(causes, key=causes.__getitem__) in _AVERAGED:
+            names.append(name)
+    if len(names) < 2:
+        return []  # one layer: the per-layer replicate candidate covers it
+    return [Candidate("replicate-wide", "", f"replicate the {len(names)} layers whose weakest cause is device or "
+                      f"output noise {WIDE_REPLICAS} times each (--replicate LAYER={WIDE_REPLICAS} for each)",
+                      lambda x, ns=tuple(names): dataclasses.replace(
+                          x, replicate=(*x.replicate, *((n, WIDE_REPLICAS) for n in ns))),
+                      f"{len(names)} layers, each losing most to noise that r copies average (about sqrt(r))")]
+
+
 @register_mitigation("adc-range", "widen or narrow one layer's ADC full scale")
 def _adc_range(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candidate]:
     if not data.get("converters_modelled", True):
@@ -291,12 +322,11 @@ def _gdc_gain(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candida
 
 def candidates_for(data: dict[str, Any], decisions: Decisions, compiled: Any,
                    kinds: Sequence[str] | None = None) -> list[Candidate]:
-    """Every registered mitigation's candidates for a diagnosis (``data`` of :func:`cimc.diagnosis.diagnose`)."""
-    out: list[Candidate] = []
-    for name, m in MITIGATIONS.items():
-        if kinds is None or name in kinds:
-            out.extend(m.propose(data, decisions, compiled))
-    return out
+    """Every registered mitigation's candidates for a diagnosis (``data`` of :func:`cimc.diagnosis.diagnose`),
+    taken in turn across the mitigations (the first of each, then the second of each, ...), so that a cap on
+    the number of trials cuts the long per-layer lists rather than whole mitigations."""
+    lists = [m.propose(data, decisions, compiled) for name, m in MITIGATIONS.items() if kinds is None or name in kinds]
+    return [c for group in itertools.zip_longest(*lists) for c in group if c is not None]
 
 
 # ------------------------------------------------------------------------------------------ building

@@ -386,3 +386,19 @@ def test_pipelined_falls_back_to_dense_packing_when_no_small_layer_can_share(tmp
     assert compiled.schedule["shared_cores"]  # some core holds tiles of two layers: they take turns
     with pytest.raises(FitError, match=r"it fits 5 cores of this size \(9 for every layer on cores of its own"):
         compile_model(path, _tiny_cores(4, "pipelined"))
+
+
+def test_every_layer_digital_is_refused_in_one_line_with_calibration(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """Keeping every mappable layer digital leaves nothing for the arrays: one line that says so (it used to fail
+    inside the quantize pass with 'run map before quantize'), and nothing written."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).eval()
+    path = export_onnx(net, torch.randn(1, 6), tmp_path / "mlp.onnx")
+    names = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Gemm", "MatMul")]
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 6)).astype(np.float32))
+    args = [a for n in names for a in ("--digital", n)]
+    res = run_cli("compile", path, "--target", "aon-cim", "--calib", tmp_path / "calib.npz", *args, "-o", tmp_path / "out")
+    assert res.code != 0 and "Traceback" not in res.err
+    assert "every layer that could map onto the crossbars is kept digital" in res.err
+    assert len(res.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    res = run_cli("compile", path, "--target", "aon-cim", "--calib", tmp_path / "calib.npz", *args[:2], "-o", tmp_path / "ok")
+    assert res.code == 0, res.err

@@ -56,7 +56,8 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset, Dat
 
 
 def test_mitigation_registry_names() -> None:
-    assert {"digital", "replicate", "adc-range", "percentile", "weight-scale", "gdc", "gdc-gain"} <= set(MITIGATIONS)
+    assert {"digital", "replicate", "replicate-wide", "adc-range", "percentile", "weight-scale", "gdc",
+            "gdc-gain"} <= set(MITIGATIONS)
 
 
 def test_build_applies_decisions(digits) -> None:  # type: ignore[no-untyped-def]
@@ -165,3 +166,28 @@ def test_replication_is_a_mitigation(digits, tmp_path: Path, run_cli) -> None:  
     d.save(tmp_path / "r")
     res = run_cli("export", tmp_path / "r", "-o", tmp_path / "bundle", "-q")
     assert res.code == 0, res.err
+
+
+def test_wide_replication_and_candidates_in_turn(digits) -> None:  # type: ignore[no-untyped-def]
+    """One candidate doubles every layer whose weakest cause is noise that copies average; the candidate list
+    takes the mitigations in turn, so a cap on trials never drops a whole mitigation."""
+    from cimc.mitigations import candidates_for
+
+    path, calib, test = digits
+    c = cimc.compile(path, "hermes", calibration=calib)
+    data = cimc.diagnose(c, test, time="24h", instances=1, try_advice=False).data
+    noisy = [l["name"] for l in data["layers"]
+             if min(("output", "read", "programming", "drift", "dac", "adc"), key=lambda k: l["snr_db"][k])
+             in ("output", "read", "programming", "drift")]
+    assert len(noisy) >= 2  # this CNN's layers lose most to device and output noise at 24 h
+    cands = candidates_for(data, Decisions(), c)
+    wide = [x for x in cands if x.kind == "replicate-wide"]
+    assert len(wide) == 1 and f"the {len(noisy)} layers" in wide[0].text
+    assert dict(wide[0].apply(Decisions()).replicate) == {n: 2 for n in noisy}
+    kinds = [x.kind for x in cands]
+    first = list(dict.fromkeys(kinds))
+    assert kinds[: len(first)] == first  # one of each mitigation before any second one
+    d = build(c, wide[0].apply(Decisions()), calib)
+    assert len(d.analog_nodes()) == len(c.analog_nodes()) + len(noisy)
+    # Nothing more to double once they are: the candidate is not proposed again.
+    assert not [x for x in candidates_for(data, wide[0].apply(Decisions()), c) if x.kind == "replicate-wide"]
