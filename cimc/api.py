@@ -18,6 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from cimc.artifact import load_compiled  # re-exported: the API's way to open a compiled model
+from cimc.compiler import compile_model as compile  # noqa: A004  re-exported under the API's name, typed
+from cimc.diagnosis import diagnose  # re-exported: the API function itself
 from cimc.frontend import load_model
 from cimc.hardening import harden  # re-exported: the API function itself, no wrapper to keep in step
 from cimc.inspection import InspectReport, inspect_model
@@ -71,12 +73,6 @@ def inspect(
                      input_values=input_values)
     return inspect_model(model, name=name, canonical=canonicalize)
 
-
-def compile(model: str | os.PathLike[str], target: Any = "aon-cim", **options: Any) -> Any:  # noqa: A001
-    """Compile an ONNX model for a target; see :func:`cimc.compiler.compile_model` for the options."""
-    from cimc.compiler import compile_model
-
-    return compile_model(model, target, **options)
 
 
 def simulate(
@@ -223,13 +219,6 @@ def _batch_axis(out_shape: Sequence[int], declared: Sequence[int] | None, chunk:
         return grown[0]
     return None
 
-
-def diagnose(compiled: Any, data: Any, **options: Any) -> Any:
-    """Per-layer SNR by cause, the single-layer end metric and advice; see :func:`cimc.diagnosis.diagnose`
-    for the options (``time="24h"``, ``instances``, ``samples``, ``metric``, ``out_dir`` ...)."""
-    from cimc.diagnosis import diagnose as run_diagnosis
-
-    return run_diagnosis(compiled, data, **options)
 
 
 def compiled_payload(compiled: Any) -> dict[str, Any]:
