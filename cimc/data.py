@@ -37,7 +37,7 @@ import numpy as np
 from cimc.errors import DataError, InputError
 
 __all__ = ["Dataset", "Feed", "InputSpec", "StreamPair", "batches", "bind", "check_input_array", "check_labels",
-           "find_state_pairs", "input_specs", "load_dataset", "load_npy", "load_npz_arrays", "parse_stream",
+           "as_dataset", "find_state_pairs", "input_specs", "load_dataset", "load_npy", "load_npz_arrays", "parse_stream",
            "reshape_hint", "save_dataset"]
 
 logger = logging.getLogger(__name__)
@@ -551,6 +551,20 @@ class Feed:
     def initial_states(self) -> dict[str, np.ndarray]:
         """Each state input's value at the first chunk."""
         return {s.name: a for s, a in zip(self.specs, self.arrays) if s.name in self.state_inputs}
+
+
+def as_dataset(data: Any, name: str = "data") -> Dataset:
+    """A :class:`Dataset` from what the API takes as data: a Dataset, an ``.npz`` path or builtin name, a
+    mapping of arrays by input name (``y``: labels), or one array of inputs."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(data)
+    arrays, y, _ = _as_arrays(data)
+    if not arrays:
+        raise DataError(f"{name} has no input arrays; give one array per model input, by name")
+    x = arrays.get("x", next(iter(arrays.values())))
+    return Dataset(np.asarray(x), y, name, inputs=arrays if len(arrays) > 1 or "x" not in arrays else None)
 
 
 def _as_arrays(data: Any) -> tuple[dict[str, np.ndarray], np.ndarray | None, str]:

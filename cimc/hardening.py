@@ -158,7 +158,7 @@ def harden(
     hardened compiled model there, and ``harden/`` in it (harden.json, harden.png, harden.txt).
     """
     from cimc.artifact import load_compiled
-    from cimc.data import Dataset, load_dataset
+    from cimc.data import as_dataset
     from cimc.mitigations import Decisions, measure
     from cimc.runtime.metrics import check_metric, default_metric, higher_is_better, metric_name, output_size
     from cimc.runtime.simulator import format_duration
@@ -177,7 +177,7 @@ def harden(
     if max_rounds < 1:
         raise InputError(f"max_rounds must be at least 1 (got {max_rounds})")
     c = load_compiled(compiled)
-    ds = data if isinstance(data, Dataset) else load_dataset(data)
+    ds = as_dataset(data)
     x, y = (ds.x, ds.y) if samples is None else (ds.x[:samples], None if ds.y is None else ds.y[:samples])
     if len(x) == 0:
         raise DataError("no samples to harden on; give data with at least one sample")
@@ -187,7 +187,7 @@ def harden(
     higher = higher_is_better(metric_id)
     drop_value = parse_drop(drop)
     calib = calibration if calibration is not None else ds
-    calib = calib if isinstance(calib, Dataset) else load_dataset(calib)
+    calib = as_dataset(calib, "calibration")
 
     def evaluate(model: Any) -> Any:
         return measure(model, x, y, t_s, metric_id, instances, seed, batch_size)

@@ -191,3 +191,17 @@ def test_wide_replication_and_candidates_in_turn(digits) -> None:  # type: ignor
     assert len(d.analog_nodes()) == len(c.analog_nodes()) + len(noisy)
     # Nothing more to double once they are: the candidate is not proposed again.
     assert not [x for x in candidates_for(data, wide[0].apply(Decisions()), c) if x.kind == "replicate-wide"]
+
+
+def test_harden_takes_arrays_by_input_name(digits) -> None:  # type: ignore[no-untyped-def]
+    """Data as the rest of the API takes it: a mapping of arrays by input name (or one array), not only a file."""
+    import onnx
+
+    path, calib, test = digits
+    name = onnx.load(str(path)).graph.input[0].name
+    c = cimc.compile(path, "hermes", calibration={name: calib.x})
+    r = cimc.harden(c, {name: test.x[:40], "y": test.y[:40]}, calibration={name: calib.x[:64]}, goal=0.0,
+                    instances=1)
+    assert r.data["metric"] == "accuracy" and r.data["samples"] == 40 and r.data["goal_met"]
+    r = cimc.harden(c, test.x[:40], goal=-1.0, metric="cosine", instances=1)
+    assert r.data["metric"] == "cosine" and r.data["samples"] == 40
