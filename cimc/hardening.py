@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cimc.errors import DataError, InputError
+from cimc.errors import DataError, FitError, InputError
 from cimc.report import json_ready as _json_ready
 
 __all__ = ["HardenResult", "harden", "parse_drop", "plot_harden"]
@@ -317,7 +317,7 @@ def _round(state: _State, round_no: int, steps: list[dict[str, Any]], x: np.ndar
             try:
                 variant = build(root, decisions, calib, source=state.source, seed=seed)
                 m = evaluate(variant)
-            except InputError as exc:
+            except (InputError, FitError) as exc:  # refused, or no room for the copies
                 steps.append(_step(number, round_no, t["text"], t["why"], None, False, None, str(exc), t["kind"],
                                    t["layer"]))
                 continue

@@ -11,7 +11,8 @@ entry of :data:`MITIGATIONS`; given a diagnosis it proposes :class:`Candidate` c
 ``replicate``      map a few-row layer r times and add the partial sums (compile's ``replicate``, where the
                    compiler offers it): output and read noise fall about √r
 ``replicate-wide`` every layer whose weakest cause is noise that copies average (output, read, programming,
-                   drift) mapped twice, as one step: deep models lose a little in every layer
+                   drift) mapped twice, as one step, as many as the free arrays hold (costliest first): deep
+                   models lose a little in every layer
 ``adc-range``      one layer's ADC full scale ×0.5 or ×2 (clipping: wider; unused levels or output noise
                    below the ADC's step: narrower)
 ``percentile``     every layer's converter ranges recalibrated at another percentile
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from cimc.errors import InputError
+from cimc.errors import FitError, InputError
 
 __all__ = [
     "MITIGATIONS",
@@ -211,6 +212,19 @@ def _replicate(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candid
     return out
 
 
+def _free_weights(compiled: Any) -> float:
+    """Weights the target has room for beside the mapped model (inf when the mapping does not say)."""
+    raw = compiled.model.metadata_props.get("cimc.mapping")
+    if not raw:
+        return math.inf
+    m = json.loads(raw)
+    try:
+        total = int(m["arrays_available"]) * int(m["array_rows"]) * int(m["array_weight_cols"])
+        return float(total - int(m["weights_placed"]))
+    except (KeyError, TypeError, ValueError):
+        return math.inf
+
+
 _AVERAGED = ("output", "read", "programming", "drift")  # causes r independent copies average (not DAC/ADC steps)
 WIDE_REPLICAS = 2
 
@@ -222,14 +236,17 @@ def _replicate_wide(data: dict[str, Any], d: Decisions, compiled: Any) -> list[C
     if not replicate_supported():
         return []
     done = dict(d.replicate)
+    free = _free_weights(compiled)
     names = []
-    for layer in data["layers"]:
+    for layer in data["layers"]:  # ranked: the costliest first, so those get the room there is
         name, s = layer["name"], layer["snr_db"]
         if name in d.digital or name in done or _REPLICA.fullmatch(name):
             continue
         causes = {c: s[c] for c in (*_AVERAGED, "dac", "adc") if s.get(c) is not None}
-        if causes and min(causes, key=causes.__getitem__) in _AVERAGED:
+        size = (WIDE_REPLICAS - 1) * int(layer["rows"]) * int(layer["cols"]) * int(layer.get("groups") or 1)
+        if causes and min(causes, key=causes.__getitem__) in _AVERAGED and size <= free:
             names.append(name)
+            free -= size
     if len(names) < 2:
         return []  # one layer: the per-layer replicate candidate covers it
     return [Candidate("replicate-wide", "", f"replicate the {len(names)} layers whose weakest cause is device or "
@@ -467,7 +484,7 @@ def try_candidates(base: Any, before: Measurement, candidates: Sequence[Candidat
         try:
             variant = build(base, new, calibration, source=source, seed=seed)
             after = evaluate(variant)
-        except InputError as exc:  # a variant the compiler refuses (nothing left analog, no room to replicate)
+        except (InputError, FitError) as exc:  # a variant the compiler refuses (nothing left analog, no room)
             entry.update({"after": None, "gain": None, "error": str(exc)})
             logger.info("candidate %s could not be tried: %s", cand.text, exc)
         else:

@@ -191,6 +191,17 @@ def test_wide_replication_and_candidates_in_turn(digits) -> None:  # type: ignor
     assert len(d.analog_nodes()) == len(c.analog_nodes()) + len(noisy)
     # Nothing more to double once they are: the candidate is not proposed again.
     assert not [x for x in candidates_for(data, wide[0].apply(Decisions()), c) if x.kind == "replicate-wide"]
+    # A chip without room for the copies gets no such candidate (and a refused variant is a failed trial, not
+    # the end of harden or diagnose).
+    import copy
+    import json
+
+    full = copy.copy(c)
+    full.model = copy.deepcopy(c.model)
+    m = json.loads(full.model.metadata_props["cimc.mapping"])
+    m["weights_placed"] = m["arrays_available"] * m["array_rows"] * m["array_weight_cols"]
+    full.model.metadata_props["cimc.mapping"] = json.dumps(m)
+    assert not [x for x in candidates_for(data, Decisions(), full) if x.kind == "replicate-wide"]
 
 
 def test_harden_takes_arrays_by_input_name(digits) -> None:  # type: ignore[no-untyped-def]
@@ -205,3 +216,21 @@ def test_harden_takes_arrays_by_input_name(digits) -> None:  # type: ignore[no-u
     assert r.data["metric"] == "accuracy" and r.data["samples"] == 40 and r.data["goal_met"]
     r = cimc.harden(c, test.x[:40], goal=-1.0, metric="cosine", instances=1)
     assert r.data["metric"] == "cosine" and r.data["samples"] == 40
+
+
+def test_a_variant_without_room_is_a_failed_trial(digits) -> None:  # type: ignore[no-untyped-def]
+    """A replication the chip has no room for is recorded as a trial that could not be run, with the fit
+    message; it does not end diagnose or harden (it used to: FitError is not an InputError)."""
+    import dataclasses
+
+    from cimc.mitigations import Candidate, measure, try_candidates
+
+    path, calib, test = digits
+    c = cimc.compile(path, "aon-cim", calibration=calib)
+    big = Candidate("replicate", "/conv2/Conv", "replicate /conv2/Conv 64 times",  # 64 x 72 rows > 1024 rows
+                    lambda x: dataclasses.replace(x, replicate=(("/conv2/Conv", 64),)))
+    x, y = test.x[:40], test.y[:40]
+    before = measure(c, x, y, 86400.0, "accuracy", 1)
+    out = try_candidates(c, before, [big], Decisions(), lambda m: measure(m, x, y, 86400.0, "accuracy", 1),
+                         calib, True, 0, None)
+    assert out[0]["gain"] is None and ("does not fit" in out[0]["error"] or "SRAM" in out[0]["error"])
