@@ -99,9 +99,10 @@ def compile_model(
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
     if calib is not None:  # bound now: a wrong file is refused before the passes run
-        from cimc.data import bind
+        from cimc.data import Feed, bind
 
-        calib = bind(calib, ir_model, stream=stream)
+        if not isinstance(calib, Feed):  # a Feed is bound already (harden and diagnose map the model again)
+            calib = bind(calib, ir_model, stream=stream)
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
                          digital=tuple(digital), replicate=dict(replicate or {}))
     spec = pipeline or default_pipeline(calib is not None, train is not None)

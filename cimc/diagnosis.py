@@ -554,7 +554,7 @@ def diagnose(
     trials: list[dict[str, Any]] = []
     if try_advice:
         calib = calibration if calibration is not None else (feed if feed.streaming else ds)  # a stream keeps its pairs
-        calib = calib if isinstance(calib, Dataset) or calib is None else load_dataset(calib)
+        calib = calib if isinstance(calib, (Dataset, Feed)) or calib is None else load_dataset(calib)
         trials = _try_advice(c, result, x, y, t_s, instances, seed, batch_size, calib, max_trials, progress)
     result["tried"] = [{k: v for k, v in t.items() if not k.startswith("_")} for t in trials]
     result["tried_with"] = {"instances": instances, "seed": seed, "time": format_duration(t_s)} if try_advice else None

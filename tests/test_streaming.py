@@ -205,3 +205,15 @@ def test_diagnose_runs_a_stream(tmp_path: Path) -> None:
     names = {row["name"] for row in result.data["layers"]}
     assert len(names) == 3 and result.data["data"] == "inputs"
     assert all(row["snr_db"]["all"] is not None for row in result.data["layers"])
+
+
+def test_diagnose_tries_its_advice_on_a_stream(tmp_path: Path) -> None:
+    """With the advice tried (the default), the variants are calibrated on the stream's data as bound (they used
+    to fail: the bound feed was read as a file name)."""
+    path = _rnn(tmp_path / "rnn.onnx")
+    compiled = cimc.compile(path, "aon-cim", calibration={"x": _sequences(8, 5, seed=3)}, stream="auto")
+    result = cimc.diagnose(compiled, {"x": _sequences(4, 5)}, stream="auto", instances=1, metric="relerr",
+                           max_trials=2)
+    tried = result.data["tried"]
+    assert tried and all(t.get("error") is None for t in tried)
+    assert all(t["after"]["value"] is not None and t["gain"] is not None for t in tried)
