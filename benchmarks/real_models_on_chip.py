@@ -301,6 +301,7 @@ class Ctx:
     quick: bool
     few_rows: int
     steps: list[str]
+    harden_rounds: int = 2
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -480,7 +481,7 @@ def _harden_stage(compiled: Any, stage: str, calib: dict[str, np.ndarray], ctx: 
     measure_on, map_with = _split(calib)
     n = min(len(next(iter(measure_on.values()))), 24 if stage == "mel" else 256)
     res = cimc.harden(compiled, {k: v[:n] for k, v in measure_on.items()}, calibration=map_with, time="24h",
-                      metric=HARDEN_METRIC[stage], instances=2, seed=ctx.seed, max_rounds=2, max_trials=6)
+                      metric=HARDEN_METRIC[stage], instances=2, seed=ctx.seed, max_rounds=ctx.harden_rounds, max_trials=6)
     summary = {"metric": res.data["metric"], "kept": res.data["kept"], "stopped": res.data["stopped"],
                "start": res.data["steps"][0]["measurement"]["value"], "final": res.data["final"]["value"]}
     logger.info("harden %s: %s", stage, summary)
@@ -730,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--few-rows", type=int, default=32, help="the digital step keeps layers of <= N rows digital")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer voices and clips (a smoke run)")
+    parser.add_argument("--harden-rounds", type=int, default=2, help="step 'harden': diagnose-and-try rounds per stage")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("cimc").setLevel(logging.WARNING)
@@ -745,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown step(s) {unknown}; known: {', '.join(STEPS)}")
     ctx = Ctx(times=args.times.split(","), instances=args.instances, seed=args.seed, out=out, cache=Path(args.cache),
-              quick=args.quick, few_rows=args.few_rows, steps=steps)
+              quick=args.quick, few_rows=args.few_rows, steps=steps,
+              harden_rounds=args.harden_rounds)
     runners = {"wake_words": wake_words, "vad": vad, "digits": digits}
     results: dict[str, Any] = {"command": " ".join(["python benchmarks/real_models_on_chip.py", *(argv or sys.argv[1:])]),
                                "instances": args.instances, "times": ctx.times}
