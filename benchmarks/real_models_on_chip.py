@@ -341,11 +341,16 @@ def _summarise(rows: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any
 
 
 # --- wake words
-def _oww_dir() -> Path:
-    spec = importlib.util.find_spec("openwakeword")
+def _package_path(module: str, pip_spec: str, *parts: str) -> Path:
+    """A file or folder inside an installed optional package, or exit with the line that installs it."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("openwakeword is not installed: pip install --no-deps openwakeword==0.5.1")
-    return Path(next(iter(spec.submodule_search_locations))) / "resources" / "models"
+        raise SystemExit(f"{module} is not installed: pip install --no-deps {pip_spec}")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+def _oww_dir() -> Path:
+    return _package_path("openwakeword", "openwakeword==0.5.1", "resources", "models")
 
 
 def _mel_windows(mel: np.ndarray) -> np.ndarray:
@@ -540,10 +545,7 @@ def _ww_hardened(name: str, ctx: Ctx, base: dict[str, Any], files: dict[str, Pat
 
 # --- VAD
 def _silero() -> Path:
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("silero-vad is not installed: pip install --no-deps silero-vad==6.2.3")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    return _package_path("silero_vad", "silero-vad==6.2.3", "data", "silero_vad.onnx")
 
 
 def _vad_chunks(audio: np.ndarray) -> np.ndarray:
