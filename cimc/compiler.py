@@ -99,10 +99,9 @@ def compile_model(
     val = load_dataset(validation) if isinstance(validation, (str, os.PathLike)) else validation
     ir_model = load_model(path, batch=batch, input_shapes=input_shapes, input_values=input_values)
     if calib is not None:  # bound now: a wrong file is refused before the passes run
-        from cimc.data import Feed, bind
+        from cimc.data import bind
 
-        if not isinstance(calib, Feed):  # a Feed is bound already (harden and diagnose map the model again)
-            calib = bind(calib, ir_model, stream=stream)
+        calib = bind(calib, ir_model, stream=stream)  # a Feed bound already passes through, its inputs checked
     ctx = CompileContext(target=t, calibration=calib, training=train, validation=val, seed=seed, progress=progress,
                          digital=tuple(digital), replicate=dict(replicate or {}))
     spec = pipeline or default_pipeline(calib is not None, train is not None)
