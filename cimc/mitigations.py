@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from cimc.errors import FitError, InputError
+from cimc.metadata import MAPPING
 
 __all__ = [
     "MITIGATIONS",
@@ -214,7 +215,7 @@ def _replicate(data: dict[str, Any], d: Decisions, compiled: Any) -> list[Candid
 
 def _free_weights(compiled: Any) -> float:
     """Weights the target has room for beside the mapped model (inf when the mapping does not say)."""
-    raw = compiled.model.metadata_props.get("cimc.mapping")
+    raw = compiled.model.metadata_props.get(MAPPING)
     if not raw:
         return math.inf
     m = json.loads(raw)
